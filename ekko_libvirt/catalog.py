@@ -1,0 +1,90 @@
+"""Backups as the store knows them: manifests under 'manifests/<target>/<backup_id>'.
+
+The store is the only source of truth: a new host lists and restores with nothing but the
+config. A manifest is committed by one put under a name no other backup uses; there is no
+index to update and no pointer to overwrite.
+"""
+
+import datetime
+import secrets
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+from . import manifest as mf
+from .errors import EkkoError, ManifestError, ObjectNotFound, UsageError
+
+PREFIX = "manifests/"
+
+
+def new_backup_id(now: Optional[datetime.datetime] = None) -> str:
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    # Sorts by time; the random tail keeps two backups in the same second apart.
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z-" + secrets.token_hex(3)
+
+
+def manifest_key(target: str, backup_id: str) -> str:
+    return f"{PREFIX}{target}/{backup_id}"
+
+
+def commit(store, m: mf.Manifest) -> str:
+    key = manifest_key(m.target, m.backup_id)
+    if store.exists(key):
+        raise EkkoError(f"manifest {key} already exists: refusing to overwrite a committed backup")
+    store.put(key, mf.encode(m))
+    return key
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    header: Optional[Dict]       # None when the manifest is damaged
+    error: Optional[str] = None
+
+    @property
+    def backup_id(self) -> str:
+        return self.key.rsplit("/", 1)[1]
+
+    @property
+    def target(self) -> str:
+        return self.key[len(PREFIX):].rsplit("/", 1)[0]
+
+
+def keys(store, target: Optional[str] = None) -> List[str]:
+    prefix = f"{PREFIX}{target}/" if target else PREFIX
+    return sorted(store.list(prefix), key=lambda k: k.rsplit("/", 1)[1])
+
+
+def entries(store, target: Optional[str] = None) -> Iterator[Entry]:
+    for key in keys(store, target):
+        try:
+            yield Entry(key, mf.decode_header(store.get(key), key))
+        except ManifestError as e:
+            yield Entry(key, None, str(e))
+        except ObjectNotFound:
+            continue     # deleted between list and get
+
+
+def head(store, target: str) -> Optional[Entry]:
+    """The newest readable manifest of a target: what the next incremental builds on."""
+    newest = None
+    for e in entries(store, target):
+        if e.header is not None:
+            newest = e
+    return newest
+
+
+def find(store, backup_id: str) -> str:
+    """Key of a backup by id or unique id prefix."""
+    matches = [k for k in keys(store) if k.rsplit("/", 1)[1].startswith(backup_id)]
+    exact = [k for k in matches if k.rsplit("/", 1)[1] == backup_id]
+    if exact:
+        return exact[0]
+    if not matches:
+        raise UsageError(f"no backup {backup_id!r} in the store (see `ekko list`)")
+    if len(matches) > 1:
+        raise UsageError(f"backup id {backup_id!r} is ambiguous: {', '.join(k.rsplit('/', 1)[1] for k in matches[:5])}")
+    return matches[0]
+
+
+def load(store, key: str) -> mf.Manifest:
+    return mf.decode(store.get(key), key)

@@ -1,0 +1,77 @@
+"""The exception tree. Every error carries the data an operator needs and keeps its cause.
+
+    EkkoError                      exit code 1 unless stated
+     +-- ConfigError               bad config file / key (exit 2)
+     +-- UsageError                bad CLI arguments, unknown target/backup/disk (exit 2)
+     +-- EngineError               QEMU / libvirt refused or failed a step
+     |    +-- QMPUnavailable       nothing answers on the QMP socket
+     |    +-- DiskNotFound         the node/disk is not there (exit 2)
+     |    +-- IncrementalImpossible  an incremental was demanded but cannot be done (exit 2)
+     +-- ReaderError               NBD export unusable (e.g. no dirty-bitmap context negotiated)
+     +-- StoreError                the object store failed
+     |    +-- ObjectNotFound
+     +-- IntegrityError            data in the store does not match its hash / checksum (exit 3)
+     +-- ManifestError             a manifest cannot be parsed (subclass of IntegrityError)
+     +-- LockBusy                  another ekko job holds the target
+"""
+
+
+class EkkoError(Exception):
+    exit_code = 1
+
+
+class ConfigError(EkkoError):
+    exit_code = 2
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        self.problem = problem
+        super().__init__(f"config: {key}: {problem}")
+
+
+class UsageError(EkkoError):
+    exit_code = 2
+
+
+class EngineError(EkkoError):
+    pass
+
+
+class QMPUnavailable(EngineError):
+    def __init__(self, socket_path: str, reason: str):
+        self.socket_path = socket_path
+        super().__init__(f"QMP socket {socket_path} does not answer: {reason}. Nothing was changed.")
+
+
+class DiskNotFound(EngineError):
+    exit_code = 2
+
+
+class IncrementalImpossible(EngineError):
+    exit_code = 2
+
+
+class ReaderError(EkkoError):
+    pass
+
+
+class StoreError(EkkoError):
+    pass
+
+
+class ObjectNotFound(StoreError):
+    def __init__(self, key: str):
+        self.key = key
+        super().__init__(f"object not found in store: {key}")
+
+
+class IntegrityError(EkkoError):
+    exit_code = 3
+
+
+class ManifestError(IntegrityError):
+    pass
+
+
+class LockBusy(EkkoError):
+    pass

@@ -1,0 +1,173 @@
+"""The manifest: one per backup, listing every segment of the disk (a synthetic full).
+
+It is written last, under a name no other backup uses, and it is the only commit point: a
+backup exists if and only if its manifest is in the store. Byte layout in docs/format.md:
+
+    'EKKOMAN1' | u32 header length | header JSON | u64 table length | zstd(table) | xxh3-128
+
+The table is flags[n] followed by digests[n * 16], n = ceil(virtual_size / segment_size).
+flags[i] is ZERO (segment i reads as zeros; digest all-zero) or DATA (segment i is the object
+named by digest i). Storing the full-width table and letting zstd squeeze the zero runs keeps
+load and save free of per-entry Python loops (16 TiB at 4 MiB = 4 Mi entries, see bench).
+"""
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import zstandard
+
+from .errors import ManifestError
+from .segment import DIGEST_SIZE, ZERO_DIGEST, digest
+
+MAGIC = b"EKKOMAN1"
+FORMAT_VERSION = 1
+FLAG_ZERO = 0
+FLAG_DATA = 1
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+MAX_HEADER = 1 << 20
+
+
+def segment_count(virtual_size: int, segment_size: int) -> int:
+    return -(-virtual_size // segment_size)
+
+
+class SegmentTable:
+    """flags + digests of every segment of a disk, in two flat buffers."""
+
+    __slots__ = ("count", "flags", "digests")
+
+    def __init__(self, count: int, flags: Optional[bytearray] = None, digests: Optional[bytearray] = None):
+        self.count = count
+        self.flags = flags if flags is not None else bytearray(count)
+        self.digests = digests if digests is not None else bytearray(count * DIGEST_SIZE)
+        if len(self.flags) != count or len(self.digests) != count * DIGEST_SIZE:
+            raise ManifestError(f"segment table sizes disagree with count {count}")
+
+    def copy(self) -> "SegmentTable":
+        return SegmentTable(self.count, bytearray(self.flags), bytearray(self.digests))
+
+    def set_zero(self, index: int) -> None:
+        self.flags[index] = FLAG_ZERO
+        self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = ZERO_DIGEST
+
+    def set_data(self, index: int, d: bytes) -> None:
+        self.flags[index] = FLAG_DATA
+        self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE] = d
+
+    def get(self, index: int) -> Optional[bytes]:
+        """The digest of segment `index`, or None when it is a zero segment."""
+        if self.flags[index] == FLAG_ZERO:
+            return None
+        return bytes(self.digests[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+
+    def data_entries(self) -> Iterator[Tuple[int, bytes]]:
+        """(index, digest) of every DATA segment, in disk order."""
+        start = 0
+        flags = self.flags
+        while True:
+            i = flags.find(FLAG_DATA, start)
+            if i < 0:
+                return
+            yield i, bytes(self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE])
+            start = i + 1
+
+    def data_count(self) -> int:
+        return self.count - self.flags.count(FLAG_ZERO)
+
+    def unique_digests(self) -> set:
+        return {d for _, d in self.data_entries()}
+
+
+@dataclass
+class Manifest:
+    backup_id: str
+    target: str
+    virtual_size: int
+    segment_size: int
+    table: SegmentTable
+    kind: str = "full"                  # "full" | "incremental"
+    reason: str = ""                    # why this kind was chosen
+    parent: Optional[str] = None        # backup_id of the parent (incremental only)
+    generation: Optional[Dict[str, Any]] = None   # bitmap that tracks changes since this backup
+    disk: Dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+    timings: Dict[str, float] = field(default_factory=dict)
+    counts: Dict[str, int] = field(default_factory=dict)
+    labels: Dict[str, Any] = field(default_factory=dict)
+    hash: str = "xxh3-128"
+    compression: str = "zstd"
+
+    def header(self) -> Dict[str, Any]:
+        return {
+            "format": FORMAT_VERSION, "backup_id": self.backup_id, "target": self.target,
+            "virtual_size": self.virtual_size, "segment_size": self.segment_size,
+            "segment_count": self.table.count, "kind": self.kind, "reason": self.reason,
+            "parent": self.parent, "generation": self.generation, "disk": self.disk,
+            "created": self.created, "timings": self.timings, "counts": self.counts,
+            "labels": self.labels, "hash": self.hash, "compression": self.compression,
+        }
+
+
+def encode(m: Manifest) -> bytes:
+    if m.table.count != segment_count(m.virtual_size, m.segment_size):
+        raise ManifestError(f"manifest {m.backup_id}: table has {m.table.count} entries, "
+                            f"disk needs {segment_count(m.virtual_size, m.segment_size)}")
+    header = json.dumps(m.header(), sort_keys=True, separators=(",", ":")).encode()
+    table = zstandard.ZstdCompressor(level=3).compress(bytes(m.table.flags) + bytes(m.table.digests))
+    body = b"".join((MAGIC, _U32.pack(len(header)), header, _U64.pack(len(table)), table))
+    return body + digest(body)
+
+
+def _read_header(blob: bytes, where: str) -> Tuple[Dict[str, Any], int]:
+    if len(blob) < len(MAGIC) + _U32.size + DIGEST_SIZE or blob[:len(MAGIC)] != MAGIC:
+        raise ManifestError(f"manifest {where}: not an ekko manifest (bad magic)")
+    body, checksum = blob[:-DIGEST_SIZE], blob[-DIGEST_SIZE:]
+    if digest(body) != checksum:
+        raise ManifestError(f"manifest {where}: checksum mismatch (damaged or truncated)")
+    pos = len(MAGIC)
+    (hlen,) = _U32.unpack_from(blob, pos)
+    pos += _U32.size
+    if hlen > MAX_HEADER or pos + hlen > len(body):
+        raise ManifestError(f"manifest {where}: header length {hlen} out of range")
+    try:
+        header = json.loads(blob[pos:pos + hlen])
+    except ValueError as e:
+        raise ManifestError(f"manifest {where}: header is not JSON: {e}") from e
+    if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+        raise ManifestError(f"manifest {where}: unsupported format {header.get('format')!r}")
+    return header, pos + hlen
+
+
+def decode_header(blob: bytes, where: str = "") -> Dict[str, Any]:
+    """Only the header (cheap: no table decompression). The whole checksum is still verified."""
+    return _read_header(blob, where)[0]
+
+
+def decode(blob: bytes, where: str = "") -> Manifest:
+    header, pos = _read_header(blob, where)
+    (tlen,) = _U64.unpack_from(blob, pos)
+    pos += _U64.size
+    if pos + tlen != len(blob) - DIGEST_SIZE:
+        raise ManifestError(f"manifest {where}: table length {tlen} does not fit the file")
+    try:
+        n = int(header["segment_count"])
+        raw = zstandard.ZstdDecompressor().decompress(blob[pos:pos + tlen], max_output_size=n * (1 + DIGEST_SIZE))
+        table = SegmentTable(n, bytearray(raw[:n]), bytearray(raw[n:]))
+        m = Manifest(
+            backup_id=header["backup_id"], target=header["target"],
+            virtual_size=int(header["virtual_size"]), segment_size=int(header["segment_size"]),
+            table=table, kind=header["kind"], reason=header.get("reason", ""),
+            parent=header.get("parent"), generation=header.get("generation"),
+            disk=header.get("disk") or {}, created=header.get("created", ""),
+            timings=header.get("timings") or {}, counts=header.get("counts") or {},
+            labels=header.get("labels") or {}, hash=header["hash"], compression=header["compression"])
+    except (KeyError, TypeError, ValueError, zstandard.ZstdError) as e:
+        raise ManifestError(f"manifest {where}: bad content: {e}") from e
+    if m.hash != "xxh3-128":
+        raise ManifestError(f"manifest {where}: unknown hash {m.hash!r}")
+    if n != segment_count(m.virtual_size, m.segment_size):
+        raise ManifestError(f"manifest {where}: segment count {n} does not match the disk size")
+    return m

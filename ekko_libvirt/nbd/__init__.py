@@ -1,0 +1,1 @@
+"""Reading a point-in-time NBD export: which segments (extents.py, pure) and their bytes (reader.py)."""

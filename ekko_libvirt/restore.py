@@ -1,0 +1,211 @@
+"""Restore one backup (one manifest) to a raw file or a qcow2 image.
+
+Every segment is fetched, decoded and re-hashed before a byte of it is written. Zero segments
+are never written (the output is sparse). Output goes to '<path>.ekko-partial' and is renamed
+into place only when complete; a failed restore leaves nothing behind. With allow_damaged, a
+segment that is missing or does not match its digest becomes a hole (zeros) and is reported.
+"""
+
+import concurrent.futures as cf
+import contextlib
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import nbd
+
+from . import segment
+from .errors import EkkoError, IntegrityError, StoreError, UsageError
+from .manifest import Manifest
+from .nbd.reader import close_handle
+
+
+@dataclass(frozen=True)
+class Hole:
+    index: int
+    offset: int
+    length: int
+    key: str
+    problem: str
+
+
+@dataclass
+class RestoreResult:
+    path: str
+    format: str
+    written_bytes: int = 0
+    segments: int = 0
+    holes: List[Hole] = field(default_factory=list)
+
+
+def output_format(path: str, fmt: Optional[str]) -> str:
+    if fmt:
+        if fmt not in ("raw", "qcow2"):
+            raise UsageError(f"--format must be raw or qcow2, not {fmt!r}")
+        return fmt
+    return "qcow2" if path.endswith(".qcow2") else "raw"
+
+
+def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: int = 4,
+            allow_damaged: bool = False, overwrite: bool = False,
+            progress: Optional[Callable[[int, int], None]] = None) -> RestoreResult:
+    fmt = output_format(path, fmt)
+    if os.path.exists(path) and not overwrite:
+        raise UsageError(f"{path} exists: refusing to overwrite it (choose another path or remove it)")
+    partial = path + ".ekko-partial"
+    result = RestoreResult(path, fmt)
+    try:
+        with _open_target(partial, fmt, m.virtual_size, workers) as writer_factory:
+            _copy(store, m, writer_factory, workers, allow_damaged, result, progress)
+        if result.holes and not allow_damaged:
+            raise _damage_error(m, result.holes)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(partial)
+        raise
+    return result
+
+
+def _damage_error(m: Manifest, holes: List[Hole]) -> IntegrityError:
+    lines = [f"  segment {h.index} at offset {h.offset} ({h.key}): {h.problem}" for h in holes[:20]]
+    more = f"\n  ... and {len(holes) - 20} more" if len(holes) > 20 else ""
+    return IntegrityError(f"backup {m.backup_id}: {len(holes)} damaged or missing segment(s); nothing restored:\n"
+                          + "\n".join(lines) + more + "\n(--allow-damaged restores the rest and reports the holes)")
+
+
+def _copy(store, m: Manifest, writer_factory, workers, allow_damaged, result: RestoreResult, progress) -> None:
+    entries = list(m.table.data_entries()) if m.table.count <= (1 << 22) else m.table.data_entries()
+    total = m.table.data_count() * m.segment_size
+    lock = threading.Lock()
+    local = threading.local()
+    stop = threading.Event()
+
+    def one(item):
+        index, d = item
+        if stop.is_set():
+            return
+        offset = index * m.segment_size
+        length = min(m.segment_size, m.virtual_size - offset)
+        key = segment.segment_key(d)
+        try:
+            raw = segment.decode(store.get(key), d)
+            if len(raw) != length:
+                raise IntegrityError(f"segment {key}: {len(raw)} bytes where the disk needs {length}")
+        except (IntegrityError, StoreError) as e:
+            with lock:
+                result.holes.append(Hole(index, offset, length, key, str(e)))
+            if not allow_damaged:
+                stop.set()
+            return
+        w = getattr(local, "w", None)
+        if w is None:
+            w = local.w = writer_factory()
+        w.write(raw, offset)
+        with lock:
+            result.written_bytes += len(raw)
+            result.segments += 1
+            if progress:
+                progress(result.segments * m.segment_size, total)
+
+    with cf.ThreadPoolExecutor(workers, thread_name_prefix="ekko-restore") as pool:
+        for f in _bounded_map(pool, one, entries, workers * 2):
+            f.result()
+    result.holes.sort(key=lambda h: h.index)
+
+
+def _bounded_map(pool, fn, items, depth):
+    pending = []
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= depth:
+            done, rest = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+            pending = list(rest)
+            yield from done
+    yield from pending
+
+
+class _FileWriter:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def write(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+
+class _NBDWriter:
+    def __init__(self, sock: str, registry: list):
+        self.h = nbd.NBD()
+        self.h.connect_unix(sock)
+        registry.append(self.h)
+
+    def write(self, data: bytes, offset: int) -> None:
+        self.h.pwrite(data, offset)
+
+
+@contextlib.contextmanager
+def _open_target(path: str, fmt: str, size: int, workers: int):
+    if fmt == "raw":
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            yield lambda: _FileWriter(fd)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    with _qemu_nbd_qcow2(path, size, workers) as sock:
+        handles: list = []
+        try:
+            yield lambda: _NBDWriter(sock, handles)
+            for h in handles[:1]:
+                h.flush()
+        finally:
+            for h in handles:
+                close_handle(h)
+
+
+@contextlib.contextmanager
+def _qemu_nbd_qcow2(path: str, size: int, workers: int):
+    """A fresh qcow2 served writable by our own qemu-nbd on a private socket."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", path, str(size)],
+                   check=True, capture_output=True)
+    with tempfile.TemporaryDirectory(prefix="ekko-restore-") as d:
+        sock = os.path.join(d, "nbd.sock")
+        proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", sock, "-e", str(workers + 1), "-t",
+                                 "--cache=writeback", "--discard=unmap", path],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            _wait_socket(sock, proc)
+            yield sock
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.returncode not in (0, -15):
+            raise EkkoError(f"qemu-nbd exited with {proc.returncode}: {proc.stderr.read().decode(errors='replace')}")
+
+
+def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EkkoError(f"qemu-nbd failed: {proc.stderr.read().decode(errors='replace').strip()}")
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                time.sleep(0.02)
+    raise EkkoError(f"qemu-nbd did not listen on {path} within {timeout:.0f} s")

@@ -1,0 +1,122 @@
+"""Segments: hash, compress, and verify-before-store of one fixed-size slice of a disk.
+
+A segment object in the store (format in docs/format.md):
+
+    magic 'EKS1' | u8 compression | u8 hash | u16 reserved | u32 raw length | 16-byte digest | payload
+
+The digest is xxh3-128 of the raw (uncompressed) bytes, and it names the object, so identical
+segments are stored once per store namespace. xxh3 is not a cryptographic hash: it detects
+accidental damage, not a forged collision, so deduplication is scoped to one namespace (one
+project), where every writer is already trusted with every reader's data.
+"""
+
+import struct
+import threading
+from dataclasses import dataclass
+
+import xxhash
+import zstandard
+
+from .errors import IntegrityError
+
+MAGIC = b"EKS1"
+HEADER = struct.Struct("<4sBBHI16s")
+COMP_NONE = 0
+COMP_ZSTD = 1
+HASH_XXH3_128 = 1
+DIGEST_SIZE = 16
+ZERO_DIGEST = bytes(DIGEST_SIZE)
+# Compression must save at least this fraction to be kept: decompressing costs time on restore.
+MIN_SAVING = 1 / 32
+
+
+def digest(data) -> bytes:
+    return xxhash.xxh3_128_digest(data)
+
+
+def segment_key(d: bytes) -> str:
+    h = d.hex()
+    return f"segments/{h[:3]}/{h}"
+
+
+def digest_from_key(key: str) -> bytes:
+    return bytes.fromhex(key.rsplit("/", 1)[1])
+
+
+_zero_cache = {}
+
+
+def is_zero(data) -> bool:
+    n = len(data)
+    zeros = _zero_cache.get(n)
+    if zeros is None:
+        zeros = _zero_cache.setdefault(n, bytes(n))
+    return data == zeros
+
+
+class _Codecs(threading.local):
+    """zstd contexts are not thread-safe; one per thread, reused across segments."""
+
+    def __init__(self):
+        self.level = None
+        self.cctx = None
+        self.dctx = zstandard.ZstdDecompressor()
+
+    def compressor(self, level: int):
+        if self.level != level:
+            self.cctx = zstandard.ZstdCompressor(level=level)
+            self.level = level
+        return self.cctx
+
+
+_codecs = _Codecs()
+
+
+@dataclass(frozen=True)
+class EncodedSegment:
+    digest: bytes
+    blob: bytes          # the object as stored
+    raw_length: int
+
+    @property
+    def key(self) -> str:
+        return segment_key(self.digest)
+
+
+def encode(raw, level: int = 1, compress: bool = True, known_digest: "bytes | None" = None) -> EncodedSegment:
+    """raw bytes -> verified object. Decodes what it built and re-hashes it before returning,
+    so a compressor bug can never reach the store (verify before upload)."""
+    d = known_digest or digest(raw)
+    comp, payload = COMP_NONE, raw
+    if compress:
+        packed = _codecs.compressor(level).compress(raw)
+        if len(packed) <= len(raw) * (1 - MIN_SAVING):
+            comp, payload = COMP_ZSTD, packed
+    blob = HEADER.pack(MAGIC, comp, HASH_XXH3_128, 0, len(raw), d) + bytes(payload)
+    decode(blob, d)
+    return EncodedSegment(d, blob, len(raw))
+
+
+def decode(blob: bytes, expected: bytes, where: str = "") -> bytes:
+    """Object bytes -> raw bytes, or IntegrityError if anything does not match `expected`."""
+    name = where or segment_key(expected)
+    if len(blob) < HEADER.size:
+        raise IntegrityError(f"segment {name}: truncated ({len(blob)} bytes)")
+    magic, comp, hash_id, _, length, stored = HEADER.unpack_from(blob)
+    if magic != MAGIC or hash_id != HASH_XXH3_128:
+        raise IntegrityError(f"segment {name}: not an ekko segment (bad magic or hash id)")
+    if stored != expected:
+        raise IntegrityError(f"segment {name}: header digest {stored.hex()} does not match its name")
+    payload = memoryview(blob)[HEADER.size:]
+    if comp == COMP_ZSTD:
+        try:
+            raw = _codecs.dctx.decompress(payload, max_output_size=length)
+        except zstandard.ZstdError as e:
+            raise IntegrityError(f"segment {name}: cannot decompress: {e}") from e
+    elif comp == COMP_NONE:
+        raw = bytes(payload)
+    else:
+        raise IntegrityError(f"segment {name}: unknown compression id {comp}")
+    if len(raw) != length or digest(raw) != expected:
+        raise IntegrityError(f"segment {name}: content does not match its digest")
+    return raw

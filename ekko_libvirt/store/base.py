@@ -1,0 +1,47 @@
+"""The Store contract: five operations on opaque objects named by keys.
+
+Keys are '/'-separated ASCII paths made of [A-Za-z0-9._-] parts (see `check_key`). A store holds
+one namespace (one project): isolation between projects is the backend's job (a directory, a
+Swift container with its own credentials).
+
+Contract every backend must keep (tests/unit/test_store_contract.py runs it against each):
+- put(key, data): atomic and durable when it returns: a reader sees the whole object or nothing,
+  never a prefix, and the object survives a crash of this host. Idempotent: putting the same
+  key twice is allowed (content-addressed keys make that a no-op in effect).
+- get(key) -> bytes: the whole object; ObjectNotFound if absent. Never returns partial data.
+- exists(key) -> bool: cheap; no data transfer.
+- list(prefix) -> iterator of keys starting with prefix, in no promised order, complete even
+  for millions of keys (backends page internally).
+- delete(key): idempotent; deleting a missing key is not an error.
+Retry policy and concurrency limits belong in wrappers or in the backend's transport, not in
+callers.
+"""
+
+import re
+from typing import Iterator, Protocol
+
+_KEY_PART = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape a directory or a container ('..', absolute, odd bytes)."""
+    parts = key.split("/")
+    if not key or any(p in ("", ".", "..") or not _KEY_PART.match(p) for p in parts):
+        raise ValueError(f"invalid store key: {key!r}")
+    return key
+
+
+class Store(Protocol):
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str = "") -> Iterator[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def describe(self) -> str:
+        """Where this store is, for messages. Never includes credentials."""
+        ...

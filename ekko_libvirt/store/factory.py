@@ -1,0 +1,23 @@
+"""Config -> Store. One namespace per project: a sub-directory (local) or a container (Swift)."""
+
+import os
+import re
+from typing import Optional
+
+from ..config import Config
+from ..errors import ConfigError
+
+_NS = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+def open_store(cfg: Config, namespace: Optional[str] = None):
+    if namespace is not None and (not _NS.match(namespace) or namespace in (".", "..")):
+        raise ConfigError("namespace", f"invalid project namespace {namespace!r}")
+    if cfg.store.type == "local":
+        from .local import LocalStore
+        root = cfg.store.path if namespace is None else os.path.join(cfg.store.path, "projects", namespace)
+        return LocalStore(root)
+    if cfg.store.type == "swift":
+        from .swift import open_swift_store
+        return open_swift_store(dict(cfg.store.options), namespace)
+    raise ConfigError("store.type", f"unknown store type {cfg.store.type!r}")

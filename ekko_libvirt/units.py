@@ -1,0 +1,46 @@
+"""Sizes and the defaults that depend on them."""
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+_SUFFIXES = {"": 1, "b": 1, "k": KiB, "kib": KiB, "m": MiB, "mib": MiB, "g": GiB, "gib": GiB, "t": TiB, "tib": TiB}
+
+
+def parse_size(text: "str | int") -> int:
+    """'4MiB', '64k', '1G' or a plain integer -> bytes. Raises ValueError with the bad text."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a size: {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError(f"size must not be negative: {text}")
+        return text
+    s = str(text).strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    suffix = s[len(num):]
+    if not num or suffix not in _SUFFIXES:
+        raise ValueError(f"not a size: {text!r} (use e.g. 4MiB, 64KiB, 1GiB)")
+    try:
+        return int(num) * _SUFFIXES[suffix]
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use e.g. 4MiB, 64KiB, 1GiB)") from None
+
+
+def human(n: float) -> str:
+    """Bytes as a short human string (binary units)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+DEFAULT_SEGMENT_SIZE = 4 * MiB
+DEFAULT_GRANULARITY = 64 * KiB
+MIN_SEGMENT_SIZE = 64 * KiB
+MAX_SEGMENT_SIZE = 32 * MiB   # QEMU's NBD server refuses requests above 32 MiB

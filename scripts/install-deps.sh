@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs everything `make demo`, `make test` and `make bench` need on Debian 12, as root.
+# Idempotent: apt skips what is there; the venv is created once and pip only adds what is missing.
+#   scripts/install-deps.sh [core|all]
+#     core: QEMU + libnbd + the Python venv (enough for `make demo`)
+#     all : core + libvirtd + Swift (what the full test suite runs against)
+set -euo pipefail
+WHAT=${1:-all}
+HERE=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${EKKO_VENV:-$HERE/.venv}
+
+CORE_PKGS="qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd libnbd-bin python3-venv python3-dev gcc pkg-config"
+ALL_PKGS="$CORE_PKGS libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-libvirt
+ seabios ipxe-qemu swift swift-proxy swift-account swift-container swift-object python3-swiftclient memcached xfsprogs"
+case "$WHAT" in core) PKGS=$CORE_PKGS ;; all) PKGS=$ALL_PKGS ;; *) echo "usage: $0 [core|all]" >&2; exit 2 ;; esac
+
+missing=$(for p in $PKGS; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"; done)
+if [ -n "$missing" ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    # No systemd here: policy-rc.d keeps the postinst scripts from trying to start daemons.
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+    apt-get update -qq
+    # shellcheck disable=SC2086
+    apt-get install -y -qq --no-install-recommends $missing
+    rm -f /usr/sbin/policy-rc.d
+fi
+
+# libnbd's Python binding exists only as Debian's python3-libnbd, built for /usr/bin/python3.11:
+# the venv must be made by that interpreter and see its system site-packages.
+if [ ! -x "$VENV/bin/python" ]; then
+    /usr/bin/python3.11 -m venv --system-site-packages "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$HERE/requirements.txt" -r "$HERE/requirements-test.txt"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$HERE"
+"$VENV/bin/python" -c 'import nbd, qemu.qmp, xxhash, zstandard, yaml' || {
+    echo "install-deps: the venv at $VENV cannot import its dependencies" >&2; exit 1; }
+echo "install-deps: ok ($WHAT) venv=$VENV" >&2

@@ -1,0 +1,126 @@
+"""A throwaway QEMU that owns one qcow2 (or raw) disk, plus a model of what the guest wrote.
+
+QEMU runs with `-machine none` (no guest OS; the block layer is fully live) and two QMP
+sockets: one for ekko, one for the harness, which writes into the disk through HMP
+`qemu-io` exactly as a guest write would reach the block layer. Every write also goes into
+`model`, a bytearray of the disk's expected content, so tests can snapshot the expected image
+at any instant without reading the disk.
+"""
+
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from typing import Optional
+
+from ekko_libvirt.engine.qmp_client import QMPConnection
+
+NODE = "disk0"
+
+
+class QemuDisk:
+    def __init__(self, workdir: str, size: int, fmt: str = "qcow2", name: str = "disk"):
+        self.workdir = workdir
+        self.size = size
+        self.fmt = fmt
+        self.image = os.path.join(workdir, f"{name}.{fmt}")
+        self.qmp_socket = os.path.join(workdir, f"{name}.qmp")
+        self.admin_socket = os.path.join(workdir, f"{name}.admin.qmp")
+        self.model = bytearray(size)
+        self.proc: Optional[subprocess.Popen] = None
+        self.admin: Optional[QMPConnection] = None
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, self.image, str(size)], check=True)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "QemuDisk":
+        for s in (self.qmp_socket, self.admin_socket):
+            if os.path.exists(s):
+                os.unlink(s)
+        fmt_node = f"driver={self.fmt},node-name={NODE},file=file0"
+        self.proc = subprocess.Popen(
+            ["qemu-system-x86_64", "-machine", "none,accel=tcg", "-nodefaults", "-display", "none",
+             "-no-user-config", "-blockdev", f"driver=file,node-name=file0,filename={self.image}",
+             "-blockdev", fmt_node,
+             "-chardev", f"socket,id=m0,path={self.qmp_socket},server=on,wait=off", "-mon", "chardev=m0,mode=control",
+             "-chardev", f"socket,id=m1,path={self.admin_socket},server=on,wait=off", "-mon", "chardev=m1,mode=control"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.workdir, "qemu.log"), "ab"),
+            start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"QEMU exited with {self.proc.returncode}; see {self.workdir}/qemu.log")
+            if os.path.exists(self.admin_socket):
+                try:
+                    self.admin = QMPConnection(self.admin_socket).connect(timeout=5)
+                    return self
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Clean shutdown: persistent bitmaps are written to the qcow2."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                self.admin.execute("quit")
+            except Exception:
+                self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close_admin()
+        self.proc = None
+
+    def kill9(self) -> None:
+        """What a host crash looks like to the image: bitmaps stay flagged in-use."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self._close_admin()
+        self.proc = None
+
+    def _close_admin(self) -> None:
+        if self.admin is not None:
+            try:
+                self.admin.close()
+            except Exception:
+                pass
+            self.admin = None
+
+    def remove(self) -> None:
+        self.stop()
+        if os.path.exists(self.image):
+            os.unlink(self.image)
+
+    # -- guest writes -----------------------------------------------------------------------
+    def write(self, offset: int, data: bytes) -> None:
+        """Write `data` at `offset` through QEMU's block layer, and into the model."""
+        with tempfile.NamedTemporaryFile(dir=self.workdir, suffix=".pat") as f:
+            f.write(data)
+            f.flush()
+            self.hmp(f'qemu-io {NODE} "write -s {f.name} {offset} {len(data)}"')
+        self.model[offset:offset + len(data)] = data
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.hmp(f'qemu-io {NODE} "write -z {offset} {length}"')
+        self.model[offset:offset + length] = bytes(length)
+
+    def hmp(self, command: str) -> str:
+        out = self.admin.execute("human-monitor-command", {"command-line": command})
+        if out and ("error" in out.lower() or "failed" in out.lower()):
+            raise RuntimeError(f"HMP {command!r}: {out}")
+        return out
+
+    def bitmaps(self):
+        for n in self.admin.execute("query-named-block-nodes", {"flat": True}):
+            if n.get("node-name") == NODE:
+                return n.get("dirty-bitmaps", [])
+        return []
+
+    def snapshot(self) -> bytes:
+        """The expected content of the disk at this instant."""
+        return bytes(self.model)
