@@ -76,9 +76,14 @@ def plan_recovery(info: DiskInfo, committed: Optional[str], prefix: str) -> Reco
         if not head.recording and broken is None:
             actions.append(_act("block-dirty-bitmap-enable", node=info.node, name=head.name))
             notes.append(f"re-enabled {head.name}")
+    if head is not None and head.inconsistent:
+        # Unusable for ever (QEMU refuses to export, merge or clear it): drop it, start anew.
+        broken = (f"bitmap {head.name} is inconsistent: QEMU exited uncleanly "
+                  "(kill, crash or power loss) since the last backup")
+        strays.append(head)
     for b in strays:
         actions.append(_act("block-dirty-bitmap-remove", node=info.node, name=b.name))
-        notes.append(f"removed stray generation {b.name}")
+        notes.append(f"removed {'inconsistent' if b.inconsistent else 'stray'} generation {b.name}")
     return RecoveryPlan(tuple(actions), broken, tuple(notes))
 
 

@@ -55,7 +55,7 @@ class QMPConnection:
         try:
             return self._run(self._client.execute(command, args or {}), timeout or self.timeout)
         except ExecuteError as e:
-            raise QMPCommandError(command, e.error_class, e.error.desc if e.error else str(e)) from e
+            raise QMPCommandError(command, e.error_class, e.error.error.desc) from e
         except asyncio.TimeoutError as e:
             raise EngineError(f"QMP {command}: no answer within {timeout or self.timeout:.0f} s") from e
         except QMPError as e:

@@ -1,8 +1,10 @@
 """A throwaway QEMU that owns one qcow2 (or raw) disk, plus a model of what the guest wrote.
 
-QEMU runs with `-machine none` (no guest OS; the block layer is fully live) and two QMP
-sockets: one for ekko, one for the harness, which writes into the disk through HMP
-`qemu-io` exactly as a guest write would reach the block layer. Every write also goes into
+QEMU runs a small PC with no guest OS (SeaBIOS idles; the block layer is fully live), the disk
+on a virtio-blk device, and two QMP sockets: one for ekko, one for the harness. The harness
+writes through HMP `qemu-io -d <device>`, i.e. through the device's own BlockBackend, exactly
+where guest writes enter the block layer: a filter that a backup inserts above the disk node
+(copy-before-write) sees them, as it would see the guest's. Every write also goes into
 `model`, a bytearray of the disk's expected content, so tests can snapshot the expected image
 at any instant without reading the disk.
 """
@@ -17,6 +19,8 @@ from typing import Optional
 from ekko_libvirt.engine.qmp_client import QMPConnection
 
 NODE = "disk0"
+DEVICE = "vblk0"
+QOM_BACKEND = f"/machine/peripheral/{DEVICE}/virtio-backend"
 
 
 class QemuDisk:
@@ -38,13 +42,15 @@ class QemuDisk:
             if os.path.exists(s):
                 os.unlink(s)
         fmt_node = f"driver={self.fmt},node-name={NODE},file=file0"
+        self.log = os.path.join(self.workdir, "qemu.log")
         self.proc = subprocess.Popen(
-            ["qemu-system-x86_64", "-machine", "none,accel=tcg", "-nodefaults", "-display", "none",
-             "-no-user-config", "-blockdev", f"driver=file,node-name=file0,filename={self.image}",
-             "-blockdev", fmt_node,
+            ["qemu-system-x86_64", "-machine", "pc", "-accel", "kvm", "-accel", "tcg", "-m", "64",
+             "-nodefaults", "-display", "none", "-no-user-config", "-serial", "none",
+             "-blockdev", f"driver=file,node-name=file0,filename={self.image}",
+             "-blockdev", fmt_node, "-device", f"virtio-blk-pci,drive={NODE},id={DEVICE}",
              "-chardev", f"socket,id=m0,path={self.qmp_socket},server=on,wait=off", "-mon", "chardev=m0,mode=control",
              "-chardev", f"socket,id=m1,path={self.admin_socket},server=on,wait=off", "-mon", "chardev=m1,mode=control"],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.workdir, "qemu.log"), "ab"),
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT,
             start_new_session=True)
         deadline = time.monotonic() + 30
         while True:
@@ -77,7 +83,9 @@ class QemuDisk:
         self.proc = None
 
     def kill9(self) -> None:
-        """What a host crash looks like to the image: bitmaps stay flagged in-use."""
+        """What a host crash looks like to the image: bitmaps stay flagged in-use. The guest's
+        writes were flushed first (as a guest's fsync would), so the model stays the truth."""
+        self.hmp(f'qemu-io -d {QOM_BACKEND} "flush"')
         os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self._close_admin()
@@ -102,12 +110,23 @@ class QemuDisk:
         with tempfile.NamedTemporaryFile(dir=self.workdir, suffix=".pat") as f:
             f.write(data)
             f.flush()
-            self.hmp(f'qemu-io {NODE} "write -s {f.name} {offset} {len(data)}"')
+            self.qemu_io(f"write -s {f.name} {offset} {len(data)}")
         self.model[offset:offset + len(data)] = data
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        self.hmp(f'qemu-io {NODE} "write -z {offset} {length}"')
+        self.qemu_io(f"write -z {offset} {length}")
         self.model[offset:offset + length] = bytes(length)
+
+    def qemu_io(self, command: str) -> None:
+        """qemu-io prints to QEMU's stdout (our log), not to the monitor: check the log grew
+        with a success line, so a refused write can never pass silently."""
+        before = os.path.getsize(self.log)
+        self.hmp(f'qemu-io -d {QOM_BACKEND} "{command}"')
+        with open(self.log, "rb") as f:
+            f.seek(before)
+            out = f.read().decode(errors="replace")
+        if "wrote" not in out or "rror" in out or "failed" in out:
+            raise RuntimeError(f"qemu-io {command!r} did not succeed: {out.strip()!r}")
 
     def hmp(self, command: str) -> str:
         out = self.admin.execute("human-monitor-command", {"command-line": command})

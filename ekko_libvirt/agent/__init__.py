@@ -1,0 +1,9 @@
+"""The host agent: hook events in, backup jobs out.
+
+    hooks/qemu (libvirt hook)  writes one event file per lifecycle step into the spool
+    spool                      reads, validates, acks or quarantines those files, in order
+    events                     (pure) hook (op, sub-op) -> EventKind; the reaction table, as data
+    state                      per-domain state and job records on disk; per-domain lock;
+                               the offline-backup marker the hook checks before a start
+    scheduler                  (pure) which domains are due now, under which policy
+"""

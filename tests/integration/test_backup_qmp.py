@@ -1,0 +1,225 @@
+"""The backup core against a real QEMU: chains, point-in-time semantics, crashes, damage."""
+
+import os
+import random
+
+import pytest
+
+from conftest import read_raw
+from ekko_libvirt import catalog, segment
+from ekko_libvirt.engine.qmp import QMPEngine, QMPTarget
+from ekko_libvirt.pipeline import BackupOptions, run_backup
+from ekko_libvirt.store.local import LocalStore
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def restore_equals(ekko, backup_id, expected, workdir, ext="raw", extra=()):
+    out = os.path.join(workdir, f"r-{backup_id}.{ext}")
+    ekko.run("restore", backup_id, "--to", out, *extra)
+    got = read_raw(out)
+    for p in (out, out + ".raw"):
+        if os.path.exists(p):
+            os.unlink(p)
+    return got == expected
+
+
+def ours(disk):
+    return sorted(b["name"] for b in disk.bitmaps() if b["name"].startswith("ekko-"))
+
+
+def test_full_then_three_incrementals_restore_exact(qdisk, ekko_for, workdir):
+    rnd = random.Random(7)
+    disk = qdisk(32 * MiB)
+    ekko = ekko_for(disk)
+    disk.write(0, rnd.randbytes(3 * MiB))
+    disk.write(10 * MiB, b"log line 42\n" * 40000)
+    expected, backups = [], []
+    for step in range(4):
+        expected.append(disk.snapshot())
+        b = ekko.backup()
+        backups.append(b)
+        # writes between backups: new data, overwrite, zeroing, unaligned spans across segments
+        disk.write(rnd.randrange(0, 31 * MiB), rnd.randbytes(rnd.randrange(1, 300 * KiB)))
+        disk.write(rnd.randrange(0, 31 * MiB) & ~4095, bytes([step + 1]) * 70000)
+        if step == 1:
+            disk.write_zeroes(0, 1 * MiB)
+    assert [b["kind"] for b in backups] == ["full", "incremental", "incremental", "incremental"]
+    assert [b["parent"] for b in backups[1:]] == [b["backup_id"] for b in backups[:-1]]
+    assert backups[0]["reason"] == "first backup of this disk"
+    # each incremental read only a handful of segments, not the disk
+    for b in backups[1:]:
+        assert 0 < b["read_bytes"] <= 2 * MiB
+    for i, (b, exp) in enumerate(zip(backups, expected)):
+        assert restore_equals(ekko, b["backup_id"], exp, workdir, "qcow2" if i % 2 else "raw"), b["backup_id"]
+    # exactly one generation remains: the one the newest manifest names
+    assert ours(disk) == [backups[-1]["generation"]["bitmap"]]
+
+
+def test_writes_after_transaction_are_in_next_backup_only(qdisk, workdir, ekko_for):
+    disk = qdisk(16 * MiB)
+    ekko = ekko_for(disk)
+    disk.write(1 * MiB, b"A" * (512 * KiB))
+    first = ekko.backup()
+    disk.write(2 * MiB, b"B" * (256 * KiB))
+    at_instant = disk.snapshot()
+
+    late = b"C" * (128 * KiB)
+
+    class WritesDuringBackup(QMPEngine):
+        def begin(self, plan, size):
+            session = super().begin(plan, size)
+            # the guest keeps writing while the backup reads the point-in-time view
+            disk.write(2 * MiB + 64 * KiB, late)
+            disk.write(9 * MiB, late)
+            return session
+
+    cfg = ekko.cfg
+    engine = WritesDuringBackup(QMPTarget("t1", disk.qmp_socket, "disk0", os.path.join(workdir, "state", "scratch"),
+                                          cfg["run_dir"]))
+    store = LocalStore(cfg["store"]["path"])
+    try:
+        res = run_backup(engine, store, BackupOptions(target="t1", segment_size=256 * KiB,
+                                                      lock_dir=os.path.join(workdir, "state", "locks")))
+    finally:
+        engine.close()
+    assert res.manifest.kind == "incremental" and res.manifest.parent == first["backup_id"]
+    assert restore_equals(ekko, res.manifest.backup_id, at_instant, workdir)
+    after = disk.snapshot()
+    assert after != at_instant
+    nxt = ekko.backup()
+    assert nxt["kind"] == "incremental"
+    assert restore_equals(ekko, nxt["backup_id"], after, workdir)
+
+
+def test_qemu_kill9_between_backups_forces_full_with_reason(qdisk, ekko_for, workdir):
+    disk = qdisk(16 * MiB)
+    ekko = ekko_for(disk)
+    disk.write(0, os.urandom(1 * MiB))
+    first = ekko.backup()
+    # a clean restart writes the generation into the qcow2 (flags: auto)...
+    disk.stop()
+    disk.start()
+    disk.write(4 * MiB, os.urandom(300 * KiB))
+    inc = ekko.backup()
+    assert inc["kind"] == "incremental" and inc["parent"] == first["backup_id"]
+    disk.stop()
+    disk.start()
+    # ...a kill -9 leaves it flagged in-use: QEMU then reports it inconsistent
+    disk.write(5 * MiB, os.urandom(200 * KiB))
+    disk.kill9()
+    disk.start()
+    gen = inc["generation"]["bitmap"]
+    assert any(b["name"] == gen and b.get("inconsistent") for b in disk.bitmaps())
+    expected = disk.snapshot()
+    b = ekko.backup()
+    assert b["kind"] == "full"
+    assert "inconsistent" in b["reason"] and "uncleanly" in b["reason"]
+    show = ekko.run("show", b["backup_id"]).stdout
+    assert "uncleanly" in show
+    assert restore_equals(ekko, b["backup_id"], expected, workdir, "qcow2")
+    assert ours(disk) == [b["generation"]["bitmap"]]
+    disk.write(8 * MiB, b"after" * 1000)
+    inc = ekko.backup()
+    assert inc["kind"] == "incremental"
+    assert restore_equals(ekko, inc["backup_id"], disk.snapshot(), workdir)
+
+
+def test_qemu_kill9_before_bitmap_was_ever_stored(qdisk, ekko_for, workdir):
+    """A generation created after QEMU started reaches the qcow2 only at a clean close: a
+    kill -9 loses it entirely. Missing, not inconsistent: still a full, with that reason."""
+    disk = qdisk(8 * MiB)
+    ekko = ekko_for(disk)
+    disk.write(0, os.urandom(512 * KiB))
+    ekko.backup()
+    disk.kill9()
+    disk.start()
+    expected = disk.snapshot()
+    b = ekko.backup("t1", "--incremental", check=False)
+    assert b.returncode == 2 and "missing" in b.stderr
+    b = ekko.backup()
+    assert b["kind"] == "full" and "missing" in b["reason"]
+    assert restore_equals(ekko, b["backup_id"], expected, workdir)
+
+
+@pytest.mark.parametrize("point", ["after-transaction", "during-read", "during-store", "before-commit",
+                                   "after-commit"])
+def test_ekko_kill9_mid_backup_next_backup_exact(point, qdisk, ekko_for, workdir):
+    rnd = random.Random(point)
+    disk = qdisk(16 * MiB)
+    ekko = ekko_for(disk)
+    disk.write(0, rnd.randbytes(2 * MiB))
+    first = ekko.backup()
+    disk.write(3 * MiB, rnd.randbytes(600 * KiB))
+    disk.write(12 * MiB, rnd.randbytes(100 * KiB))
+    killed = ekko.run("backup", "t1", env={"EKKO_TEST_CRASH": point}, check=False)
+    assert killed.returncode == -9, killed.stderr
+    disk.write(7 * MiB, rnd.randbytes(64 * KiB))      # the guest goes on writing
+    expected = disk.snapshot()
+    b = ekko.backup()
+    if point == "after-commit":
+        # the killed run committed: this one builds on it
+        assert b["kind"] == "incremental" and b["parent"] != first["backup_id"]
+    else:
+        assert b["kind"] == "incremental" and b["parent"] == first["backup_id"]
+    assert restore_equals(ekko, b["backup_id"], expected, workdir)
+    assert ours(disk) == [b["generation"]["bitmap"]]
+    store = LocalStore(ekko.store_dir)
+    for key in catalog.keys(store):
+        m = catalog.load(store, key)
+        for _, d in m.table.data_entries():
+            assert store.exists(segment.segment_key(d)), (key, d.hex())
+    # nothing of the killed run is left in QEMU or on disk
+    nodes = [n["node-name"] for n in disk.admin.execute("query-named-block-nodes", {"flat": True})]
+    assert not [n for n in nodes if n.startswith("ek")]
+    assert not os.listdir(os.path.join(workdir, "state", "scratch"))
+
+
+def test_damaged_and_missing_segments(qdisk, ekko_for, workdir):
+    rnd = random.Random(3)
+    disk = qdisk(8 * MiB)
+    ekko = ekko_for(disk)
+    disk.write(0, rnd.randbytes(2 * MiB))
+    expected = disk.snapshot()
+    b1 = ekko.backup()
+    disk.write(6 * MiB, rnd.randbytes(100 * KiB))
+    b2 = ekko.backup()
+    store = LocalStore(ekko.store_dir)
+    m = catalog.load(store, catalog.find(store, b1["backup_id"]))
+    entries = list(m.table.data_entries())
+    (i_flip, d_flip), (i_del, d_del) = entries[1], entries[4]
+    flip_path = os.path.join(ekko.store_dir, segment.segment_key(d_flip))
+    with open(flip_path, "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0x01]))
+    os.unlink(os.path.join(ekko.store_dir, segment.segment_key(d_del)))
+
+    shallow = ekko.run("verify", check=False, json_out=True)
+    assert shallow.returncode == 3
+    assert [x["key"] for x in shallow.data["damaged_segments"]] == [segment.segment_key(d_del)]
+    deep = ekko.run("verify", "--deep", check=False, json_out=True)
+    assert deep.returncode == 3
+    damaged = {x["key"]: x for x in deep.data["damaged_segments"]}
+    assert set(damaged) == {segment.segment_key(d_flip), segment.segment_key(d_del)}
+    for x in damaged.values():
+        assert x["used_by"] == sorted([b1["backup_id"], b2["backup_id"]])
+    human = ekko.run("verify", "--deep", check=False).stdout
+    assert segment.segment_key(d_flip) in human and b1["backup_id"] in human
+
+    out = os.path.join(workdir, "r.raw")
+    p = ekko.run("restore", b1["backup_id"], "--to", out, check=False)
+    assert p.returncode == 3
+    assert segment.segment_key(d_flip) in p.stderr and str(i_flip * m.segment_size) in p.stderr
+    assert not os.path.exists(out) and not os.path.exists(out + ".ekko-partial")
+
+    p = ekko.run("restore", b1["backup_id"], "--to", out, "--allow-damaged", check=False, json_out=True)
+    assert p.returncode == 3
+    holes = {(h["index"], h["offset"]) for h in p.data["holes"]}
+    assert holes == {(i_flip, i_flip * m.segment_size), (i_del, i_del * m.segment_size)}
+    got = read_raw(out)
+    exp = bytearray(expected)
+    for i in (i_flip, i_del):
+        exp[i * m.segment_size:(i + 1) * m.segment_size] = bytes(m.segment_size)
+    assert got == bytes(exp)
