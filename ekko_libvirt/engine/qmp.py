@@ -95,7 +95,7 @@ class QMPEngine:
     def __init__(self, target: QMPTarget):
         self.t = target
         self.names = Names.for_target(target)
-        self.qmp = QMPConnection(target.socket, target.timeout).connect()
+        self.qmp = QMPConnection(target.socket, target.timeout).connect(timeout=min(10.0, target.timeout))
 
     def close(self) -> None:
         self.qmp.close()

@@ -1,0 +1,27 @@
+# Every target installs what it needs first (Debian 12, as root), so each works from a clean clone.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test unit bench deps deps-core lint clean
+
+deps-core:
+	bash scripts/install-deps.sh core
+
+deps:
+	bash scripts/install-deps.sh all
+
+demo: deps-core
+	$(PY) scripts/demo.py
+
+test: deps
+	$(PY) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+
+unit: deps-core
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+
+bench: deps
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-work

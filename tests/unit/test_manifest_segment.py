@@ -1,0 +1,71 @@
+import os
+
+import pytest
+
+from ekko_libvirt import manifest as mf
+from ekko_libvirt import segment
+from ekko_libvirt.errors import IntegrityError, ManifestError
+
+
+def make(n=10, seg=1 << 20):
+    t = mf.SegmentTable(n)
+    t.set_data(1, segment.digest(b"a"))
+    t.set_data(7, segment.digest(b"b"))
+    return mf.Manifest("20260101T000000000Z-abcdef", "t1", n * seg - 5, seg, t, kind="full",
+                       reason="first backup of this disk", generation={"bitmap": "ekko-x", "granularity": 65536})
+
+
+def test_manifest_roundtrip():
+    m = make()
+    back = mf.decode(mf.encode(m))
+    assert back.header() == m.header()
+    assert list(back.table.data_entries()) == list(m.table.data_entries())
+    assert back.table.get(0) is None and back.table.get(7) == segment.digest(b"b")
+
+
+def test_manifest_damage_detected():
+    blob = bytearray(mf.encode(make()))
+    for pos in (3, 20, len(blob) // 2, len(blob) - 1):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x40
+        with pytest.raises(ManifestError):
+            mf.decode(bytes(bad), "k")
+    with pytest.raises(ManifestError, match="truncated|checksum|magic"):
+        mf.decode(bytes(blob[:-30]), "k")
+
+
+def test_manifest_of_16tib_sparse_disk_is_small():
+    n = mf.segment_count(16 << 40, 4 << 20)
+    t = mf.SegmentTable(n)
+    for i in range(0, n, 4096):
+        t.set_data(i, segment.digest(str(i).encode()))
+    blob = mf.encode(mf.Manifest("x", "t", 16 << 40, 4 << 20, t))
+    assert len(blob) < 200_000
+    assert mf.decode(blob).table.data_count() == len(range(0, n, 4096))
+
+
+def test_segment_roundtrip_and_compression_choice():
+    text = b"hello world\n" * 10000
+    enc = segment.encode(text)
+    assert enc.blob[4] == segment.COMP_ZSTD and len(enc.blob) < len(text) // 10
+    assert segment.decode(enc.blob, enc.digest) == text
+    rnd = os.urandom(100000)
+    enc = segment.encode(rnd)
+    assert enc.blob[4] == segment.COMP_NONE
+    assert segment.decode(enc.blob, enc.digest) == rnd
+    assert segment.encode(text, compress=False).blob[4] == segment.COMP_NONE
+
+
+def test_segment_damage_detected():
+    enc = segment.encode(b"x" * 5000 + os.urandom(5000))
+    for pos in (0, 5, 12, 40, len(enc.blob) - 1):
+        bad = bytearray(enc.blob)
+        bad[pos] ^= 1
+        with pytest.raises(IntegrityError):
+            segment.decode(bytes(bad), enc.digest)
+    with pytest.raises(IntegrityError, match="does not match its name"):
+        segment.decode(enc.blob, segment.digest(b"other"))
+
+
+def test_zero_detection():
+    assert segment.is_zero(bytearray(4096)) and not segment.is_zero(b"\0" * 4095 + b"\1")
