@@ -113,9 +113,9 @@ def run_backup(engine, store, opts: BackupOptions, progress: Optional[Callable[[
         session = engine.begin(plan, info.virtual_size)
         try:
             crash_point("after-transaction")
-            table, stats = _copy_segments(session.export, store, plan, info.virtual_size, parent, opts, progress)
+            table, stats = copy_segments(session.export, store, plan, info.virtual_size, parent, opts, progress)
             session.close_export()
-            m = _manifest(opts, info, plan, backup_id, table, stats, started)
+            m = build_manifest(opts, info, plan, backup_id, table, stats, started)
             crash_point("before-commit")
             key = catalog.commit(store, m)
         except BaseException:
@@ -126,7 +126,7 @@ def run_backup(engine, store, opts: BackupOptions, progress: Optional[Callable[[
         return BackupResult(m, key, notes)
 
 
-def _manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: Stats, started: float) -> Manifest:
+def build_manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: Stats, started: float) -> Manifest:
     finished = time.time()
     counts = stats.as_dict()
     counts.update(segments=table.count, data_segments=table.data_count())
@@ -141,7 +141,7 @@ def _manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: Stats, 
         counts=counts, labels=dict(opts.labels))
 
 
-def _copy_segments(export, store, plan: GenerationPlan, size: int, parent: Optional[Manifest],
+def copy_segments(export, store, plan: GenerationPlan, size: int, parent: Optional[Manifest],
                    opts: BackupOptions, progress) -> "tuple[SegmentTable, Stats]":
     seg = plan.segment_size
     table = parent.table.copy() if parent is not None else SegmentTable(segment_count(size, seg))
