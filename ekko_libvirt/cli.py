@@ -109,42 +109,84 @@ def _store(cfg):
 
 
 # -- backup ---------------------------------------------------------------------------------
+def _backup_options(cfg, target: str, prefix: str = "ekko-", **kw):
+    from .pipeline import BackupOptions
+    return BackupOptions(target=target, segment_size=cfg.segment_size, granularity=cfg.granularity,
+                         bitmap_prefix=prefix, compress=cfg.compress, compression_level=cfg.compression_level,
+                         workers=cfg.workers, request_size=cfg.request_size, in_flight=cfg.in_flight,
+                         lock_dir=os.path.join(cfg.state_dir, "locks"), **kw)
+
+
 def cmd_backup(cfg, args) -> int:
-    from .pipeline import BackupOptions, run_backup
     target = cfg.target(args.target)
-    if target is None:
-        raise UsageError(f"unknown target {args.target!r} (configured: "
-                         f"{', '.join(t.name for t in cfg.targets) or 'none'}; see {cfg.source})")
-    if target.engine != "qmp":
-        raise UsageError(f"target {target.name}: engine {target.engine} is not available in this build")
-    from .engine.qmp import QMPEngine, QMPTarget
-    store = _store(cfg)
-    engine = QMPEngine(QMPTarget(target.name, target.qmp_socket, target.node, cfg.scratch_dir, cfg.run_dir,
-                                 target.bitmap_prefix, cfg.qmp_timeout))
-    opts = BackupOptions(target=target.name, force_full=args.full, require_incremental=args.incremental,
-                         segment_size=cfg.segment_size, granularity=cfg.granularity,
-                         bitmap_prefix=target.bitmap_prefix, compress=cfg.compress,
-                         compression_level=cfg.compression_level, workers=cfg.workers,
-                         request_size=cfg.request_size, in_flight=cfg.in_flight,
-                         lock_dir=os.path.join(cfg.state_dir, "locks"))
-    bar = Progress(f"backup {target.name}", enabled=None if not args.json else False)
+    bar = Progress(f"backup {args.target}", enabled=None if not args.json else False)
     try:
-        res = run_backup(engine, store, opts, progress=bar)
+        if target is not None and target.engine == "qmp":
+            results = [_backup_qmp(cfg, target, args, bar)]
+        else:
+            results = _backup_libvirt(cfg, target, args, bar)
     finally:
         bar.finish()
-        engine.close()
-    m = res.manifest
     if args.json:
-        _emit({"ok": True, "backup": _summary(m.header(), res.key), "notes": res.notes})
-    else:
-        for n in res.notes:
-            print(f"recovered: {n}")
-        c = m.counts
-        print(f"{m.backup_id}  {m.kind}  {target.name}: {m.reason}")
+        backups = [_summary(r.manifest.header(), r.key) for r in results]
+        _emit({"ok": True, "backup": backups[0] if len(backups) == 1 else None, "backups": backups,
+               "notes": results[0].notes if results else []})
+        return EXIT_OK
+    for n in (results[0].notes if results else []):
+        print(f"recovered: {n}")
+    for r in results:
+        m, c = r.manifest, r.manifest.counts
+        print(f"{m.backup_id}  {m.kind}  {m.target}: {m.reason}")
         print(f"  read {units.human(c['read_bytes'])} in {c['segments_backed_up']} segment(s), "
               f"stored {c['new_segments']} new ({units.human(c['stored_bytes'])}), "
               f"reused {c['reused_segments']}, zero {c['zero_segments']}; {m.timings['seconds']:.1f} s")
     return EXIT_OK
+
+
+def _backup_qmp(cfg, target, args, bar):
+    from .engine.qmp import QMPEngine, QMPTarget
+    from .pipeline import run_backup
+    if args.disk:
+        raise UsageError(f"target {target.name} is one disk: --disk applies to libvirt domains")
+    store = _store(cfg)
+    engine = QMPEngine(QMPTarget(target.name, target.qmp_socket, target.node, cfg.scratch_dir, cfg.run_dir,
+                                 target.bitmap_prefix, cfg.qmp_timeout))
+    try:
+        return run_backup(engine, store, _backup_options(cfg, target.name, target.bitmap_prefix, force_full=args.full,
+                                                         require_incremental=args.incremental), progress=bar)
+    finally:
+        engine.close()
+
+
+def _backup_libvirt(cfg, target, args, bar):
+    """A libvirt domain: by a configured target (engine: libvirt) or directly by name/UUID."""
+    from .domain_job import DomainBackupRequest, run_domain_backup
+    from .store.factory import open_store
+    domain = target.domain if target is not None else args.target
+    disks = tuple(args.disk or (target.disks if target is not None else ()))
+    prefix = target.bitmap_prefix if target is not None else "ekko-"
+    conn = _libvirt_connect(cfg, args.target)
+    try:
+        req = DomainBackupRequest(domain, disks, args.full, args.incremental)
+        return run_domain_backup(conn, req, lambda ns: open_store(cfg, ns), _backup_options(cfg, domain, prefix),
+                                 cfg.state_dir, cfg.run_dir, progress=bar)
+    finally:
+        conn.close()
+
+
+def _libvirt_connect(cfg, what: str):
+    try:
+        import libvirt
+    except ImportError:
+        raise UsageError(f"unknown target {what!r} (configured: {', '.join(t.name for t in cfg.targets) or 'none'}), "
+                         "and libvirt-python is not installed to look it up as a domain") from None
+    uri = config.libvirt_uri(cfg)
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise UsageError(f"unknown target {what!r} (configured: {', '.join(t.name for t in cfg.targets) or 'none'}), "
+                         f"and libvirt at {uri} cannot be reached to look it up as a domain: "
+                         f"{e.get_error_message()}") from e
 
 
 def _summary(h: Dict, key: str) -> Dict:

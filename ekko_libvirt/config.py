@@ -113,6 +113,9 @@ def build(raw: Any, source: str = "") -> Config:
     )
     if len(os.path.join(cfg.run_dir, "x" * 20)) > 100:
         raise ConfigError("run_dir", f"{cfg.run_dir} is too long for a unix socket path (keep it under 80 chars)")
+    if "retention" in raw:
+        from .prune import RetentionConfig      # typed there; checked here so a bad key fails fast
+        RetentionConfig.from_mapping(raw["retention"])
     return cfg
 
 
@@ -204,6 +207,16 @@ def _targets(raw: Any) -> Tuple[TargetConfig, ...]:
         else:
             raise ConfigError(f"{label}.engine", f"unknown engine {engine!r} (known: qmp, libvirt)")
     return tuple(out)
+
+
+def libvirt_uri(cfg: Config) -> str:
+    section = dict(cfg.extra).get("libvirt") or {}
+    if not isinstance(section, Mapping):
+        raise ConfigError("libvirt", "must be a mapping (keys: uri)")
+    for k in section:
+        if k != "uri":
+            raise ConfigError(f"libvirt.{k}", "unknown key (known: uri)")
+    return _str(section, "uri", "qemu:///system", "libvirt.uri")
 
 
 def store_options(cfg: Config) -> Dict[str, Any]:

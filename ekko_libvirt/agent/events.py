@@ -5,7 +5,8 @@ libvirt calls the hook once per lifecycle step (order measured with libvirt 9.0)
     start (also paused)        prepare begin -> start begin -> started begin
     destroy/shutdown/save/kill stopped end -> release end
     restore                    restore begin -> prepare -> start -> started
-    libvirtd restart, running  reconnect begin
+    libvirtd restart, running  reconnect begin (from a thread, after libvirtd already answers)
+    start refused by a hook    prepare begin (non-zero exit) -> stopped end -> release end
     incoming migration         migrate begin (then prepare -> start -> started)
 
 `decide(event, context)` maps each event to a tuple of `Reaction`s -- data, so the table can be
@@ -177,6 +178,7 @@ class DomainContext:
     """What the agent knows about the domain when the event arrives (built from DomainState)."""
     was_running: bool = False       # last event seen was a start-side one, no stop since
     job_running: bool = False       # a backup job of this agent runs on the domain
+    job_offline: bool = False       # ... and it is an offline backup (the domain is meant to be off)
     shared_storage: bool = False    # the domain's disks are on storage shared with the other host
 
 
@@ -188,8 +190,8 @@ def decide(event: HookEvent, ctx: DomainContext = DomainContext()) -> Tuple[Reac
         PREPARE     RECORD; if the state says "running": MARK_UNCLEAN + REQUIRE_FULL
         START       RECORD
         STARTED     MARK_RUNNING + CHECK_CHAIN
-        STOPPED     MARK_STOPPED (+ FAIL_JOB if a job runs)
-        RELEASED    MARK_STOPPED (+ FAIL_JOB if a job runs)
+        STOPPED     MARK_STOPPED (+ FAIL_JOB if an online backup job runs)
+        RELEASED    MARK_STOPPED (+ FAIL_JOB if an online backup job runs)
         RECONNECT   MARK_RUNNING + RECONCILE
         MIGRATE     RECORD + CHECK_CHAIN if storage is shared, else REQUIRE_FULL
         RESTORE     RECORD (prepare/start/started follow and do the rest)
@@ -217,7 +219,7 @@ def decide(event: HookEvent, ctx: DomainContext = DomainContext()) -> Tuple[Reac
                 Reaction(Action.CHECK_CHAIN, "domain started: verify checkpoints and bitmaps before the next backup"))
     if k in (EventKind.STOPPED, EventKind.RELEASED):
         out = (Reaction(Action.MARK_STOPPED, f"libvirt reported {event.op} {event.subop}"),)
-        if ctx.job_running:
+        if ctx.job_running and not ctx.job_offline:
             out += (Reaction(Action.FAIL_JOB, "the domain stopped during the backup"),)
         return out
     if k is EventKind.RECONNECT:

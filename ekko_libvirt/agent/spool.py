@@ -26,6 +26,7 @@ result atomically (mode 0755). libvirtd picks up a NEW hook file only at start o
 import json
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
@@ -80,11 +81,9 @@ class Spool:
             return []
         with it:
             for e in it:
-                if e.name.startswith(".") or not e.is_file(follow_symlinks=False):
-                    if not e.name.startswith(".") and e.is_symlink():
-                        out.append(SpoolEntry(e.path, e.name))
-                    continue
-                out.append(SpoolEntry(e.path, e.name))
+                # symlinks are listed so that `drain` quarantines them (read() opens O_NOFOLLOW)
+                if not e.name.startswith(".") and (e.is_symlink() or e.is_file(follow_symlinks=False)):
+                    out.append(SpoolEntry(e.path, e.name))
         # Well-formed names sort by time; foreign names go last, in name order.
         return sorted(out, key=lambda s: (EVENT_NAME.match(s.name) is None, s.name))
 
@@ -195,7 +194,7 @@ def hook_source_path() -> str:
     """hooks/qemu of this source tree, else the copy setup.py installs in share/ekko/hooks/."""
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for cand in (os.path.join(here, "hooks", "qemu"),
-                 os.path.join(os.sys.prefix, "share", "ekko", "hooks", "qemu"),
+                 os.path.join(sys.prefix, "share", "ekko", "hooks", "qemu"),
                  "/usr/share/ekko/hooks/qemu", "/usr/local/share/ekko/hooks/qemu"):
         if os.path.isfile(cand):
             return cand
@@ -211,7 +210,8 @@ def install_hook(dest: str = DEFAULT_HOOK_PATH, spool_dir: str = DEFAULT_SPOOL_D
     d = os.path.dirname(dest)
     os.makedirs(d, mode=0o755, exist_ok=True)
     os.makedirs(spool_dir, mode=0o700, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(dest)}.tmp-{os.getpid()}")
+    # The temp file goes one level up: libvirt runs every executable in qemu.d, temp files included.
+    tmp = os.path.join(os.path.dirname(d), f".{os.path.basename(dest)}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

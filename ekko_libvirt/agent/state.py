@@ -89,12 +89,13 @@ class DomainState:
     running: bool = False
     clean_shutdown: Optional[bool] = None   # None: running, or never seen stopping
     job_id: Optional[str] = None
+    job_kind: Optional[str] = None          # kind of that job: full | incremental | offline
     chain: ChainState = field(default_factory=ChainState)
     updated_ns: int = 0
 
     def context(self, shared_storage: bool = False) -> DomainContext:
         return DomainContext(was_running=self.running, job_running=self.job_id is not None,
-                             shared_storage=shared_storage)
+                             job_offline=self.job_kind == "offline", shared_storage=shared_storage)
 
 
 class JobStatus(enum.Enum):
@@ -193,7 +194,7 @@ def domain_from_dict(d: Dict[str, Any]) -> DomainState:
     return DomainState(
         uuid=d["uuid"], name=d.get("name"), last_event=d.get("last_event"), last_event_ns=d.get("last_event_ns"),
         boot_id=d.get("boot_id"), running=bool(d.get("running", False)), clean_shutdown=d.get("clean_shutdown"),
-        job_id=d.get("job_id"), updated_ns=int(d.get("updated_ns", 0)),
+        job_id=d.get("job_id"), job_kind=d.get("job_kind"), updated_ns=int(d.get("updated_ns", 0)),
         chain=ChainState(status=ChainStatus(chain.get("status", "none")), reason=chain.get("reason", ""),
                          last_backup_id=chain.get("last_backup_id"), last_checkpoint=chain.get("last_checkpoint"),
                          last_backup_ns=chain.get("last_backup_ns")))
@@ -430,15 +431,15 @@ class StateDir:
         job = JobRecord(job_id=new_job_id(uuid, now_ns), uuid=uuid, kind=kind, status=JobStatus.RUNNING,
                         started_ns=now_ns, updated_ns=now_ns, pid=pid, pid_start=process_start_ticks(pid))
         self.save_job(job)
-        self.update_domain(uuid, lambda st: dataclasses.replace(st, job_id=job.job_id), now_ns)
+        self.update_domain(uuid, lambda st: dataclasses.replace(st, job_id=job.job_id, job_kind=kind), now_ns)
         return job
 
     def end_job(self, job: JobRecord, status: JobStatus, now_ns: Optional[int] = None, *,
                 backup_id: Optional[str] = None, error: Optional[str] = None) -> JobRecord:
         now_ns = now_ns if now_ns is not None else time.time_ns()
         done = self.save_job(job.finished(status, now_ns, backup_id=backup_id, error=error))
-        self.update_domain(job.uuid, lambda st: dataclasses.replace(st, job_id=None) if st.job_id == job.job_id
-                           else st, now_ns)
+        self.update_domain(job.uuid, lambda st: dataclasses.replace(st, job_id=None, job_kind=None)
+                           if st.job_id == job.job_id else st, now_ns)
         return done
 
     def find_stale_jobs(self, is_alive: Callable[[int, Optional[int]], bool] = process_alive) -> Tuple[JobRecord, ...]:

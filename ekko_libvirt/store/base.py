@@ -13,11 +13,18 @@ Contract every backend must keep (tests/unit/test_store_contract.py runs it agai
 - list(prefix) -> iterator of keys starting with prefix, in no promised order, complete even
   for millions of keys (backends page internally).
 - delete(key): idempotent; deleting a missing key is not an error.
+- stat(key) -> ObjectInfo: size and last-modified time (Unix seconds, the backend's clock: file
+  mtime locally, X-Timestamp / Last-Modified on Swift); ObjectNotFound if absent. No data
+  transfer. GC compares it with its grace period, so a put must set it to the time of the put.
+Optional, for backends that can leave temporary objects behind (local: '.tmp-' files of an
+interrupted put): clean_temp(older_than: float) -> int removes those last modified before
+`older_than` (Unix seconds) and returns how many. GC calls it when the backend has it.
 Retry policy and concurrency limits belong in wrappers or in the backend's transport, not in
 callers.
 """
 
 import re
+from dataclasses import dataclass
 from typing import Iterator, Protocol
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -31,6 +38,13 @@ def check_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float         # Unix seconds, when the object was last put
+
+
 class Store(Protocol):
     def put(self, key: str, data: bytes) -> None: ...
 
@@ -41,6 +55,8 @@ class Store(Protocol):
     def list(self, prefix: str = "") -> Iterator[str]: ...
 
     def delete(self, key: str) -> None: ...
+
+    def stat(self, key: str) -> ObjectInfo: ...
 
     def describe(self) -> str:
         """Where this store is, for messages. Never includes credentials."""

@@ -12,7 +12,7 @@ import secrets
 from typing import Iterator
 
 from ..errors import ObjectNotFound, StoreError
-from .base import check_key
+from .base import ObjectInfo, check_key
 
 TMP_MARK = ".tmp-"
 
@@ -100,6 +100,34 @@ class LocalStore:
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise StoreError(f"cannot delete {key} in {self.root}: {e.strerror}") from e
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            st = os.stat(self._path(key))
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        except OSError as e:
+            raise StoreError(f"cannot stat {key} in {self.root}: {e.strerror}") from e
+        return ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def clean_temp(self, older_than: float) -> int:
+        """Remove '.tmp-' files of interrupted puts last modified before `older_than`. A put in
+        progress keeps its temp file young (it is written, fsynced and renamed within seconds)."""
+        removed = 0
+        for dirpath, _, filenames in os.walk(self.root):
+            for name in filenames:
+                if TMP_MARK not in name:
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    if os.stat(path).st_mtime < older_than:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue        # renamed into place or removed meanwhile
+                except OSError as e:
+                    raise StoreError(f"cannot remove temp file {path}: {e.strerror}") from e
+        return removed
 
     def describe(self) -> str:
         return f"local store {self.root}"

@@ -1,20 +1,24 @@
 """In-memory store, for unit tests of pure logic and for the contract test."""
 
 import threading
-from typing import Dict, Iterator
+import time
+from typing import Callable, Dict, Iterator
 
 from ..errors import ObjectNotFound
-from .base import check_key
+from .base import ObjectInfo, check_key
 
 
 class MemoryStore:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._objects: Dict[str, bytes] = {}
+        self._mtimes: Dict[str, float] = {}
+        self._clock = clock          # tests pass a fake clock to age objects
         self._lock = threading.Lock()
 
     def put(self, key: str, data: bytes) -> None:
         with self._lock:
             self._objects[check_key(key)] = bytes(data)
+            self._mtimes[key] = self._clock()
 
     def get(self, key: str) -> bytes:
         with self._lock:
@@ -35,6 +39,14 @@ class MemoryStore:
     def delete(self, key: str) -> None:
         with self._lock:
             self._objects.pop(check_key(key), None)
+            self._mtimes.pop(key, None)
+
+    def stat(self, key: str) -> ObjectInfo:
+        with self._lock:
+            try:
+                return ObjectInfo(key, len(self._objects[check_key(key)]), self._mtimes[key])
+            except KeyError:
+                raise ObjectNotFound(key) from None
 
     def describe(self) -> str:
         return "memory store"

@@ -16,6 +16,7 @@ Transport facts this relies on (measured, see shared notes/swift.md):
   errors) become StoreError. Messages never carry the key, secret or token.
 """
 
+import email.utils
 import hashlib
 import io
 import os
@@ -30,7 +31,7 @@ from swiftclient.client import Connection
 from swiftclient.exceptions import ClientException
 
 from ..errors import ConfigError, ObjectNotFound, StoreError
-from .base import check_key
+from .base import ObjectInfo, check_key
 
 _AUTH_VERSIONS = {"1": "1", "1.0": "1", "3": "3", "3.0": "3"}
 _INTERFACES = {"public": "publicURL", "internal": "internalURL", "admin": "adminURL"}
@@ -396,6 +397,28 @@ class SwiftStore:
                 raise self._error("delete", key, e) from e
         except (RequestException, OSError) as e:
             raise self._error("delete", key, e) from e
+
+    def stat(self, key: str) -> ObjectInfo:
+        """HEAD: X-Timestamp (Unix seconds, sub-second) when the proxy sends it, else
+        Last-Modified (1 s resolution). Both are the time of the last PUT or POST."""
+        check_key(key)
+        try:
+            headers = self._conn().head_object(self.container, key)
+        except ClientException as e:
+            if e.http_status == 404:
+                raise ObjectNotFound(key) from None
+            raise self._error("stat", key, e) from e
+        except (RequestException, OSError) as e:
+            raise self._error("stat", key, e) from e
+        try:
+            if headers.get("x-timestamp"):
+                mtime = float(headers["x-timestamp"])
+            else:
+                mtime = email.utils.parsedate_to_datetime(headers["last-modified"]).timestamp()
+            return ObjectInfo(key, int(headers.get("content-length") or 0), mtime)
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreError(f"cannot stat {self.container}/{key} at swift {self._where()}: "
+                             f"no usable X-Timestamp or Last-Modified header") from e
 
     def describe(self) -> str:
         return f"swift {self._where()} container {self.container}"

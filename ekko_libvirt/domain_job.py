@@ -1,0 +1,199 @@
+"""Back up a libvirt domain: every disk in one pull-mode job, one manifest per disk.
+
+qcow2 disks are incremental through the domain's checkpoint chain; raw and other disks are
+full in the same job (deduplicated by the store). All manifests are committed before the old
+checkpoint is retired; any failure before that deletes the new checkpoint, whose writes the old
+one recorded too, so nothing is forgotten.
+"""
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import libvirt
+
+from . import catalog
+from .engine import domain_xml as dx
+from .engine.base import BitmapInfo, DiskInfo, Export
+from .engine.bitmaps import INCREMENTAL, generation_name, plan_generation
+from .engine.libvirt import (BackupBeginFailed, CheckpointState, JobRecord, LibvirtDomainEngine, disk_sizes,
+                             lookup_domain, qemu_accessible_dir)
+from .errors import UsageError
+from .faults import crash_point
+from .pipeline import BackupOptions, BackupResult, TargetLock, build_manifest, chain_head, copy_segments
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DomainBackupRequest:
+    domain: str                          # name or UUID
+    disks: Sequence[str] = ()            # only these target devs; empty = all
+    force_full: bool = False
+    require_incremental: bool = False
+    chain_broken: Optional[str] = None   # set by the retry after libvirt found the bitmaps inconsistent
+
+
+@dataclass
+class _Disk:
+    spec: dx.DomainDisk
+    target: str
+    size: int
+    head: Optional[object] = None
+    head_entry: Optional[object] = None
+    plan: Optional[object] = None
+    parent: Optional[object] = None
+    manifest: Optional[object] = None
+    notes: List[str] = field(default_factory=list)
+
+
+def select_disks(all_disks: List[dx.DomainDisk], wanted: Sequence[str], domain: str) -> List[dx.DomainDisk]:
+    if not wanted:
+        return all_disks
+    known = {d.dev: d for d in all_disks}
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise UsageError(f"domain {domain} has no disk {unknown[0]!r} (disks: {', '.join(known) or 'none'})")
+    return [known[w] for w in wanted]
+
+
+def backup_domain(conn, req: DomainBackupRequest, open_store: Callable, base: BackupOptions, state_dir: str,
+                  run_dir: str, progress=None) -> List[BackupResult]:
+    dom = lookup_domain(conn, req.domain)
+    xml = dom.XMLDesc(0)
+    disks = select_disks(dx.parse_disks(xml), req.disks, dom.name())
+    if not disks:
+        raise UsageError(f"domain {dom.name()} has no disk to back up")
+    nova = dx.parse_nova(xml)
+    store = open_store(dx.project_namespace(nova))
+    labels = dict(base.labels, **nova)
+    if not dom.isActive():
+        from .offline import backup_offline
+        return backup_offline(dom, disks, req, store, base, labels, state_dir, run_dir, progress)
+    with TargetLock(base.lock_dir, f"domain-{dom.UUIDString()}"):
+        return _backup_running(dom, disks, req, store, base, labels, state_dir, run_dir, progress)
+
+
+def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_dir, run_dir, progress):
+    state = CheckpointState(state_dir)
+    engine = LibvirtDomainEngine(dom, state, base.bitmap_prefix)
+    notes = engine.recover()
+    sizes = disk_sizes(dom, [d.dev for d in specs])
+    disks = [_Disk(d, dx.target_name(dom.name(), d.dev), sizes[d.dev]) for d in specs]
+    for d in disks:
+        d.head, d.head_entry = chain_head(store, d.target)
+    backup_id = catalog.new_backup_id()
+    new_cp = generation_name(base.bitmap_prefix, backup_id)
+    bitmap_devs = [d.spec.dev for d in disks if d.spec.bitmap_capable]
+    other_devs = [d.spec.dev for d in disks if not d.spec.bitmap_capable]
+    base_cp, broken = (None, req.chain_broken) if req.chain_broken else \
+        _base_checkpoint(engine, disks, bitmap_devs, other_devs)
+    _plan(disks, base_cp, broken, backup_id, base, req)
+    for d in disks:
+        if d.plan.kind == INCREMENTAL:
+            d.parent = catalog.load(store, d.head_entry.key)
+    sock_dir = qemu_accessible_dir(os.path.join(run_dir, f"lv-{dom.UUIDString()[:8]}"))
+    scratch_dir = qemu_accessible_dir(os.path.join(state_dir, "scratch"))
+    socket = os.path.join(sock_dir, "backup.sock")
+    specs_xml = [dx.DiskBackupSpec(d.spec.dev, base_cp if d.plan.kind == INCREMENTAL else None,
+                                   os.path.join(scratch_dir, f"{dom.UUIDString()}.{d.spec.dev}.scratch.qcow2"),
+                                   d.spec.bitmap_capable) for d in disks]
+    state.save_job(JobRecord(dom.UUIDString(), new_cp, base_cp, time.time()))
+    try:
+        engine.begin(dx.backup_xml(specs_xml, socket), dx.checkpoint_xml(new_cp, bitmap_devs, other_devs))
+    except BackupBeginFailed as e:
+        state.drop_job(dom.UUIDString())
+        if base_cp:
+            engine.forget(base_cp)
+        if e.inconsistent and not req.require_incremental:
+            raise _Retry(str(e)) from e
+        raise
+    started = time.time()
+    try:
+        crash_point("after-transaction")
+        for d in disks:
+            export = Export(socket, d.spec.dev, dx.dirty_context(d.spec.dev) if d.plan.kind == INCREMENTAL else None)
+            opts = _opts(base, d.target, labels, new_cp if d.spec.bitmap_capable else None)
+            table, stats = copy_segments(export, store, d.plan, d.size, d.parent, opts, progress)
+            info = DiskInfo(d.spec.dev, d.spec.source, d.spec.format, d.size)
+            d.manifest = build_manifest(opts, info, d.plan, backup_id, table, stats, started)
+        engine.end_job()
+        crash_point("before-commit")
+        keys = [catalog.commit(store, d.manifest) for d in disks]
+    except BaseException:
+        _undo(engine, new_cp, base_cp)
+        state.drop_job(dom.UUIDString())
+        raise
+    crash_point("after-commit")
+    if base_cp:
+        note = engine.delete(base_cp)
+        if note:
+            notes.append(note)
+    _drop_stale_generations(engine, new_cp, notes)
+    engine.save_and_forget(new_cp)
+    state.drop_job(dom.UUIDString())
+    return [BackupResult(d.manifest, k, notes) for d, k in zip(disks, keys)]
+
+
+class _Retry(Exception):
+    """backupBegin found the base checkpoint inconsistent: run again as a full chain."""
+
+
+def _undo(engine: LibvirtDomainEngine, new_cp: str, base_cp: Optional[str]) -> None:
+    try:
+        engine.end_job()
+    finally:
+        engine.delete(new_cp)
+        if base_cp:
+            engine.forget(base_cp)
+
+
+def _drop_stale_generations(engine: LibvirtDomainEngine, keep: str, notes: List[str]) -> None:
+    for name in engine.our_checkpoints():
+        if name != keep:
+            note = engine.delete(name)
+            notes.append(note or f"deleted stale checkpoint {name}")
+
+
+def _base_checkpoint(engine, disks: List[_Disk], bitmap_devs, other_devs):
+    """The checkpoint every qcow2 disk's chain ends in, redefined and validated; or why not."""
+    heads = {d.head.bitmap for d in disks if d.spec.bitmap_capable and d.head is not None and d.head.bitmap}
+    if not heads:
+        return None, None
+    if len(heads) > 1:
+        return None, f"the disks' chains end in different checkpoints ({', '.join(sorted(heads))})"
+    name = heads.pop()
+    reason = engine.redefine(name, bitmap_devs, other_devs)
+    return (None, reason) if reason else (name, None)
+
+
+def _plan(disks: List[_Disk], base_cp, broken, backup_id, base: BackupOptions, req) -> None:
+    for d in disks:
+        bitmaps = ()
+        if base_cp and d.head is not None and d.head.bitmap == base_cp:
+            bitmaps = (BitmapInfo(base_cp, d.head.granularity or base.granularity, True, False, False, True),)
+        info = DiskInfo(d.spec.dev, d.spec.source, d.spec.format if d.spec.bitmap_capable else d.spec.format or "raw",
+                        d.size, bitmaps)
+        plan = plan_generation(info, d.head, backup_id=backup_id, prefix=base.bitmap_prefix,
+                               granularity=base.granularity, segment_size=base.segment_size,
+                               force_full=req.force_full, require_incremental=req.require_incremental,
+                               broken_reason=broken if d.spec.bitmap_capable and d.head is not None else None)
+        d.plan = plan
+
+
+def _opts(base: BackupOptions, target: str, labels: Dict, checkpoint: Optional[str]) -> BackupOptions:
+    from dataclasses import replace
+    return replace(base, target=target, labels=dict(labels, checkpoint=checkpoint) if checkpoint else dict(labels))
+
+
+def run_domain_backup(conn, req, open_store, base, state_dir, run_dir, progress=None) -> List[BackupResult]:
+    """backup_domain, retried once as a full when libvirt finds the chain's bitmaps inconsistent
+    only at backupBegin (e.g. QEMU was killed and restarted since the checkpoint was validated)."""
+    try:
+        return backup_domain(conn, req, open_store, base, state_dir, run_dir, progress)
+    except _Retry as e:
+        log.warning("%s; starting a new chain with a full backup", e)
+        from dataclasses import replace
+        return backup_domain(conn, replace(req, chain_broken=str(e)), open_store, base, state_dir, run_dir, progress)

@@ -1,0 +1,98 @@
+"""Offline backups of shut-off domains: the images are opened by a qemu-storage-daemon under our
+control and backed up by the QMP engine, with the same bitmap generations libvirt uses, so the
+chain carries on across stop and start. While it runs, the agent's marker makes the libvirt
+hook refuse to start the domain (two writers on one qcow2 would corrupt it)."""
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import time
+from dataclasses import replace
+from typing import List
+
+from .agent.state import StateDir
+from .engine import domain_xml as dx
+from .engine.qmp import QMPEngine, QMPTarget
+from .errors import EngineError
+from .pipeline import BackupResult, run_backup
+
+log = logging.getLogger(__name__)
+
+
+class StorageDaemon:
+    """One qemu-storage-daemon holding the domain's images, one node per disk (node = dev)."""
+
+    def __init__(self, disks: List[dx.DomainDisk], run_dir: str, tag: str):
+        os.makedirs(run_dir, mode=0o700, exist_ok=True)
+        self.qmp_socket = os.path.join(run_dir, f"qsd-{tag}.qmp")
+        self.log_path = os.path.join(run_dir, f"qsd-{tag}.log")
+        self.disks = disks
+        self.proc = None
+
+    def __enter__(self) -> "StorageDaemon":
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.qmp_socket)
+        args = ["qemu-storage-daemon"]
+        for d in self.disks:
+            if d.kind != "file":
+                raise EngineError(f"disk {d.dev}: offline backup of {d.kind} disks is not supported")
+            args += ["--blockdev", f"driver=file,node-name=f-{d.dev},filename={d.source}",
+                     "--blockdev", f"driver={d.format},node-name={d.dev},file=f-{d.dev}"]
+        args += ["--chardev", f"socket,id=m0,path={self.qmp_socket},server=on,wait=off", "--monitor", "chardev=m0"]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(self.log_path, "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                with open(self.log_path, errors="replace") as f:
+                    raise EngineError(f"qemu-storage-daemon could not open the images: {f.read()[-500:].strip()}")
+            with socket.socket(socket.AF_UNIX) as s:
+                try:
+                    s.connect(self.qmp_socket)
+                    return self
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                self._stop()
+                raise EngineError("qemu-storage-daemon did not open its QMP socket within 20 s")
+            time.sleep(0.02)
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        """SIGTERM is a clean shutdown: persistent bitmaps are written into the qcow2 images."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def backup_offline(dom, disks, req, store, base, labels, state_dir, run_dir, progress) -> List[BackupResult]:
+    uuid = dom.UUIDString()
+    sd = StateDir(state_dir).ensure()
+    results = []
+    with sd.offline_backup(uuid, dom.name()):
+        # The marker is in place: from now on the hook refuses a start. Re-check the state, in
+        # case the domain started between our first look and the marker.
+        if dom.isActive():
+            raise EngineError(f"domain {dom.name()} started while its offline backup was being prepared; "
+                              "nothing was done: run the backup again")
+        with StorageDaemon(disks, run_dir, uuid[:8]) as qsd:
+            for d in disks:
+                target = dx.target_name(dom.name(), d.dev)
+                engine = QMPEngine(QMPTarget(target, qsd.qmp_socket, d.dev, os.path.join(state_dir, "scratch"),
+                                             run_dir, base.bitmap_prefix))
+                try:
+                    opts = replace(base, target=target, labels=dict(labels, offline=True),
+                                   force_full=req.force_full, require_incremental=req.require_incremental)
+                    results.append(run_backup(engine, store, opts, progress))
+                finally:
+                    engine.close()
+    return results
