@@ -73,17 +73,29 @@ def head(store, target: str) -> Optional[Entry]:
     return newest
 
 
-def find(store, backup_id: str) -> str:
-    """Key of a backup by id or unique id prefix."""
+def matching(store, backup_id: str, disk: Optional[str] = None) -> List[str]:
+    """Keys of the backups with this id (or id prefix; an exact id wins); one per disk of a
+    domain backup unless `disk` picks one (the target's '.<disk>' suffix)."""
     matches = [k for k in keys(store) if k.rsplit("/", 1)[1].startswith(backup_id)]
+    if disk:
+        matches = [k for k in matches if k[len(PREFIX):].rsplit("/", 1)[0].endswith("." + disk)]
     exact = [k for k in matches if k.rsplit("/", 1)[1] == backup_id]
-    if exact:
-        return exact[0]
+    return exact or matches
+
+
+def choose(matches: List[str], backup_id: str, disk: Optional[str] = None) -> str:
     if not matches:
-        raise UsageError(f"no backup {backup_id!r} in the store (see `ekko list`)")
+        what = f"{backup_id!r}" + (f" of disk {disk}" if disk else "")
+        raise UsageError(f"no backup {what} in the store (see `ekko list`)")
     if len(matches) > 1:
-        raise UsageError(f"backup id {backup_id!r} is ambiguous: {', '.join(k.rsplit('/', 1)[1] for k in matches[:5])}")
+        names = ", ".join(k[len(PREFIX):] for k in matches[:6])
+        raise UsageError(f"backup {backup_id!r} is ambiguous ({names}): give a longer id, or --disk")
     return matches[0]
+
+
+def find(store, backup_id: str, disk: Optional[str] = None) -> str:
+    """Key of a backup by id or unique id prefix."""
+    return choose(matching(store, backup_id, disk), backup_id, disk)
 
 
 def load(store, key: str) -> mf.Manifest:

@@ -58,15 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", parents=[common], help="list backups in the store")
     ls.add_argument("target", nargs="?")
+    ls.add_argument("--project", help="only this project's namespace")
 
     s = sub.add_parser("show", parents=[common], help="details of one backup")
     s.add_argument("backup")
+    s.add_argument("--disk", help="which disk of a domain backup")
+    s.add_argument("--project", help="only look in this project's namespace")
 
     r = sub.add_parser("restore", parents=[common], help="restore a backup to a raw or qcow2 file")
     r.add_argument("backup")
     r.add_argument("--to", required=True, help="output file (.qcow2 -> qcow2, else raw)")
     r.add_argument("--format", choices=("raw", "qcow2"))
-    r.add_argument("--disk", help="which disk of a multi-disk backup")
+    r.add_argument("--disk", help="which disk of a domain backup")
+    r.add_argument("--project", help="only look in this project's namespace")
     r.add_argument("--allow-damaged", action="store_true", help="restore what is intact; report the holes")
     r.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
@@ -74,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("backup", nargs="?", help="one backup (default: all)")
     v.add_argument("--deep", action="store_true", help="download, decompress and re-hash every segment")
     v.add_argument("--target")
+    v.add_argument("--disk", help="which disk of a domain backup")
+    v.add_argument("--project", help="only this project's namespace")
     return p
 
 
@@ -103,9 +109,26 @@ def _emit(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def _store(cfg):
+def _store(cfg, namespace=None):
     from .store.factory import open_store
-    return open_store(cfg)
+    return open_store(cfg, namespace)
+
+
+def _namespaces(cfg, args):
+    """The project given with --project, else every namespace of the store."""
+    from .store.factory import namespaces
+    project = getattr(args, "project", None)
+    return [project] if project else namespaces(cfg)
+
+
+def _locate(cfg, args):
+    """(store, manifest key) of BACKUP, searched in every project namespace unless --project."""
+    found = []
+    for ns in _namespaces(cfg, args):
+        store = _store(cfg, ns)
+        found += [(store, k) for k in catalog.matching(store, args.backup, getattr(args, "disk", None))]
+    key = catalog.choose([k for _, k in found], args.backup, getattr(args, "disk", None))
+    return next(st for st, k in found if k == key), key
 
 
 # -- backup ---------------------------------------------------------------------------------
@@ -181,6 +204,8 @@ def _libvirt_connect(cfg, what: str):
         raise UsageError(f"unknown target {what!r} (configured: {', '.join(t.name for t in cfg.targets) or 'none'}), "
                          "and libvirt-python is not installed to look it up as a domain") from None
     uri = config.libvirt_uri(cfg)
+    # libvirt prints every error to stderr by default, even those we handle: ours say more.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     try:
         return libvirt.open(uri)
     except libvirt.libvirtError as e:
@@ -200,10 +225,12 @@ def _summary(h: Dict, key: str) -> Dict:
 
 # -- list / show ------------------------------------------------------------------------------
 def cmd_list(cfg, args) -> int:
-    store = _store(cfg)
     rows = []
-    for e in catalog.entries(store, args.target):
-        rows.append(_summary(e.header, e.key) if e.header else {"key": e.key, "damaged": e.error})
+    for ns in _namespaces(cfg, args):
+        for e in catalog.entries(_store(cfg, ns), args.target):
+            row = _summary(e.header, e.key) if e.header else {"key": e.key, "damaged": e.error}
+            row["project"] = ns
+            rows.append(row)
     if args.json:
         _emit({"ok": True, "backups": rows})
         return EXIT_OK
@@ -219,8 +246,7 @@ def cmd_list(cfg, args) -> int:
 
 
 def cmd_show(cfg, args) -> int:
-    store = _store(cfg)
-    key = catalog.find(store, args.backup)
+    store, key = _locate(cfg, args)
     m = catalog.load(store, key)
     h = m.header()
     if args.json:
@@ -247,8 +273,7 @@ def cmd_show(cfg, args) -> int:
 # -- restore ----------------------------------------------------------------------------------
 def cmd_restore(cfg, args) -> int:
     from .restore import restore
-    store = _store(cfg)
-    key = catalog.find(store, args.backup)
+    store, key = _locate(cfg, args)
     m = catalog.load(store, key)
     bar = Progress(f"restore {m.backup_id}", enabled=None if not args.json else False)
     try:
@@ -272,11 +297,17 @@ def cmd_restore(cfg, args) -> int:
 # -- verify -----------------------------------------------------------------------------------
 def cmd_verify(cfg, args) -> int:
     from .verify import verify
-    store = _store(cfg)
-    keys = [catalog.find(store, args.backup)] if args.backup else catalog.keys(store, args.target)
+    if args.backup:
+        store, key = _locate(cfg, args)
+        groups = [(store, [key])]
+    else:
+        groups = [(st, catalog.keys(st, args.target)) for st in (_store(cfg, ns) for ns in _namespaces(cfg, args))]
     bar = Progress("verify", enabled=None if not args.json else False)
     try:
-        rep = verify(store, keys, deep=args.deep, workers=cfg.workers + 1, progress=bar)
+        rep = None
+        for store, keys in groups:
+            part = verify(store, keys, deep=args.deep, workers=cfg.workers + 1, progress=bar)
+            rep = part if rep is None else rep.merge(part)
     finally:
         bar.finish()
     if args.json:

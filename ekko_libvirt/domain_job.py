@@ -21,7 +21,7 @@ from .engine.bitmaps import INCREMENTAL, generation_name, plan_generation
 from .engine.libvirt import (BackupBeginFailed, CheckpointState, JobRecord, LibvirtDomainEngine, disk_sizes,
                              lookup_domain, qemu_accessible_dir)
 from .errors import UsageError
-from .faults import crash_point
+from .faults import crash_point, pause_point
 from .pipeline import BackupOptions, BackupResult, TargetLock, build_manifest, chain_head, copy_segments
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_d
     started = time.time()
     try:
         crash_point("after-transaction")
+        pause_point("after-transaction")
         for d in disks:
             export = Export(socket, d.spec.dev, dx.dirty_context(d.spec.dev) if d.plan.kind == INCREMENTAL else None)
             opts = _opts(base, d.target, labels, new_cp if d.spec.bitmap_capable else None)

@@ -12,7 +12,7 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-PAUSE_POINTS = ("after-segments",)
+PAUSE_POINTS = ("after-transaction", "after-segments")
 
 
 def pause_point(name: str) -> None:
@@ -25,3 +25,4 @@ def pause_point(name: str) -> None:
     if point == name and fifo:
         with open(fifo, "rb") as f:
             f.read()
+

@@ -1,7 +1,9 @@
 """One backup of one disk: export -> reader -> segmenter -> store -> manifest commit -> retire.
 
 The order is the safety argument:
-  1. every segment is durable in the store before the manifest that names it is written;
+  1. every segment is durable in the store before the manifest that names it is written, and
+     still there just before it is written (the commit-time check, `_recheck`: gc may have
+     removed a segment this backup reused; it is stored again from the export);
   2. the manifest is the commit point;
   3. the old bitmap generation is retired only after the commit; any failure before it merges
      the new generation back, so no dirty block is ever forgotten.
@@ -10,6 +12,7 @@ The order is the safety argument:
 import concurrent.futures as cf
 import datetime
 import fcntl
+import itertools
 import logging
 import os
 import threading
@@ -17,12 +20,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from . import catalog, segment
+from . import catalog, markers, segment
 from .engine.bitmaps import INCREMENTAL, ChainHead, GenerationPlan, plan_generation
-from .errors import EkkoError, LockBusy, ReaderError
-from .faults import crash_point
+from .errors import EkkoError, LockBusy, ReaderError, StoreError
+from .faults import crash_point, pause_point
 from .manifest import Manifest, SegmentTable, segment_count
-from .nbd.extents import SegmentPlan
+from .nbd.extents import SegmentPlan, whole_segment, with_extra_segments
 from .nbd.reader import ExportReader
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,8 @@ class Stats:
     new_segments: int = 0
     stored_bytes: int = 0
     reused_segments: int = 0
+    healed_segments: int = 0        # marked damaged in the store, read again and stored over
+    restored_segments: int = 0      # vanished before commit (gc), stored again from the export
 
     def as_dict(self) -> Dict[str, int]:
         return dict(self.__dict__)
@@ -113,6 +118,7 @@ def run_backup(engine, store, opts: BackupOptions, progress: Optional[Callable[[
         session = engine.begin(plan, info.virtual_size)
         try:
             crash_point("after-transaction")
+            pause_point("after-transaction")
             table, stats = copy_segments(session.export, store, plan, info.virtual_size, parent, opts, progress)
             session.close_export()
             m = build_manifest(opts, info, plan, backup_id, table, stats, started)
@@ -146,27 +152,101 @@ def copy_segments(export, store, plan: GenerationPlan, size: int, parent: Option
     seg = plan.segment_size
     table = parent.table.copy() if parent is not None else SegmentTable(segment_count(size, seg))
     known = parent.table.unique_digests() if parent is not None else set()
+    # Self-healing: segments of the parent that verify marked damaged are read again, although
+    # the bitmap says they are clean, and stored over the damaged object.
+    damaged = markers.damaged_digests(store)
+    heal = sorted(i for i, d in parent.table.data_entries() if d in damaged) if parent is not None and damaged else []
+    if heal:
+        log.warning("%s: reading %d segment(s) again that are marked damaged in the store (self-healing)",
+                    opts.target, len(heal))
     reader = ExportReader(export, opts.request_size, opts.in_flight)
-    copier = _SegmentCopier(reader, store, known, opts)
+    copier = _SegmentCopier(reader, store, known, opts, damaged, track=parent is not None)
     try:
         if reader.size != size:
             raise ReaderError(f"NBD export is {reader.size} bytes, the disk {size}: refusing a torn view")
-        copier.run(reader.plans(seg), table, progress, size)
+        plans = reader.plans(seg)
+        if heal:
+            plans = with_extra_segments(plans, heal, seg, size)
+        copier.run(plans, table, progress, size)
+        pause_point("after-segments")
+        _recheck(copier, table, parent, seg, size)
     finally:
         copier.close()
         reader.close()
+    for d in copier.healed:
+        try:
+            markers.clear_damaged(store, d)
+        except StoreError as e:     # the segment is good now; a stale mark costs one more re-read
+            log.warning("cannot clear the damaged mark of %s: %s", segment.segment_key(d), e)
     return table, copier.stats
+
+
+def _recheck(copier: "_SegmentCopier", table: SegmentTable, parent: Optional[Manifest], seg: int, size: int) -> None:
+    """The commit-time check: every segment the manifest will name still exists.
+
+    gc deletes unreferenced segments older than its grace period. Segments this backup PUT are
+    young; segments it REUSED (found by exists(), or carried over from the parent) may be old and
+    unreferenced if the backups that named them were pruned meanwhile. If the parent manifest
+    still exists, it protected everything carried over from it, and only the segments this
+    backup read need checking; otherwise every segment of the table is checked. A vanished one
+    is read again from the export (still open: the same point-in-time view) and stored."""
+    store = copier.store
+    parent_alive = parent is not None and store.exists(catalog.manifest_key(parent.target, parent.backup_id))
+    wanted = copier.touched if parent_alive and copier.touched is not None else table.unique_digests()
+    missing = _missing(store, wanted, max(2, copier.opts.workers * 2))
+    if not missing:
+        return
+    log.warning("%s: %d segment(s) vanished from the store before the commit (gc?): storing them again "
+                "from the export", copier.opts.target, len(missing))
+    w = copier._worker()
+    for i, d in table.data_entries():
+        if d not in missing:
+            continue
+        data = w.read(whole_segment(i, seg, size))
+        nd = None if segment.is_zero(data) else segment.digest(data)
+        if nd == d:
+            copier.store_segment(data, d, restored_segments=1)
+            missing.discard(d)
+            continue
+        # The export differs from what the parent recorded for a clean segment: trust the export.
+        log.warning("%s: segment %d reads differently from its record %s: storing what the export holds",
+                    copier.opts.target, i, segment.segment_key(d))
+        if nd is None:
+            table.set_zero(i)
+        else:
+            table.set_data(i, nd)
+            if not store.exists(segment.segment_key(nd)):
+                copier.store_segment(data, nd, restored_segments=1)
+
+
+def _missing(store, digests, workers: int) -> set:
+    """The digests whose segment object does not exist; exists() in parallel, in batches."""
+    out = set()
+    it = iter(digests)
+    with cf.ThreadPoolExecutor(workers, thread_name_prefix="ekko-check") as pool:
+        while True:
+            batch = list(itertools.islice(it, 1024))
+            if not batch:
+                return out
+            for d, ok in zip(batch, pool.map(lambda x: store.exists(segment.segment_key(x)), batch)):
+                if not ok:
+                    out.add(d)
 
 
 class _SegmentCopier:
     """Worker threads, each with its own NBD connection: read -> zero check -> encode (hash,
     compress, verify) -> store. At most 2 segments per worker are in memory at once."""
 
-    def __init__(self, reader: ExportReader, store, known: set, opts: BackupOptions):
+    def __init__(self, reader: ExportReader, store, known: set, opts: BackupOptions,
+                 damaged: "set | frozenset" = frozenset(), track: bool = True):
         self.reader = reader
         self.store = store
         self.known = known
         self.opts = opts
+        self.damaged = damaged      # digests marked damaged: stored again, never reused
+        self.healed: set = set()
+        # digests this run read (for the commit-time check); a full checks its whole table instead
+        self.touched: Optional[set] = set() if track else None
         self.stats = Stats()
         self._local = threading.local()
         self._conns = []
@@ -215,16 +295,28 @@ class _SegmentCopier:
             return p.index, None, p.offset + p.length
         d = segment.digest(data)
         key = segment.segment_key(d)
-        if d in self.known or self.store.exists(key):
+        with self._lock:
+            heal = d in self.damaged and d not in self.healed
+            if heal:
+                self.healed.add(d)
+            if self.touched is not None:
+                self.touched.add(d)
+        if heal:
+            # exists() would say yes to a corrupt object: overwrite it with verified data
+            self.store_segment(data, d, healed_segments=1)
+        elif d in self.known or self.store.exists(key):
             self._count(reused_segments=1)
         else:
-            enc = segment.encode(data, self.opts.compression_level, self.opts.compress, d)
-            crash_point("during-store")
-            self.store.put(enc.key, enc.blob)
-            self._count(new_segments=1, stored_bytes=len(enc.blob))
-            with self._lock:
-                self.known.add(d)
+            self.store_segment(data, d)
         return p.index, d, p.offset + p.length
+
+    def store_segment(self, data, d: bytes, **counts) -> None:
+        enc = segment.encode(data, self.opts.compression_level, self.opts.compress, d)
+        crash_point("during-store")
+        self.store.put(enc.key, enc.blob)
+        self._count(new_segments=1, stored_bytes=len(enc.blob), **counts)
+        with self._lock:
+            self.known.add(d)
 
     def _count(self, **kw) -> None:
         with self._lock:

@@ -35,7 +35,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ..errors import EkkoError, LockBusy
-from .events import Action, DomainContext, HookEvent, Reaction
+from .events import Action, DomainContext, HookEvent, Reaction, decide
 
 MAX_STATE_FILE = 1 << 20
 OFFLINE_SUFFIX = ".offline-backup"
@@ -226,7 +226,9 @@ def write_json_atomic(path: str, obj: Any) -> None:
         os.makedirs(d, mode=0o700, exist_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, data)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -359,6 +361,19 @@ class StateDir:
             if new.uuid != uuid:
                 raise ValueError(f"state of {uuid} changed into the state of {new.uuid}")
             return self.save_domain(new, now_ns) if new != old else old
+
+    def apply_event(self, event: HookEvent, shared_storage: bool = False) -> Tuple[DomainState, Tuple[Reaction, ...]]:
+        """Decide the reactions to a hook event and apply them to the domain's state, atomically.
+        -> (new state, reactions); the caller performs the reactions in `events.EFFECTS`.
+        Events without a UUID change nothing (reactions say IGNORE)."""
+        if event.uuid is None:
+            return DomainState(uuid=""), decide(event)
+        out: List[Tuple[Reaction, ...]] = []
+
+        def change(st: DomainState) -> DomainState:
+            out.append(decide(event, st.context(shared_storage)))
+            return apply_reactions(st, event, out[-1])
+        return self.update_domain(event.uuid, change), out[-1]
 
     def list_domains(self) -> List[DomainState]:
         out = []

@@ -16,7 +16,7 @@ does not mean zero (a hole over a backing file has data).
 """
 
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 
 STATE_HOLE = 1
 STATE_ZERO = 2
@@ -102,6 +102,33 @@ def plan_segments(start_index: int, end_index: int, seg: int, disk_size: int,
             reads, hint = data_ranges(s, e, alloc, hint)
         plans.append(SegmentPlan(i, s, e - s, reads))
     return plans
+
+
+def whole_segment(index: int, seg: int, disk_size: int) -> SegmentPlan:
+    """A plan that reads all of segment `index`, whatever the allocation says."""
+    s, e = index * seg, min((index + 1) * seg, disk_size)
+    return SegmentPlan(index, s, e - s, ((s, e - s),))
+
+
+def with_extra_segments(plans: Iterable[SegmentPlan], extra: Sequence[int], seg: int,
+                        disk_size: int) -> Iterator[SegmentPlan]:
+    """`plans` (in index order) plus a whole-segment read of each index in `extra` (sorted) that
+    `plans` lacks, still in index order. Self-healing re-reads segments the bitmap calls clean:
+
+        plans   |  1  |     |  4  |     |     |
+        extra         2     4           7
+        out     |  1  |  2  |  4  |     |  7  |   (4 comes from plans: it already reads the segment)
+    """
+    k = 0
+    for p in plans:
+        while k < len(extra) and extra[k] < p.index:
+            yield whole_segment(extra[k], seg, disk_size)
+            k += 1
+        if k < len(extra) and extra[k] == p.index:
+            k += 1
+        yield p
+    for i in extra[k:]:
+        yield whole_segment(i, seg, disk_size)
 
 
 def split_reads(reads: Sequence[Range], max_request: int) -> List[Range]:

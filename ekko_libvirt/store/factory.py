@@ -21,3 +21,16 @@ def open_store(cfg: Config, namespace: Optional[str] = None):
         from .swift import open_swift_store
         return open_swift_store(dict(cfg.store.options), namespace)
     raise ConfigError("store.type", f"unknown store type {cfg.store.type!r}")
+
+
+def namespaces(cfg: Config):
+    """Every namespace the configured store holds: None (the default) and one per project."""
+    if cfg.store.type == "local":
+        root = os.path.join(cfg.store.path, "projects")
+        found = sorted(d for d in os.listdir(root) if _NS.match(d)) if os.path.isdir(root) else []
+        return [None] + found
+    if cfg.store.type == "swift":
+        from . import swift
+        lister = getattr(swift, "list_namespaces", None)
+        return [None] + (lister(dict(cfg.store.options)) if lister else [])
+    return [None]

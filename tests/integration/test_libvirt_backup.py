@@ -1,0 +1,232 @@
+"""The libvirt engine against a real libvirtd: running domains with a qcow2 and a raw disk,
+chains across kill -9, a killed agent, Nova's undefine/define, and offline backups."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import ROOT, Ekko, read_raw
+from harness.libvirtd import disk_alias, domain_log, domain_xml, make_workdir, monitor, qemu_pid
+from libvirt_fixtures import ekko_hook, images, libvirt_conn, libvirtd, test_domains  # noqa: F401
+
+KiB, MiB = 1024, 1024 * 1024
+NOVA = """<metadata><nova:instance xmlns:nova="http://openstack.org/xmlns/libvirt/nova/1.1">
+<nova:name>web-1</nova:name><nova:owner><nova:user uuid="u-1234">alice</nova:user>
+<nova:project uuid="p-5678">demo</nova:project></nova:owner></nova:instance></metadata>"""
+
+
+class Guest:
+    """A running test domain plus the model of what its disks should contain."""
+
+    def __init__(self, dom, disks, workdir):
+        self.dom = dom
+        self.workdir = workdir
+        self.model = {dev: bytearray(os.path.getsize(path) if fmt == "raw" else size)
+                      for path, fmt, dev, size in disks}
+
+    def write(self, dev, offset, data):
+        """Random data through the virtio device (HMP qemu-io -d ...), result read from the log."""
+        pat = os.path.join(self.workdir, f"pat-{offset}-{len(data)}")
+        with open(pat, "wb") as f:
+            f.write(data)
+        os.chmod(pat, 0o644)
+        log = domain_log(self.dom.name())
+        start = os.path.getsize(log)
+        dev_path = f"/machine/peripheral/{disk_alias(self.dom, dev)}/virtio-backend"
+        out = monitor(self.dom, f'qemu-io -d {dev_path} "write -s {pat} {offset} {len(data)}"')
+        assert not out.strip(), out
+        ok = f"wrote {len(data)}/{len(data)} bytes at offset {offset}".encode()
+        deadline = time.monotonic() + 20
+        while True:
+            with open(log, "rb") as f:
+                f.seek(start)
+                text = f.read()
+            if ok in text:
+                break
+            assert b"failed" not in text, text
+            assert time.monotonic() < deadline, "qemu-io gave no result"
+            time.sleep(0.01)
+        os.unlink(pat)
+        self.model[dev][offset:offset + len(data)] = data
+
+    def flush(self, dev):
+        monitor(self.dom, f'qemu-io -d /machine/peripheral/{disk_alias(self.dom, dev)}/virtio-backend "flush"')
+
+    def snapshot(self):
+        return {dev: bytes(m) for dev, m in self.model.items()}
+
+
+@pytest.fixture
+def lvwork():
+    d = make_workdir("ekko-lvt-")
+    yield d
+    subprocess.run(["rm", "-rf", d])
+
+
+def make_ekko(work, state_dir=None):
+    cfg = {"store": {"type": "local", "path": os.path.join(work, "store")},
+           "state_dir": state_dir or os.path.join(work, "state"), "run_dir": os.path.join(work, "run"),
+           "segment_size": "256KiB", "workers": 2}
+    return Ekko(work, cfg)
+
+
+def start_guest(test_domains, images, lvwork, name, nova=False):
+    qcow = images(f"{name}-a", "qcow2", 16 * MiB)
+    raw = images(f"{name}-b", "raw", 8 * MiB)
+    xml = domain_xml(name, [(qcow, "qcow2", "vda"), (raw, "raw", "vdb")], test_domains.dom_type)
+    if nova:
+        xml = xml.replace("</name>", "</name>\n" + NOVA, 1)
+    dom = test_domains.conn.defineXML(xml)
+    test_domains.names.append(name)
+    dom.create()
+    return Guest(dom, [(qcow, "qcow2", "vda", 16 * MiB), (raw, "raw", "vdb", 8 * MiB)], lvwork), xml
+
+
+def backups_by_disk(ekko, name, *extra, **kw):
+    p = ekko.run("backup", name, *extra, json_out=True, **kw)
+    if p.returncode != 0:
+        return p
+    return {b["target"].rsplit(".", 1)[1]: b for b in p.data["backups"]}
+
+
+def test_running_domain_full_and_incrementals_qcow2_and_raw(libvirt_conn, test_domains, images, lvwork):
+    rnd = random.Random(11)
+    g, _ = start_guest(test_domains, images, lvwork, "ekko-test-bk1", nova=True)
+    ekko = make_ekko(lvwork)
+    g.write("vda", 0, rnd.randbytes(600 * KiB))
+    g.write("vdb", 1 * MiB, rnd.randbytes(300 * KiB))
+    history = []
+    for step in range(3):
+        exp = g.snapshot()
+        b = backups_by_disk(ekko, "ekko-test-bk1")
+        history.append((b, exp))
+        assert g.dom.listAllCheckpoints() == []          # Nova: no checkpoint metadata between backups
+        g.write("vda", rnd.randrange(0, 15) * MiB + rnd.randrange(0, 4096), rnd.randbytes(100 * KiB))
+        g.write("vdb", rnd.randrange(0, 7) * MiB, rnd.randbytes(64 * KiB))
+    assert [h[0]["vda"]["kind"] for h in history] == ["full", "incremental", "incremental"]
+    assert all(h[0]["vdb"]["kind"] == "full" for h in history)
+    assert history[1][0]["vda"]["read_bytes"] <= 1 * MiB
+    # Nova metadata is stored with each backup, and the project gets its own namespace
+    show = ekko.run("show", history[0][0]["vda"]["backup_id"], "--disk", "vda", json_out=True).data["backup"]
+    assert show["labels"]["project_id"] == "p-5678" and show["labels"]["instance_name"] == "web-1"
+    assert os.path.isdir(os.path.join(ekko.store_dir, "projects", "p-5678", "manifests"))
+    for b, exp in history:
+        for dev in ("vda", "vdb"):
+            out = os.path.join(lvwork, f"r-{dev}.{'qcow2' if dev == 'vda' else 'raw'}")
+            ekko.run("restore", b[dev]["backup_id"], "--disk", dev, "--to", out, "--force")
+            assert read_raw(out) == exp[dev], (dev, b[dev]["backup_id"])
+
+
+def test_qemu_kill9_next_backup_is_full(libvirt_conn, test_domains, images, lvwork):
+    g, _ = start_guest(test_domains, images, lvwork, "ekko-test-bk2")
+    ekko = make_ekko(lvwork)
+    g.write("vda", 0, os.urandom(200 * KiB))
+    b1 = backups_by_disk(ekko, "ekko-test-bk2")
+    # no guest OS to shut down: destroy sends QEMU SIGTERM, which stores the bitmaps cleanly
+    g.dom.destroy()
+    g.dom.create()
+    g.write("vda", 2 * MiB, os.urandom(100 * KiB))
+    b2 = backups_by_disk(ekko, "ekko-test-bk2")
+    assert b2["vda"]["kind"] == "incremental" and b2["vda"]["parent"] == b1["vda"]["backup_id"]
+    g.dom.destroy()
+    g.dom.create()
+    g.write("vda", 5 * MiB, os.urandom(100 * KiB))
+    g.flush("vda")
+    os.kill(qemu_pid(g.dom), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while g.dom.isActive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    g.dom.create()
+    exp = g.snapshot()
+    b3 = backups_by_disk(ekko, "ekko-test-bk2")
+    assert b3["vda"]["kind"] == "full", b3["vda"]
+    assert "cannot be trusted" in b3["vda"]["reason"] or "inconsistent" in b3["vda"]["reason"]
+    out = os.path.join(lvwork, "r.raw")
+    ekko.run("restore", b3["vda"]["backup_id"], "--disk", "vda", "--to", out)
+    assert read_raw(out) == exp["vda"]
+    g.write("vda", 9 * MiB, os.urandom(64 * KiB))
+    b4 = backups_by_disk(ekko, "ekko-test-bk2")
+    assert b4["vda"]["kind"] == "incremental" and b4["vda"]["parent"] == b3["vda"]["backup_id"]
+
+
+@pytest.mark.parametrize("point", ["after-transaction", "during-read", "before-commit"])
+def test_agent_killed_during_backup(point, libvirt_conn, test_domains, images, lvwork):
+    g, _ = start_guest(test_domains, images, lvwork, f"ekko-test-k{point[:6]}")
+    ekko = make_ekko(lvwork)
+    g.write("vda", 0, os.urandom(300 * KiB))
+    b1 = backups_by_disk(ekko, g.dom.name())
+    g.write("vda", 3 * MiB, os.urandom(200 * KiB))
+    p = ekko.run("backup", g.dom.name(), env={"EKKO_TEST_CRASH": point}, check=False)
+    assert p.returncode == -9
+    if point != "before-commit":
+        # the dead agent left libvirt's pull job running and its new checkpoint defined
+        assert [c.getName() for c in g.dom.listAllCheckpoints()]
+    g.write("vda", 6 * MiB, os.urandom(100 * KiB))
+    exp = g.snapshot()
+    b2 = backups_by_disk(ekko, g.dom.name())
+    assert b2["vda"]["kind"] == "incremental" and b2["vda"]["parent"] == b1["vda"]["backup_id"]
+    assert g.dom.listAllCheckpoints() == []
+    for dev in ("vda", "vdb"):
+        out = os.path.join(lvwork, f"r-{dev}.raw")
+        ekko.run("restore", b2[dev]["backup_id"], "--disk", dev, "--to", out)
+        assert read_raw(out) == exp[dev], dev
+
+
+def test_undefine_and_redefine_like_nova_hard_reboot(libvirt_conn, test_domains, images, lvwork):
+    g, xml = start_guest(test_domains, images, lvwork, "ekko-test-bk3", nova=True)
+    ekko = make_ekko(lvwork)
+    g.write("vda", 0, os.urandom(128 * KiB))
+    b1 = backups_by_disk(ekko, "ekko-test-bk3")
+    uuid = g.dom.UUIDString()
+    g.dom.destroy()
+    g.dom.undefine()          # Nova passes no checkpoint flag: works because no metadata is left
+    dom = libvirt_conn.defineXML(xml.replace("<name>", f"<uuid>{uuid}</uuid><name>", 1))
+    dom.create()
+    g.dom = dom
+    g.write("vda", 4 * MiB, os.urandom(128 * KiB))
+    exp = g.snapshot()
+    b2 = backups_by_disk(ekko, uuid)              # by UUID, like virsh
+    assert b2["vda"]["kind"] == "incremental" and b2["vda"]["parent"] == b1["vda"]["backup_id"]
+    out = os.path.join(lvwork, "r.qcow2")
+    ekko.run("restore", b2["vda"]["backup_id"], "--disk", "vda", "--to", out)
+    assert read_raw(out) == exp["vda"]
+
+
+def test_offline_backup_and_start_is_refused_meanwhile(libvirt_conn, test_domains, images, lvwork, ekko_hook):
+    g, _ = start_guest(test_domains, images, lvwork, "ekko-test-bk4")
+    ekko = make_ekko(lvwork, state_dir=ekko_hook.state_dir)
+    g.write("vda", 0, os.urandom(256 * KiB))
+    b1 = backups_by_disk(ekko, "ekko-test-bk4")
+    g.write("vda", 1 * MiB, os.urandom(256 * KiB))
+    g.write("vdb", 2 * MiB, os.urandom(64 * KiB))
+    g.dom.destroy()
+    exp = g.snapshot()
+    fifo = os.path.join(lvwork, "pause.fifo")
+    os.mkfifo(fifo)
+    env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"after-transaction:{fifo}")
+    proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "ekko-test-bk4",
+                             "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import libvirt
+    with open(fifo, "wb"):                     # blocks until the backup reaches the pause point
+        with pytest.raises(libvirt.libvirtError) as e:
+            g.dom.create()
+        assert "offline backup" in str(e.value) and "ekko" in str(e.value)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    import json
+    res = {b["target"].rsplit(".", 1)[1]: b for b in json.loads(out)["backups"]}
+    assert res["vda"]["kind"] == "incremental" and res["vda"]["parent"] == b1["vda"]["backup_id"]
+    for dev in ("vda", "vdb"):
+        o = os.path.join(lvwork, f"r-{dev}.raw")
+        ekko.run("restore", res[dev]["backup_id"], "--disk", dev, "--to", o)
+        assert read_raw(o) == exp[dev], dev
+    g.dom.create()                             # allowed again once the backup ended
+    g.write("vda", 3 * MiB, os.urandom(64 * KiB))
+    b3 = backups_by_disk(ekko, "ekko-test-bk4")
+    assert b3["vda"]["kind"] == "incremental" and b3["vda"]["parent"] == res["vda"]["backup_id"]
