@@ -4,11 +4,16 @@ Exit codes:
   0  success
   1  the operation failed (nothing committed; nothing lost)
   2  bad input: config, arguments, unknown target/backup/disk, impossible incremental
-  3  damaged data: verify found damage, or restore met damaged segments
+  3  damaged data: verify found damage, restore met damaged segments, gc found a manifest it
+     cannot read (and deleted nothing) or a backup that committed a segment gc had just deleted
   130 interrupted (Ctrl-C)
+
+Lifecycle commands (issue 5): prune, protect, unprotect, gc, and verify --sample/--since-days.
+Each takes --json; each uses the exit codes above.
 """
 
 import argparse
+import datetime
 import json
 import logging
 import os
@@ -77,10 +82,88 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", parents=[common], help="check backups: segments exist (--deep: re-hash)")
     v.add_argument("backup", nargs="?", help="one backup (default: all)")
     v.add_argument("--deep", action="store_true", help="download, decompress and re-hash every segment")
+    v.add_argument("--sample", type=_fraction, default=1.0, metavar="PCT",
+                   help="check a random share of the distinct segments, e.g. 5%% (default 100%%)")
+    v.add_argument("--since-days", type=_days, metavar="N",
+                   help="skip backups that passed an equally thorough verify in the last N days")
     v.add_argument("--target")
     v.add_argument("--disk", help="which disk of a domain backup")
     v.add_argument("--project", help="only this project's namespace")
+    _lifecycle_parsers(sub, common)
+    _key_parsers(sub, common)
     return p
+
+
+def _key_parsers(sub, common) -> None:
+    k = sub.add_parser("key", parents=[common], help="encryption keys: create one, show fingerprints (never a key)")
+    ks = k.add_subparsers(dest="key_command", required=True, parser_class=_Parser)
+    kc = ks.add_parser("create", parents=[common], help="write a new random key file (0600) and print its fingerprint")
+    kc.add_argument("--project", help="fills {project} in encryption.key_file (default: default)")
+    kc.add_argument("--key-file", help="write the key here instead of encryption.key_file")
+    kw = ks.add_parser("show", parents=[common],
+                       help="fingerprints of the configured keys and of the keys the stored backups need")
+    kw.add_argument("--project", help="only this project")
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text!r}")
+    return n
+
+
+def _fraction(text: str) -> float:
+    """'5%' -> 0.05; '0.05' -> 0.05. Anything outside (0, 100%] is refused."""
+    t = text.strip()
+    try:
+        f = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        f = -1.0
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a percentage (5%%) or a fraction in (0, 1]")
+    return f
+
+
+def _days(text: str) -> float:
+    try:
+        f = float(text)
+    except ValueError:
+        f = -1.0
+    if f < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of days >= 0, not {text!r}")
+    return f
+
+
+def _lifecycle_parsers(sub, common) -> None:
+    from .prune import RULES
+    pr = sub.add_parser("prune", parents=[common],
+                        help="delete the backups no retention rule keeps (their manifests; gc frees the space)")
+    pr.add_argument("target", nargs="?", help="only this target (default: every target)")
+    periods = {"hourly": "hours", "daily": "days", "weekly": "ISO weeks", "monthly": "months", "yearly": "years"}
+    for rule in RULES:
+        pr.add_argument(f"--keep-{rule}", type=_count, metavar="N",
+                        help="keep the N newest backups" if rule == "last" else
+                        f"keep the newest backup of each of the N newest {periods[rule]} that have one")
+    pr.add_argument("--dry-run", action="store_true", help="show what would go and why; delete nothing")
+    pr.add_argument("--project", help="only this project's namespace")
+
+    for name, what in (("protect", "keep a backup whatever the retention policy says"),
+                       ("unprotect", "let the retention policy decide about a backup again")):
+        pp = sub.add_parser(name, parents=[common], help=what)
+        pp.add_argument("backup", help="backup id (or unique prefix); every disk of a domain backup")
+        pp.add_argument("--disk", help="only this disk of a domain backup")
+        pp.add_argument("--project", help="only look in this project's namespace")
+
+    g = sub.add_parser("gc", parents=[common],
+                       help="delete segments that no backup references (safe while backups run)")
+    g.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+    g.add_argument("--grace-hours", type=_days, metavar="H",
+                   help="keep unreferenced segments younger than this (default: retention.gc_grace_hours, 24); "
+                        "must exceed the longest backup")
+    g.add_argument("--project", help="only this project's namespace")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -228,7 +311,10 @@ def cmd_list(cfg, args) -> int:
     rows = []
     for ns in _namespaces(cfg, args):
         for e in catalog.entries(_store(cfg, ns), args.target):
-            row = _summary(e.header, e.key) if e.header else {"key": e.key, "damaged": e.error}
+            if e.locked:
+                row = {"key": e.key, "locked": e.error, "key_fingerprint": e.key_fingerprint}
+            else:
+                row = _summary(e.header, e.key) if e.header else {"key": e.key, "damaged": e.error}
             row["project"] = ns
             rows.append(row)
     if args.json:
@@ -239,6 +325,9 @@ def cmd_list(cfg, args) -> int:
     for r in rows:
         if "damaged" in r:
             print(f"{r['key']}  DAMAGED MANIFEST: {r['damaged']}")
+            continue
+        if "locked" in r:
+            print(f"{r['key']}  LOCKED: {r['locked']}")
             continue
         print(f"{r['backup_id']}  {r['target']:<16} {r['kind']:<11} {units.human(r['virtual_size']):>10} disk  "
               f"{units.human(r['stored_bytes'] or 0):>10} new  parent={r['parent'] or '-'}")
@@ -267,6 +356,8 @@ def cmd_show(cfg, args) -> int:
           f"({units.human(c.get('stored_bytes', 0))}), reused {c.get('reused_segments', 0)}")
     gen = m.generation or {}
     print(f"bitmap      {gen.get('bitmap') or '-'} (granularity {gen.get('granularity') or '-'})")
+    enc = m.encryption or {}
+    print(f"encryption  {enc.get('cipher', 'none')}" + (f", key fingerprint {enc['key_fingerprint']}" if enc else ""))
     return EXIT_OK
 
 
@@ -296,7 +387,7 @@ def cmd_restore(cfg, args) -> int:
 
 # -- verify -----------------------------------------------------------------------------------
 def cmd_verify(cfg, args) -> int:
-    from .verify import verify
+    from .verify import run as verify_run
     if args.backup:
         store, key = _locate(cfg, args)
         groups = [(store, [key])]
@@ -304,9 +395,14 @@ def cmd_verify(cfg, args) -> int:
         groups = [(st, catalog.keys(st, args.target)) for st in (_store(cfg, ns) for ns in _namespaces(cfg, args))]
     bar = Progress("verify", enabled=None if not args.json else False)
     try:
-        rep = None
+        rep, skipped, marked, cleared = None, [], [], []
         for store, keys in groups:
-            part = verify(store, keys, deep=args.deep, workers=cfg.workers + 1, progress=bar)
+            done = verify_run(store, keys, deep=args.deep, sample=args.sample, since_days=args.since_days,
+                              workers=cfg.workers + 1, progress=bar)
+            part = done.report
+            skipped += done.skipped
+            marked += done.marked
+            cleared += done.cleared
             rep = part if rep is None else rep.merge(part)
     finally:
         bar.finish()
@@ -314,10 +410,19 @@ def cmd_verify(cfg, args) -> int:
         _emit({"ok": rep.ok, "deep": args.deep, "backups": rep.backups, "segments_checked": rep.segments_checked,
                "damaged_segments": [{"key": k, "problem": p, "used_by": sorted(rep.used_by.get(k, ()))}
                                     for k, p in sorted(rep.damaged.items())],
-               "bad_manifests": rep.bad_manifests, "damaged_backups": rep.damaged_backups()})
+               "bad_manifests": rep.bad_manifests, "damaged_backups": rep.damaged_backups(),
+               "sample": args.sample, "skipped": skipped, "marked": marked, "cleared": cleared})
     else:
         what = "deep (re-hashed)" if args.deep else "existence"
-        print(f"verified {len(rep.backups)} backup(s), {rep.segments_checked} distinct segments, {what}")
+        share = "" if args.sample >= 1 else f" (a {args.sample:.1%} sample)"
+        print(f"verified {len(rep.backups)} backup(s), {rep.segments_checked} distinct segments{share}, {what}")
+        if skipped:
+            print(f"  skipped {len(skipped)} backup(s) verified in the last {args.since_days:g} day(s)")
+        if marked:
+            print(f"  marked {len(marked)} segment(s) damaged in the store: the next backup of each disk "
+                  f"that still holds that data stores them again")
+        if cleared:
+            print(f"  {len(cleared)} segment(s) marked damaged before are intact now: marks removed")
         for k, p in sorted(rep.damaged.items()):
             print(f"  DAMAGED {k}: {p}\n    used by: {', '.join(sorted(rep.used_by.get(k, ())))}")
         for k, p in sorted(rep.bad_manifests.items()):
@@ -326,7 +431,197 @@ def cmd_verify(cfg, args) -> int:
     return EXIT_OK if rep.ok else EXIT_DAMAGED
 
 
-COMMANDS = {"backup": cmd_backup, "list": cmd_list, "show": cmd_show, "restore": cmd_restore, "verify": cmd_verify}
+# -- prune / protect / gc ---------------------------------------------------------------------
+def cmd_prune(cfg, args) -> int:
+    from . import markers, prune
+    retention = prune.RetentionConfig.from_config(cfg)
+    given = {r: getattr(args, f"keep_{r}") for r in prune.RULES if getattr(args, f"keep_{r}") is not None}
+    if given:
+        cli_policy = prune.Policy(**given)
+        policy_for = lambda _target: cli_policy  # noqa: E731
+    elif retention.default is not None or retention.targets:
+        policy_for = retention.policy_for
+    else:
+        raise UsageError("no retention rule: give --keep-last/--keep-daily/... or a `retention:` section "
+                         f"in {cfg.source}")
+    tz = datetime.datetime.now().astimezone().tzinfo
+    rows = []
+    for ns in _namespaces(cfg, args):
+        store = _store(cfg, ns)
+        prot = markers.protected(store)
+        backups = [prune.Backup(e.backup_id, e.target, prune.backup_time(e.backup_id),
+                                f"{e.target}/{e.backup_id}" in prot, e.header is not None, e.locked)
+                   for e in catalog.entries(store, args.target)]
+        for d in prune.plan(backups, policy_for, tz):
+            b, reasons, deleted = d.backup, list(d.reasons), False
+            if not d.keep and not args.dry_run:
+                if markers.is_protected(store, b.target, b.backup_id):     # protected since we listed
+                    reasons = ["protected"]
+                else:
+                    store.delete(catalog.manifest_key(b.target, b.backup_id))
+                    markers.forget_backup(store, b.target, b.backup_id)
+                    deleted = True
+            keep = d.keep or not (deleted or args.dry_run)     # not kept: deleted, or would be
+            rows.append({"backup_id": b.backup_id, "target": b.target, "project": ns,
+                         "time": b.time.isoformat() if b.time else None, "keep": keep, "reasons": reasons,
+                         "deleted": deleted, "policy": (policy_for(b.target) or prune.Policy()).describe()})
+    kept = sum(1 for r in rows if r["keep"])
+    gone = len(rows) - kept
+    if args.json:
+        _emit({"ok": True, "dry_run": args.dry_run, "kept": kept, "deleted": 0 if args.dry_run else gone,
+               "would_delete": gone if args.dry_run else 0, "backups": rows})
+        return EXIT_OK
+    print(f"prune{' (dry run)' if args.dry_run else ''}: {len(rows)} backup(s): keep {kept}, "
+          f"{'would delete' if args.dry_run else 'delete'} {gone}")
+    target = None
+    for r in rows:
+        if r["target"] != target:
+            target = r["target"]
+            print(f"  {target}  ({r['policy']})")
+        action = "keep  " if r["keep"] else ("would delete" if args.dry_run else "DELETED")
+        print(f"    {r['backup_id']}  {action:<13} {', '.join(r['reasons'])}")
+    if gone and not args.dry_run:
+        print("manifests deleted; `ekko gc` frees the segments no other backup uses")
+    return EXIT_OK
+
+
+def _locate_all(cfg, args):
+    """(store, manifest key) of every disk of BACKUP (one backup id), across namespaces."""
+    found = []
+    for ns in _namespaces(cfg, args):
+        store = _store(cfg, ns)
+        found += [(store, k) for k in catalog.matching(store, args.backup, getattr(args, "disk", None))]
+    if len({k.rsplit("/", 1)[1] for _, k in found}) != 1:
+        catalog.choose([k for _, k in found], args.backup, getattr(args, "disk", None))   # raises the UsageError
+    return found
+
+
+def cmd_protect(cfg, args) -> int:
+    from . import markers
+    done = []
+    for store, key in _locate_all(cfg, args):
+        target, bid = key[len(catalog.PREFIX):].rsplit("/", 1)
+        if args.command == "protect":
+            markers.protect(store, target, bid)
+            changed = True
+        else:
+            changed = markers.unprotect(store, target, bid)
+        done.append({"backup_id": bid, "target": target, "protected": args.command == "protect", "changed": changed})
+    if args.json:
+        _emit({"ok": True, "backups": done})
+        return EXIT_OK
+    for d in done:
+        state = "protected" if d["protected"] else ("no longer protected" if d["changed"] else "was not protected")
+        print(f"{d['backup_id']}  {d['target']}: {state}")
+    return EXIT_OK
+
+
+def cmd_gc(cfg, args) -> int:
+    from .gc import collect
+    from .prune import RetentionConfig
+    grace = args.grace_hours if args.grace_hours is not None else RetentionConfig.from_config(cfg).gc_grace_hours
+    show = not args.json and sys.stderr.isatty()
+    results = []
+    for ns in _namespaces(cfg, args):
+        label = f"gc{' ' + ns if ns else ''}"
+
+        def progress(phase, done, total, _label=label):
+            if show:
+                sys.stderr.write(f"\r{_label}: {phase} {done}{'/' + str(total) if total else ''} ")
+                sys.stderr.flush()
+        rep = collect(_store(cfg, ns), grace, dry_run=args.dry_run, workers=cfg.workers + 1, progress=progress)
+        if show:
+            sys.stderr.write("\n")
+        results.append((ns, rep))
+    ok = all(r.ok for _, r in results)
+    if args.json:
+        _emit({"ok": ok, "dry_run": args.dry_run, "grace_hours": grace,
+               "stores": [dict(r.as_dict(), project=ns) for ns, r in results]})
+        return EXIT_OK if ok else EXIT_DAMAGED
+    for ns, r in results:
+        where = f" (project {ns})" if ns else ""
+        verb = "would delete" if r.dry_run else "deleted"
+        print(f"gc{where}: {r.manifests} backup(s) reference {r.referenced} segment(s); {r.segments} segment(s) "
+              f"in the store, {r.unreferenced} unreferenced")
+        print(f"  {verb} {r.deleted} ({units.human(r.deleted_bytes)}); kept {r.kept_young} younger than "
+              f"{grace:g} h; removed {r.temp_removed} temp file(s) and {r.markers_removed} stale marker(s); "
+              f"{r.seconds:.1f} s")
+        for key, ids in sorted(r.raced.items()):
+            print(f"  RACE: {key} was deleted while backup(s) {', '.join(ids)} committed it: marked damaged, "
+                  f"the next backup of that disk stores it again")
+    return EXIT_OK if ok else EXIT_DAMAGED
+
+
+# -- key -------------------------------------------------------------------------------------
+def cmd_key(cfg, args) -> int:
+    from . import crypto
+    project = args.project or crypto.DEFAULT_PROJECT
+    if args.key_command == "create":
+        if not (args.key_file or cfg.encryption.key_file):
+            raise UsageError(f"no encryption.key_file in {cfg.source}: give --key-file PATH")
+        path = args.key_file or crypto.key_path(cfg.encryption.key_file, project)
+        fp = crypto.create_key(path)
+        if args.json:
+            _emit({"ok": True, "project": project, "key_file": path, "fingerprint": fp})
+        else:
+            print(f"created key {path} for project {project}: fingerprint {fp}")
+            print("keep a copy of it somewhere safe: backups sealed with it cannot be read without it")
+        return EXIT_OK
+    rows = [_key_row(cfg, ns, exists) for ns, exists in _key_namespaces(cfg, args.project)]
+    if args.json:
+        _emit({"ok": True, "encryption": cfg.encryption.enabled, "keys": rows})
+        return EXIT_OK
+    print(f"encryption {'on' if cfg.encryption.enabled else 'off'} ({cfg.source})")
+    for r in rows:
+        key = (f"key {r['key_file']}: fingerprint {r['fingerprint']}" if r["fingerprint"]
+               else r["problem"] or "no encryption.key_file configured")
+        print(f"project {r['project']}: {key}")
+        for fp, n in sorted(r["backups"].items()):
+            mine = " (this key)" if fp == r["fingerprint"] else ""
+            print(f"  {n} backup(s) {'not encrypted' if fp == 'none' else 'sealed with ' + fp}{mine}")
+    return EXIT_OK
+
+
+def _key_namespaces(cfg, project: Optional[str]):
+    """(namespace, whether the store has it): every namespace, or the one of --project."""
+    from .crypto import DEFAULT_PROJECT
+    from .store.factory import namespaces
+    known = namespaces(cfg)
+    if project is None:
+        return [(ns, True) for ns in known]
+    ns = None if project == DEFAULT_PROJECT else project
+    return [(ns, ns in known)]
+
+
+def _key_row(cfg, ns: Optional[str], exists: bool) -> Dict:
+    """One project's configured key (fingerprint only) and the fingerprints its backups need."""
+    from . import crypto
+    from .codec import sealed_fingerprint
+    from .errors import ConfigError
+    from .store.factory import open_raw_store
+    project = ns or crypto.DEFAULT_PROJECT
+    row = {"project": project, "namespace": ns, "key_file": None, "fingerprint": None, "problem": None,
+           "backups": {}}
+    if cfg.encryption.key_file:
+        row["key_file"] = path = crypto.key_path(cfg.encryption.key_file, project)
+        try:
+            row["fingerprint"] = crypto.fingerprint(crypto.load_key(path))
+        except ConfigError as e:
+            row["problem"] = e.problem
+    if exists:
+        store = open_raw_store(cfg, ns)
+        for key in catalog.keys(store):
+            try:
+                fp = sealed_fingerprint(store.get(key)[:crypto.PREFIX_SIZE]) or "none"
+            except EkkoError:
+                continue
+            row["backups"][fp] = row["backups"].get(fp, 0) + 1
+    return row
+
+
+COMMANDS = {"backup": cmd_backup, "list": cmd_list, "show": cmd_show, "restore": cmd_restore, "verify": cmd_verify,
+            "prune": cmd_prune, "protect": cmd_protect, "unprotect": cmd_protect, "gc": cmd_gc,
+            "key": cmd_key}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@ See ekko.yaml.example for every option, documented.
 """
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -34,6 +35,15 @@ class TargetConfig:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    """encryption: {enabled: true, key_file: /etc/ekko/keys/{project}.key}. The key file of a
+    project is key_file with {project} replaced (the Nova project id of a domain; "default" for
+    the store's root namespace). Giving the section turns encryption on unless enabled: false."""
+    enabled: bool = False
+    key_file: str = ""
+
+
+@dataclass(frozen=True)
 class Config:
     store: StoreConfig
     state_dir: str
@@ -49,6 +59,7 @@ class Config:
     targets: Tuple[TargetConfig, ...] = ()
     source: str = ""
     extra: Tuple[Tuple[str, Any], ...] = field(default=())
+    encryption: EncryptionConfig = EncryptionConfig()
 
     def target(self, name: str) -> Optional[TargetConfig]:
         return next((t for t in self.targets if t.name == name), None)
@@ -108,6 +119,7 @@ def build(raw: Any, source: str = "") -> Config:
         qmp_timeout=float(_int(raw, "qmp_timeout", 30, 1, 3600)),
         targets=_targets(raw.get("targets")),
         source=source,
+        encryption=_encryption(raw.get("encryption")),
         extra=tuple((k, raw[k]) for k in ("encryption", "retention", "schedule", "agent", "libvirt", "domains")
                     if k in raw),
     )
@@ -175,6 +187,26 @@ def _store(raw: Any) -> StoreConfig:
     if typ == "swift":
         return StoreConfig("swift", "", tuple(sorted((str(k), v) for k, v in raw.items() if k != "type")))
     raise ConfigError("store.type", f"unknown store type {typ!r} (known: local, swift)")
+
+
+def _encryption(raw: Any) -> EncryptionConfig:
+    if raw is None:
+        return EncryptionConfig()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("encryption", "must be a mapping: {enabled: true, key_file: /etc/ekko/keys/{project}.key}")
+    for k in raw:
+        if k not in ("enabled", "key_file"):
+            raise ConfigError(f"encryption.{k}", "unknown key (known: enabled, key_file)")
+    enabled = _bool(raw, "encryption.enabled", True, key="enabled")
+    if "key_file" not in raw:
+        if not enabled:
+            return EncryptionConfig()
+        raise ConfigError("encryption.key_file", "required when encryption is on: the key file's path, "
+                          "e.g. /etc/ekko/keys/{project}.key")
+    key_file = _str(raw, "key_file", "", "encryption.key_file")
+    if re.sub(r"\{project\}", "", key_file).count("{") or "}" in re.sub(r"\{project\}", "", key_file):
+        raise ConfigError("encryption.key_file", f"{key_file!r}: the only placeholder is {{project}}")
+    return EncryptionConfig(enabled, key_file)
 
 
 def _targets(raw: Any) -> Tuple[TargetConfig, ...]:

@@ -20,6 +20,7 @@ from .engine.base import BitmapInfo, DiskInfo, Export
 from .engine.bitmaps import INCREMENTAL, generation_name, plan_generation
 from .engine.libvirt import (BackupBeginFailed, CheckpointState, JobRecord, LibvirtDomainEngine, disk_sizes,
                              lookup_domain, qemu_accessible_dir)
+from .codec import chain_key_reason, codec_of
 from .errors import UsageError
 from .faults import crash_point, pause_point
 from .pipeline import BackupOptions, BackupResult, TargetLock, build_manifest, chain_head, copy_segments
@@ -47,6 +48,7 @@ class _Disk:
     parent: Optional[object] = None
     manifest: Optional[object] = None
     notes: List[str] = field(default_factory=list)
+    key_reason: Optional[str] = None     # codec.chain_key_reason: the head was sealed with another key
 
 
 def select_disks(all_disks: List[dx.DomainDisk], wanted: Sequence[str], domain: str) -> List[dx.DomainDisk]:
@@ -82,8 +84,12 @@ def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_d
     notes = engine.recover()
     sizes = disk_sizes(dom, [d.dev for d in specs])
     disks = [_Disk(d, dx.target_name(dom.name(), d.dev), sizes[d.dev]) for d in specs]
+    codec = codec_of(store)     # an encrypted store reads its key file here, before the job starts
     for d in disks:
         d.head, d.head_entry = chain_head(store, d.target)
+        if d.head_entry is not None:
+            d.key_reason = chain_key_reason(d.head_entry.key, d.head_entry.key_fingerprint,
+                                            codec.fingerprint, req.force_full)
     backup_id = catalog.new_backup_id()
     new_cp = generation_name(base.bitmap_prefix, backup_id)
     bitmap_devs = [d.spec.dev for d in disks if d.spec.bitmap_capable]
@@ -119,7 +125,7 @@ def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_d
             opts = _opts(base, d.target, labels, new_cp if d.spec.bitmap_capable else None)
             table, stats = copy_segments(export, store, d.plan, d.size, d.parent, opts, progress)
             info = DiskInfo(d.spec.dev, d.spec.source, d.spec.format, d.size)
-            d.manifest = build_manifest(opts, info, d.plan, backup_id, table, stats, started)
+            d.manifest = build_manifest(opts, info, d.plan, backup_id, table, stats, started, codec_of(store))
         engine.end_job()
         crash_point("before-commit")
         keys = [catalog.commit(store, d.manifest) for d in disks]
@@ -166,7 +172,9 @@ def _base_checkpoint(engine, disks: List[_Disk], bitmap_devs, other_devs):
     if len(heads) > 1:
         return None, f"the disks' chains end in different checkpoints ({', '.join(sorted(heads))})"
     name = heads.pop()
-    reason = engine.redefine(name, bitmap_devs, other_devs)
+    created = min(d.head_entry.header.get("timings", {}).get("started", 0) for d in disks
+                  if d.head is not None and d.head.bitmap == name)
+    reason = engine.redefine(name, bitmap_devs, other_devs, created)
     return (None, reason) if reason else (name, None)
 
 
@@ -180,7 +188,8 @@ def _plan(disks: List[_Disk], base_cp, broken, backup_id, base: BackupOptions, r
         plan = plan_generation(info, d.head, backup_id=backup_id, prefix=base.bitmap_prefix,
                                granularity=base.granularity, segment_size=base.segment_size,
                                force_full=req.force_full, require_incremental=req.require_incremental,
-                               broken_reason=broken if d.spec.bitmap_capable and d.head is not None else None)
+                               broken_reason=broken if d.spec.bitmap_capable and d.head is not None else None,
+                               key_mismatch_reason=d.key_reason)
         d.plan = plan
 
 

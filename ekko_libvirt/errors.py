@@ -12,6 +12,8 @@
      |    +-- ObjectNotFound
      +-- IntegrityError            data in the store does not match its hash / checksum (exit 3)
      +-- ManifestError             a manifest cannot be parsed (subclass of IntegrityError)
+     +-- KeyMismatch               an object is sealed with a key we do not hold, or not sealed where
+     |                             a key is configured (exit 2); names the fingerprints, never a key
      +-- LockBusy                  another ekko job holds the target
 """
 
@@ -75,3 +77,17 @@ class ManifestError(IntegrityError):
 
 class LockBusy(EkkoError):
     pass
+
+
+class KeyMismatch(EkkoError):
+    """`needed`: fingerprint of the key the object is sealed with (None: it is not encrypted);
+    `have`: fingerprint of the configured key (None: encryption is off)."""
+    exit_code = 2
+
+    def __init__(self, key: str, needed, have, hint: str = ""):
+        self.key = key
+        self.needed = needed
+        self.have = have
+        sealed = f"is encrypted with key fingerprint {needed}" if needed else "is not encrypted"
+        held = f"the configured key has fingerprint {have}" if have else "encryption is not configured"
+        super().__init__(f"{key} {sealed}, but {held}" + (f". {hint}" if hint else ""))

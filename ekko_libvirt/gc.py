@@ -21,7 +21,12 @@ Why a backup running at the same time loses nothing:
     protects everything carried over from it: it was visible to every mark in between.
   - what remains is a backup whose commit check runs just before gc deletes a segment it reused
     and whose manifest lands just after gc's second look at manifests: the check phase sees that
-    manifest, marks the segment damaged and the next backup heals it.
+    manifest and marks the segment damaged; a backup building on it stores the segment again (at
+    its commit check if it is already running, else by healing).
+
+Memory: the referenced set, plus the list of unreferenced keys (the garbage of this run).
+Clocks: the cutoff is this host's clock, a segment's age the store's (mtime, X-Timestamp);
+keep their skew far below the grace period.
 
 An unreadable manifest stops gc before anything is deleted: the segments it names are unknown,
 so nothing can be called garbage. `ekko verify` reports it; `ekko prune` removes it.
@@ -34,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from . import catalog, markers, segment
-from .errors import IntegrityError, ManifestError, ObjectNotFound
+from .errors import IntegrityError, KeyMismatch, ManifestError, ObjectNotFound, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,9 @@ class _Marker:
                 raise IntegrityError(f"gc stopped before deleting anything: manifest {key} is unreadable ({e}); "
                                      f"the segments it names are unknown. Restore it, or remove it "
                                      f"(ekko prune deletes unreadable manifests), then run gc again") from e
+            except KeyMismatch as e:
+                raise UsageError(f"gc stopped before deleting anything: {e}; without that key the segments "
+                                 f"it names are unknown") from e
             self.referenced.update(d for _, d in m.table.data_entries())
             self.seen.add(key)
             del m
@@ -196,7 +204,7 @@ def _check_late_manifests(store, marker: _Marker, deleted: Set[bytes], report: G
     for key in late:
         try:
             m = catalog.load(store, key)
-        except (ObjectNotFound, ManifestError):
+        except (ObjectNotFound, ManifestError, KeyMismatch):
             continue
         marker.seen.add(key)
         for _, d in m.table.data_entries():
@@ -212,7 +220,7 @@ def _check_late_manifests(store, marker: _Marker, deleted: Set[bytes], report: G
 
 
 def _tidy(store, referenced: Set[bytes], report: GCReport) -> None:
-    live = {k.rsplit("/", 1)[1] for k in catalog.keys(store)}
+    live = {k[len(catalog.PREFIX):] for k in catalog.keys(store)}
     stale = markers.stale(store, live, lambda d: d in referenced)
     report.markers_removed = markers.delete_quietly(store, stale)
     clean = getattr(store, "clean_temp", None)

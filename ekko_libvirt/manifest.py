@@ -9,6 +9,10 @@ The table is flags[n] followed by digests[n * 16], n = ceil(virtual_size / segme
 flags[i] is ZERO (segment i reads as zeros; digest all-zero) or DATA (segment i is the object
 named by digest i). Storing the full-width table and letting zstd squeeze the zero runs keeps
 load and save free of per-entry Python loops (16 TiB at 4 MiB = 4 Mi entries, see bench).
+
+In an encrypted store the digests are the segments' keyed names (header `hash`:
+hmac-sha256-128), the header says which key (`encryption`), and the store seals the whole
+manifest (crypto.py). A plain manifest has no `encryption` key: its bytes are as before.
 """
 
 import json
@@ -28,6 +32,8 @@ FLAG_DATA = 1
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 MAX_HEADER = 1 << 20
+# What the table's digests are: xxh3-128 of the raw segment (plain), or its keyed name (encrypted)
+HASHES = ("xxh3-128", "hmac-sha256-128")
 
 
 def segment_count(virtual_size: int, segment_size: int) -> int:
@@ -99,6 +105,7 @@ class Manifest:
     labels: Dict[str, Any] = field(default_factory=dict)
     hash: str = "xxh3-128"
     compression: str = "zstd"
+    encryption: Optional[Dict[str, Any]] = None   # {cipher, key_fingerprint, naming}; None: plain
 
     def header(self) -> Dict[str, Any]:
         return {
@@ -108,6 +115,7 @@ class Manifest:
             "parent": self.parent, "generation": self.generation, "disk": self.disk,
             "created": self.created, "timings": self.timings, "counts": self.counts,
             "labels": self.labels, "hash": self.hash, "compression": self.compression,
+            **({"encryption": self.encryption} if self.encryption is not None else {}),
         }
 
 
@@ -163,10 +171,11 @@ def decode(blob: bytes, where: str = "") -> Manifest:
             parent=header.get("parent"), generation=header.get("generation"),
             disk=header.get("disk") or {}, created=header.get("created", ""),
             timings=header.get("timings") or {}, counts=header.get("counts") or {},
-            labels=header.get("labels") or {}, hash=header["hash"], compression=header["compression"])
+            labels=header.get("labels") or {}, hash=header["hash"], compression=header["compression"],
+            encryption=header.get("encryption"))
     except (KeyError, TypeError, ValueError, zstandard.ZstdError) as e:
         raise ManifestError(f"manifest {where}: bad content: {e}") from e
-    if m.hash != "xxh3-128":
+    if m.hash not in HASHES:
         raise ManifestError(f"manifest {where}: unknown hash {m.hash!r}")
     if n != segment_count(m.virtual_size, m.segment_size):
         raise ManifestError(f"manifest {where}: segment count {n} does not match the disk size")

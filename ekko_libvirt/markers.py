@@ -1,9 +1,13 @@
 """Small state objects beside the manifests (format in docs/format.md, "Lifecycle objects"):
 
-    protected/<backup-id>     the backup is kept whatever the retention policy says
-    damaged/<digest-hex>      verify (or gc) found segment <digest> missing or corrupt; the next
-                              backup of a disk whose newest manifest uses it re-reads and re-stores it
-    verify/<backup-id>        when and how the backup was last verified, and what was found
+    protected/<target>/<backup-id>  the backup is kept whatever the retention policy says
+    damaged/<digest-hex>            verify (or gc) found segment <digest> missing or corrupt; the
+                                    next backup of a disk whose newest manifest uses it reads it
+                                    from the disk again and stores it (self-healing)
+    verify/<target>/<backup-id>     when and how the backup was last verified, what was found
+
+The <target>/<backup-id> part is the one of the backup's manifest key (a domain backup has one
+manifest per disk under one backup id, so the id alone does not name a manifest).
 
 Each is one small UTF-8 JSON object. The key carries the fact; the body only informs (who uses
 a damaged segment, what the problem was). None of them takes part in a backup's commit: losing
@@ -50,31 +54,32 @@ def _ids(store, prefix: str) -> Iterable[str]:
         yield key[len(prefix):]
 
 
-# -- protected/<backup-id> ---------------------------------------------------------------------
-def protected_key(backup_id: str) -> str:
-    return PROTECTED + backup_id
+# -- protected/<target>/<backup-id> ------------------------------------------------------------
+def protected_key(target: str, backup_id: str) -> str:
+    return f"{PROTECTED}{target}/{backup_id}"
 
 
-def protect(store, backup_id: str, target: str, now: Optional[float] = None) -> None:
+def protect(store, target: str, backup_id: str, now: Optional[float] = None) -> None:
     now = time.time() if now is None else now
-    _put_json(store, protected_key(backup_id), {"backup_id": backup_id, "target": target,
-                                                "protected_at": _now_iso(now)})
+    _put_json(store, protected_key(target, backup_id), {"backup_id": backup_id, "target": target,
+                                                        "protected_at": _now_iso(now)})
 
 
-def unprotect(store, backup_id: str) -> bool:
+def unprotect(store, target: str, backup_id: str) -> bool:
     """Remove the protection; False if there was none."""
-    key = protected_key(backup_id)
+    key = protected_key(target, backup_id)
     if not store.exists(key):
         return False
     store.delete(key)
     return True
 
 
-def is_protected(store, backup_id: str) -> bool:
-    return store.exists(protected_key(backup_id))
+def is_protected(store, target: str, backup_id: str) -> bool:
+    return store.exists(protected_key(target, backup_id))
 
 
-def protected_ids(store) -> Set[str]:
+def protected(store) -> Set[str]:
+    """'<target>/<backup-id>' of every protected backup."""
     return set(_ids(store, PROTECTED))
 
 
@@ -108,7 +113,7 @@ def read_damaged(store, d: bytes) -> Optional[Dict]:
     return _get_json(store, damaged_key(d))
 
 
-# -- verify/<backup-id> ------------------------------------------------------------------------
+# -- verify/<target>/<backup-id> ---------------------------------------------------------------
 @dataclass(frozen=True)
 class VerifyState:
     backup_id: str
@@ -125,38 +130,39 @@ class VerifyState:
         return self.ok and self.verified >= since and (self.deep or not deep) and self.sample >= sample
 
 
-def verify_key(backup_id: str) -> str:
-    return VERIFY + backup_id
+def verify_key(target: str, backup_id: str) -> str:
+    return f"{VERIFY}{target}/{backup_id}"
 
 
 def write_verify(store, s: VerifyState) -> None:
-    _put_json(store, verify_key(s.backup_id), {
+    _put_json(store, verify_key(s.target, s.backup_id), {
         "backup_id": s.backup_id, "target": s.target, "verified": _now_iso(s.verified),
         "verified_ts": s.verified, "deep": s.deep, "sample": s.sample, "ok": s.ok,
         "damaged_segments": list(s.damaged_segments), "problem": s.problem})
 
 
-def read_verify(store, backup_id: str) -> Optional[VerifyState]:
-    obj = _get_json(store, verify_key(backup_id))
+def read_verify(store, target: str, backup_id: str) -> Optional[VerifyState]:
+    obj = _get_json(store, verify_key(target, backup_id))
     if obj is None:
         return None
     try:
-        return VerifyState(backup_id, str(obj.get("target", "")), float(obj["verified_ts"]), bool(obj["deep"]),
+        return VerifyState(backup_id, target, float(obj["verified_ts"]), bool(obj["deep"]),
                            float(obj["sample"]), bool(obj["ok"]), tuple(obj.get("damaged_segments") or ()),
                            str(obj.get("problem") or ""))
     except (KeyError, TypeError, ValueError):
-        log.warning("%s has unexpected content: treating the backup as never verified", verify_key(backup_id))
+        log.warning("%s has unexpected content: treating the backup as never verified", verify_key(target, backup_id))
         return None
 
 
-def forget_backup(store, backup_id: str) -> None:
+def forget_backup(store, target: str, backup_id: str) -> None:
     """The backup's manifest is gone: drop its verify state (protection is checked before)."""
-    store.delete(verify_key(backup_id))
+    store.delete(verify_key(target, backup_id))
 
 
 def stale(store, live_backups: Set[str], live_digests_check) -> List[str]:
     """Marker keys that refer to nothing any more: verify/ and protected/ of backups that are
-    gone, damaged/ of segments `live_digests_check(digest)` says no manifest references."""
+    gone (`live_backups` holds '<target>/<backup-id>' of those that exist), damaged/ of segments
+    `live_digests_check(digest)` says no manifest references."""
     out = [k for prefix in (VERIFY, PROTECTED) for k in store.list(prefix) if k[len(prefix):] not in live_backups]
     for d in damaged_digests(store):
         if not live_digests_check(d):

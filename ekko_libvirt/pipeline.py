@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 from . import catalog, markers, segment
+from .codec import PLAIN, chain_key_reason, codec_of
 from .engine.bitmaps import INCREMENTAL, ChainHead, GenerationPlan, plan_generation
 from .errors import EkkoError, LockBusy, ReaderError, StoreError
 from .faults import crash_point, pause_point
@@ -92,10 +93,14 @@ class TargetLock:
 
 
 def chain_head(store, target: str):
-    """(ChainHead, entry) of the newest committed backup, or (None, None)."""
+    """(ChainHead, entry) of the newest committed backup, or (None, None). A locked head (sealed
+    with another key, or not sealed where a key is configured) is (None, entry): nothing of it
+    can be built on, and codec.chain_key_reason says why."""
     entry = catalog.head(store, target)
     if entry is None:
         return None, None
+    if entry.locked:
+        return None, entry
     h = entry.header
     gen = h.get("generation") or {}
     return ChainHead(h["backup_id"], gen.get("bitmap"), gen.get("granularity"), h["virtual_size"],
@@ -104,14 +109,17 @@ def chain_head(store, target: str):
 
 def run_backup(engine, store, opts: BackupOptions, progress: Optional[Callable[[int, int], None]] = None) -> BackupResult:
     with TargetLock(opts.lock_dir, opts.target):
+        codec = codec_of(store)     # an encrypted store reads its key file here, before anything changes
         head, head_entry = chain_head(store, opts.target)
+        key_reason = chain_key_reason(head_entry.key, head_entry.key_fingerprint, codec.fingerprint,
+                                      opts.force_full) if head_entry is not None else None
         notes, broken = engine.recover(head.bitmap if head else None)
         info = engine.inspect()
         backup_id = catalog.new_backup_id()
         plan = plan_generation(info, head, backup_id=backup_id, prefix=opts.bitmap_prefix,
                                granularity=opts.granularity, segment_size=opts.segment_size,
                                force_full=opts.force_full, require_incremental=opts.require_incremental,
-                               broken_reason=broken)
+                               broken_reason=broken, key_mismatch_reason=key_reason)
         log.info("%s: %s backup %s: %s", opts.target, plan.kind, backup_id, plan.reason)
         parent = catalog.load(store, head_entry.key) if plan.kind == INCREMENTAL else None
         started = time.time()
@@ -121,7 +129,7 @@ def run_backup(engine, store, opts: BackupOptions, progress: Optional[Callable[[
             pause_point("after-transaction")
             table, stats = copy_segments(session.export, store, plan, info.virtual_size, parent, opts, progress)
             session.close_export()
-            m = build_manifest(opts, info, plan, backup_id, table, stats, started)
+            m = build_manifest(opts, info, plan, backup_id, table, stats, started, codec)
             crash_point("before-commit")
             key = catalog.commit(store, m)
         except BaseException:
@@ -132,7 +140,9 @@ def run_backup(engine, store, opts: BackupOptions, progress: Optional[Callable[[
         return BackupResult(m, key, notes)
 
 
-def build_manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: Stats, started: float) -> Manifest:
+def build_manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: Stats, started: float,
+                   codec=PLAIN) -> Manifest:
+    """`codec`: the store's (codec_of(store)), which named the table's segments."""
     finished = time.time()
     counts = stats.as_dict()
     counts.update(segments=table.count, data_segments=table.data_count())
@@ -144,7 +154,7 @@ def build_manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: St
         disk={"node": info.node, "filename": info.filename, "format": info.format},
         created=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
         timings={"started": started, "finished": finished, "seconds": round(finished - started, 3)},
-        counts=counts, labels=dict(opts.labels))
+        counts=counts, labels=dict(opts.labels), hash=codec.naming, encryption=codec.describe())
 
 
 def copy_segments(export, store, plan: GenerationPlan, size: int, parent: Optional[Manifest],
@@ -192,7 +202,15 @@ def _recheck(copier: "_SegmentCopier", table: SegmentTable, parent: Optional[Man
     is read again from the export (still open: the same point-in-time view) and stored."""
     store = copier.store
     parent_alive = parent is not None and store.exists(catalog.manifest_key(parent.target, parent.backup_id))
-    wanted = copier.touched if parent_alive and copier.touched is not None else table.unique_digests()
+    # marked damaged since the backup started: gc marks a segment it deleted under a backup that
+    # committed meanwhile, and that backup may be our parent
+    late = markers.damaged_digests(store) - set(copier.damaged)
+    if late:
+        late = {d for _, d in table.data_entries() if d in late}
+    if parent_alive and copier.touched is not None:
+        wanted = copier.touched | late
+    else:
+        wanted = table.unique_digests()
     missing = _missing(store, wanted, max(2, copier.opts.workers * 2))
     if not missing:
         return
@@ -203,10 +221,12 @@ def _recheck(copier: "_SegmentCopier", table: SegmentTable, parent: Optional[Man
         if d not in missing:
             continue
         data = w.read(whole_segment(i, seg, size))
-        nd = None if segment.is_zero(data) else segment.digest(data)
+        nd = None if segment.is_zero(data) else copier.codec.name(data)
         if nd == d:
             copier.store_segment(data, d, restored_segments=1)
             missing.discard(d)
+            if d in late:
+                copier.healed.add(d)        # its mark goes with the others after the check
             continue
         # The export differs from what the parent recorded for a clean segment: trust the export.
         log.warning("%s: segment %d reads differently from its record %s: storing what the export holds",
@@ -241,6 +261,7 @@ class _SegmentCopier:
                  damaged: "set | frozenset" = frozenset(), track: bool = True):
         self.reader = reader
         self.store = store
+        self.codec = codec_of(store)    # names segments: xxh3-128, or keyed in an encrypted store
         self.known = known
         self.opts = opts
         self.damaged = damaged      # digests marked damaged: stored again, never reused
@@ -293,7 +314,7 @@ class _SegmentCopier:
         if segment.is_zero(data):
             self._count(zero_segments=1)
             return p.index, None, p.offset + p.length
-        d = segment.digest(data)
+        d = self.codec.name(data)
         key = segment.segment_key(d)
         with self._lock:
             heal = d in self.damaged and d not in self.healed
@@ -311,7 +332,7 @@ class _SegmentCopier:
         return p.index, d, p.offset + p.length
 
     def store_segment(self, data, d: bytes, **counts) -> None:
-        enc = segment.encode(data, self.opts.compression_level, self.opts.compress, d)
+        enc = segment.encode(data, self.opts.compression_level, self.opts.compress, d, codec=self.codec)
         crash_point("during-store")
         self.store.put(enc.key, enc.blob)
         self._count(new_segments=1, stored_bytes=len(enc.blob), **counts)

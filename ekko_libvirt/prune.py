@@ -11,12 +11,14 @@ Each rule is counted on its own (a backup kept by `last` still fills its day for
 backup is kept if any rule keeps it. Whatever the policy, two more reasons keep a backup:
 
     newest      the newest readable backup of the target: what the next incremental builds on
-    protected   `ekko protect` put a protected/<backup-id> marker in the store
+    protected   `ekko protect` put a protected/<target>/<backup-id> marker in the store
 
-Every other backup goes, including those whose manifest is unreadable (they cannot be restored,
-and they stop gc from knowing which segments are garbage). Deleting a backup deletes only its
-manifest: every manifest is a synthetic full, so no other backup depends on it; gc frees the
-segments that nothing references any more. Periods are calendar periods in `tz` (the CLI passes
+Every other backup goes, including those whose manifest is damaged (they cannot be restored, and
+they stop gc from knowing which segments are garbage). A manifest that is merely locked (sealed
+with a key this host does not hold) is never pruned: with the right key it is a good backup.
+
+Deleting a backup deletes only its manifest: every manifest is a synthetic full, so no other
+backup depends on it; gc frees the segments that nothing references any more. Periods are calendar periods in `tz` (the CLI passes
 the host's local time zone; UTC by default).
 """
 
@@ -82,7 +84,8 @@ class Backup:
     target: str
     time: Optional[datetime.datetime]   # None: the id carries no time (not written by ekko)
     protected: bool = False
-    readable: bool = True               # False: the manifest is damaged
+    readable: bool = True               # False: the manifest is damaged (or locked)
+    locked: bool = False                # sealed with a key we do not hold: kept, never judged
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,8 @@ def plan_target(backups: Iterable[Backup], policy: Optional[Policy],
             reasons[b.backup_id].append("protected")
         if b.time is None:
             reasons[b.backup_id].append("no time in its id: never pruned")
+        if b.locked:
+            reasons[b.backup_id].append("locked: sealed with a key this host does not hold")
     readable = [b for b in items if b.readable and b.time is not None]
     timed = [b for b in items if b.time is not None]
     if readable or timed:

@@ -20,6 +20,7 @@ from typing import Callable, List, Optional
 import nbd
 
 from . import segment
+from .codec import codec_of
 from .errors import EkkoError, IntegrityError, StoreError, UsageError
 from .manifest import Manifest
 from .nbd.reader import close_handle
@@ -94,7 +95,7 @@ def _copy(store, m: Manifest, writer_factory, workers, allow_damaged, result: Re
         length = min(m.segment_size, m.virtual_size - offset)
         key = segment.segment_key(d)
         try:
-            raw = segment.decode(store.get(key), d)
+            raw = segment.decode(store.get(key), d, codec=codec_of(store))
             if len(raw) != length:
                 raise IntegrityError(f"segment {key}: {len(raw)} bytes where the disk needs {length}")
         except (IntegrityError, StoreError) as e:

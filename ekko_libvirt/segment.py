@@ -8,6 +8,10 @@ The digest is xxh3-128 of the raw (uncompressed) bytes, and it names the object,
 segments are stored once per store namespace. xxh3 is not a cryptographic hash: it detects
 accidental damage, not a forged collision, so deduplication is scoped to one namespace (one
 project), where every writer is already trusted with every reader's data.
+
+In an encrypted store (codec.py, crypto.py) the object is the same, but its name is a keyed
+hash of the raw bytes (the codec's `name`) while the header keeps the xxh3-128 of the raw bytes;
+the store seals the object in an envelope that authenticates it together with its name.
 """
 
 import struct
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 import xxhash
 import zstandard
 
+from .codec import PLAIN
 from .errors import IntegrityError
 
 MAGIC = b"EKS1"
@@ -83,29 +88,37 @@ class EncodedSegment:
         return segment_key(self.digest)
 
 
-def encode(raw, level: int = 1, compress: bool = True, known_digest: "bytes | None" = None) -> EncodedSegment:
+def encode(raw, level: int = 1, compress: bool = True, known_digest: "bytes | None" = None,
+           codec=PLAIN) -> EncodedSegment:
     """raw bytes -> verified object. Decodes what it built and re-hashes it before returning,
-    so a compressor bug can never reach the store (verify before upload)."""
-    d = known_digest or digest(raw)
+    so a compressor bug can never reach the store (verify before upload). `known_digest` is the
+    segment's name under `codec` when the caller has it already."""
+    name = known_digest or codec.name(raw)
+    d = digest(raw) if codec.encrypted else name
     comp, payload = COMP_NONE, raw
     if compress:
         packed = _codecs.compressor(level).compress(raw)
         if len(packed) <= len(raw) * (1 - MIN_SAVING):
             comp, payload = COMP_ZSTD, packed
     blob = HEADER.pack(MAGIC, comp, HASH_XXH3_128, 0, len(raw), d) + bytes(payload)
-    decode(blob, d)
-    return EncodedSegment(d, blob, len(raw))
+    decode(blob, name, codec=codec)
+    return EncodedSegment(name, blob, len(raw))
 
 
-def decode(blob: bytes, expected: bytes, where: str = "") -> bytes:
-    """Object bytes -> raw bytes, or IntegrityError if anything does not match `expected`."""
+def decode(blob: bytes, expected: bytes, where: str = "", codec=PLAIN) -> bytes:
+    """Object bytes -> raw bytes, or IntegrityError if anything does not match `expected` (the
+    segment's name). Under an encrypting codec `blob` is what the store opened (the envelope
+    already proved it is the object stored under that name): the header's xxh3-128 is checked
+    against the content, not against the keyed name."""
     name = where or segment_key(expected)
     if len(blob) < HEADER.size:
         raise IntegrityError(f"segment {name}: truncated ({len(blob)} bytes)")
     magic, comp, hash_id, _, length, stored = HEADER.unpack_from(blob)
     if magic != MAGIC or hash_id != HASH_XXH3_128:
         raise IntegrityError(f"segment {name}: not an ekko segment (bad magic or hash id)")
-    if stored != expected:
+    if codec.encrypted:
+        expected = stored
+    elif stored != expected:
         raise IntegrityError(f"segment {name}: header digest {stored.hex()} does not match its name")
     payload = memoryview(blob)[HEADER.size:]
     if comp == COMP_ZSTD:

@@ -26,7 +26,8 @@ from typing import Callable, Dict, List, Optional, Set
 import xxhash
 
 from . import catalog, markers, segment
-from .errors import IntegrityError, ManifestError, ObjectNotFound, StoreError
+from .codec import codec_of
+from .errors import IntegrityError, KeyMismatch, ManifestError, ObjectNotFound, StoreError
 
 
 @dataclass
@@ -94,7 +95,7 @@ def verify(store, manifest_keys: List[str], deep: bool = False, workers: int = 4
         key = segment.segment_key(d)
         try:
             if deep:
-                segment.decode(store.get(key), d)
+                segment.decode(store.get(key), d, codec=codec_of(store))
             elif not store.exists(key):
                 return key, "missing"
         except IntegrityError as e:
@@ -121,9 +122,15 @@ def verify(store, manifest_keys: List[str], deep: bool = False, workers: int = 4
 class VerifyRun:
     report: VerifyReport
     checked: List[str]                  # manifest keys checked this run
-    skipped: List[str]                  # backup ids skipped: verified recently enough
+    skipped: List[str]                  # manifest keys skipped: verified recently enough
     marked: List[str] = field(default_factory=list)      # damaged/ markers written
     cleared: List[str] = field(default_factory=list)     # damaged/ markers removed (segment intact)
+
+
+def _rel(manifest_key: str) -> "tuple[str, str]":
+    """manifests/<target>/<backup-id> -> (target, backup-id)"""
+    target, bid = manifest_key[len(catalog.PREFIX):].rsplit("/", 1)
+    return target, bid
 
 
 def run(store, manifest_keys: List[str], deep: bool = False, sample: float = 1.0,
@@ -135,10 +142,9 @@ def run(store, manifest_keys: List[str], deep: bool = False, sample: float = 1.0
     since = now - since_days * 86400 if since_days is not None else None
     checked, skipped = [], []
     for key in manifest_keys:
-        bid = key.rsplit("/", 1)[1]
-        state = markers.read_verify(store, bid) if since is not None else None
+        state = markers.read_verify(store, *_rel(key)) if since is not None else None
         if state is not None and state.covers(deep, sample, since):
-            skipped.append(bid)
+            skipped.append(key)
         else:
             checked.append(key)
     # a shallow check cannot tell a corrupt segment from a good one: only a deep one clears marks
@@ -147,19 +153,19 @@ def run(store, manifest_keys: List[str], deep: bool = False, sample: float = 1.0
                     watch=marked_before)
     out = VerifyRun(report, checked, skipped)
 
-    targets = {k.rsplit("/", 1)[1]: k[len(catalog.PREFIX):].rsplit("/", 1)[0] for k in checked}
+    # every backup that uses a damaged segment, not only those checked this run
     damaged = {segment.digest_from_key(k): k for k in report.damaged}
+    bad_of: Dict[str, List[str]] = {}          # manifest key -> damaged segment keys it names
     if damaged:
-        # every backup that uses a damaged segment, not only those checked this run
         for key in catalog.keys(store):
             try:
                 m = catalog.load(store, key)
-            except (ManifestError, ObjectNotFound):
+            except (ManifestError, ObjectNotFound, KeyMismatch):
                 continue
             for _, d in m.table.data_entries():
                 if d in damaged:
                     report.used_by.setdefault(damaged[d], set()).add(m.backup_id)
-                    targets[m.backup_id] = m.target
+                    bad_of.setdefault(key, []).append(damaged[d])
     for d, key in damaged.items():
         markers.mark_damaged(store, d, key, report.damaged[key], report.used_by.get(key, ()), now)
         out.marked.append(markers.damaged_key(d))
@@ -167,16 +173,10 @@ def run(store, manifest_keys: List[str], deep: bool = False, sample: float = 1.0
         markers.clear_damaged(store, d)
         out.cleared.append(markers.damaged_key(d))
 
-    bad_of: Dict[str, List[str]] = {}
-    for key in report.damaged:
-        for bid in report.used_by.get(key, ()):
-            bad_of.setdefault(bid, []).append(key)
-    for bid in set(report.backups) | set(bad_of):
+    for key in set(checked) | set(bad_of):
+        target, bid = _rel(key)
+        problem = report.bad_manifests.get(key, "")
         markers.write_verify(store, markers.VerifyState(
-            bid, targets.get(bid, ""), now, deep, sample if bid in report.backups else 0.0, bid not in bad_of,
-            tuple(sorted(bad_of.get(bid, ())))))
-    for key, problem in report.bad_manifests.items():
-        bid = key.rsplit("/", 1)[1]
-        markers.write_verify(store, markers.VerifyState(bid, key[len(catalog.PREFIX):].rsplit("/", 1)[0], now,
-                                                        deep, sample, False, (), problem))
+            bid, target, now, deep, sample if key in checked else 0.0, not problem and key not in bad_of,
+            tuple(sorted(set(bad_of.get(key, ())))), problem))
     return out

@@ -94,15 +94,17 @@ def _act(kind: str, **data) -> dict:
 def plan_generation(info: DiskInfo, head: Optional[ChainHead], *, backup_id: str, prefix: str,
                     granularity: int, segment_size: int, force_full: bool = False,
                     require_incremental: bool = False,
-                    broken_reason: Optional[str] = None) -> GenerationPlan:
+                    broken_reason: Optional[str] = None,
+                    key_mismatch_reason: Optional[str] = None) -> GenerationPlan:
     """Full or incremental, and why. Raises IncrementalImpossible when an incremental was
-    demanded and the chain check fails."""
+    demanded and the chain check fails. `key_mismatch_reason`: the newest backup was sealed with
+    another key, or encrypted while this one is not (or the reverse): codec.chain_key_reason."""
     bitmap_capable = info.format == "qcow2"
     new = generation_name(prefix, backup_id) if bitmap_capable else None
     base = _healthy_head_bitmap(info, head)
     gran = base.granularity if base is not None else granularity
 
-    reason = _why_full(info, head, force_full, broken_reason, bitmap_capable)
+    reason = _why_full(info, head, force_full, broken_reason, bitmap_capable, key_mismatch_reason)
     if reason is None:
         return GenerationPlan(INCREMENTAL, f"changes since {head.backup_id} (bitmap {head.bitmap})",
                               head.backup_id, new, gran, base.name, base.name,
@@ -127,10 +129,14 @@ def _healthy_head_bitmap(info: DiskInfo, head: Optional[ChainHead]):
 
 
 def _why_full(info: DiskInfo, head: Optional[ChainHead], force_full: bool,
-              broken_reason: Optional[str], bitmap_capable: bool) -> Optional[str]:
+              broken_reason: Optional[str], bitmap_capable: bool,
+              key_mismatch_reason: Optional[str] = None) -> Optional[str]:
     if not bitmap_capable:
         return (f"disk format {info.format} cannot hold a persistent dirty bitmap "
                 "(qcow2 v3 needed): every backup of it is a full")
+    if key_mismatch_reason:
+        # A chain never mixes keys, nor encrypted and plain segments.
+        return key_mismatch_reason
     if force_full:
         return "full backup requested (--full)"
     if head is None:

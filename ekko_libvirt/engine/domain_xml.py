@@ -89,11 +89,13 @@ def backup_xml(disks: Sequence[DiskBackupSpec], socket: str) -> str:
 
 
 def checkpoint_xml(name: str, devs_with_bitmap: Sequence[str], other_devs: Sequence[str],
-                   description: str = "ekko backup generation") -> str:
-    """Every disk named explicitly: an unlisted disk gets checkpoint='no' silently."""
+                   description: str = "ekko backup generation", created: Optional[int] = None) -> str:
+    """Every disk named explicitly: an unlisted disk gets checkpoint='no' silently. `created`
+    (Unix seconds) is required when redefining: libvirt refuses a checkpoint without it."""
     disks = [f"<disk name={quoteattr(d)} checkpoint='bitmap' bitmap={quoteattr(name)}/>" for d in devs_with_bitmap]
     disks += [f"<disk name={quoteattr(d)} checkpoint='no'/>" for d in other_devs]
-    return (f"<domaincheckpoint><name>{name}</name><description>{description}</description>"
+    when = f"<creationTime>{int(created)}</creationTime>" if created is not None else ""
+    return (f"<domaincheckpoint><name>{name}</name><description>{description}</description>{when}"
             f"<disks>{''.join(disks)}</disks></domaincheckpoint>")
 
 

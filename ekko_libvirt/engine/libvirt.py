@@ -126,11 +126,12 @@ class LibvirtDomainEngine:
     def our_checkpoints(self) -> List[str]:
         return [c.getName() for c in self.dom.listAllCheckpoints() if c.getName().startswith(self.prefix)]
 
-    def redefine(self, name: str, devs_with_bitmap: List[str], other_devs: List[str]) -> Optional[str]:
+    def redefine(self, name: str, devs_with_bitmap: List[str], other_devs: List[str], created: float) -> Optional[str]:
         """Put checkpoint `name` back into libvirt's metadata, validated against the bitmaps in
         the images. -> None when the chain can be trusted, else the reason it cannot."""
         self.forget(name)
-        xml = self.state.checkpoint_xml(self.uuid, name) or dx.checkpoint_xml(name, devs_with_bitmap, other_devs)
+        xml = self.state.checkpoint_xml(self.uuid, name) or dx.checkpoint_xml(name, devs_with_bitmap, other_devs,
+                                                                              created=int(created))
         flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
         try:
             self.dom.checkpointCreateXML(xml, flags)

@@ -11,6 +11,17 @@ _NS = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 def open_store(cfg: Config, namespace: Optional[str] = None):
+    """The store of one project namespace; sealed with the project's key when encryption is on
+    (the key file is read on first use: see crypto.SealedStore)."""
+    inner = open_raw_store(cfg, namespace)
+    if not cfg.encryption.enabled:
+        return inner
+    from ..crypto import DEFAULT_PROJECT, SealedStore, key_loader
+    return SealedStore(inner, key_loader(cfg.encryption.key_file, namespace or DEFAULT_PROJECT, inner))
+
+
+def open_raw_store(cfg: Config, namespace: Optional[str] = None):
+    """The store as it is, objects unopened (`ekko key show` reads fingerprints with it)."""
     if namespace is not None and (not _NS.match(namespace) or namespace in (".", "..")):
         raise ConfigError("namespace", f"invalid project namespace {namespace!r}")
     if cfg.store.type == "local":

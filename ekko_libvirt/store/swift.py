@@ -195,7 +195,8 @@ class SwiftStore:
         self.container = config.container
         self._local = threading.local()
         self._conns: "weakref.WeakSet[Connection]" = weakref.WeakSet()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _conns
+        self._container_lock = threading.Lock()
         self._container_ready = False
         self._secrets = tuple(
             s for s in (config.key, config.application_credential_secret) if s
@@ -304,7 +305,7 @@ class SwiftStore:
     def _ensure_container(self, force: bool = False) -> None:
         if self._container_ready and not force:
             return
-        with self._lock:
+        with self._container_lock:
             if self._container_ready and not force:
                 return
             try:

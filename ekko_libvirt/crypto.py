@@ -1,0 +1,277 @@
+"""Encryption at rest: project keys, derived sub-keys, sealed objects, keyed segment names.
+
+The byte-level format is in docs/format.md, "Encryption". In short:
+
+    key file       32 random bytes, mode 0600 (refused when group or others may read it)
+    sub-keys       HKDF-SHA256(key, no salt, info) for info = "ekko/v1/data" (AES-256-GCM key),
+                   "ekko/v1/name" (HMAC key), "ekko/v1/fingerprint" (16 bytes: the fingerprint)
+    segment name   first 16 bytes of HMAC-SHA256(name key, raw segment bytes)
+    sealed object  'EKE1' | fingerprint (16) | nonce (12, random) | ciphertext | tag (16)
+                   AES-256-GCM, associated data = the first 32 bytes || the object's key (ASCII)
+
+What it protects: whoever reads the store learns the number, sizes and times of the objects and
+what their keys say (target names, backup ids), nothing of any disk; a segment name is a keyed
+hash, so equal data under two keys gets unrelated names and a name cannot be tested against a
+guessed content. Whoever can write the store can delete objects, but cannot alter, truncate,
+swap (the key is authenticated) or forge one without restore and verify reporting it.
+
+The key itself never leaves this module: SealedCodec keeps only derived sub-keys, its repr shows
+the fingerprint, and no message prints more than a fingerprint or a path.
+"""
+
+import hmac
+import os
+import re
+import secrets
+import stat
+import threading
+from typing import Callable, List, Optional, Tuple
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .codec import FINGERPRINT_SIZE, SEALED_MAGIC, sealed_fingerprint
+from .errors import ConfigError, EkkoError, IntegrityError, KeyMismatch, UsageError
+
+KEY_SIZE = 32
+NONCE_SIZE = 12
+TAG_SIZE = 16
+PREFIX_SIZE = len(SEALED_MAGIC) + FINGERPRINT_SIZE + NONCE_SIZE     # 32
+NAME_SIZE = 16
+INFO_DATA = b"ekko/v1/data"
+INFO_NAME = b"ekko/v1/name"
+INFO_FINGERPRINT = b"ekko/v1/fingerprint"
+CIPHER = "aes-256-gcm"
+NAMING = "hmac-sha256-128"
+DEFAULT_PROJECT = "default"
+_PROJECT = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# Objects of the plain format: found where a sealed one is expected, they were written without
+# encryption (a KeyMismatch, not damage).
+_PLAIN_MAGICS = (b"EKS1", b"EKKOMAN1", b"{")
+_MANIFESTS = "manifests/"
+
+
+def _hkdf(key: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(key)
+
+
+def derive(key: bytes) -> Tuple[bytes, bytes, bytes]:
+    """(data key, name key, fingerprint) of a project key."""
+    if len(key) != KEY_SIZE:
+        raise ValueError(f"an ekko key is {KEY_SIZE} bytes, not {len(key)}")
+    return _hkdf(key, INFO_DATA, 32), _hkdf(key, INFO_NAME, 32), _hkdf(key, INFO_FINGERPRINT, FINGERPRINT_SIZE)
+
+
+def fingerprint(key: bytes) -> str:
+    return derive(key)[2].hex()
+
+
+class SealedCodec:
+    """Names segments with the keyed hash and seals/opens objects under one project key."""
+
+    encrypted = True
+    naming = NAMING
+
+    def __init__(self, key: bytes, source: str = "(in memory)"):
+        data_key, self._name_key, self._fp = derive(key)
+        self._aead = AESGCM(data_key)
+        self.fingerprint = self._fp.hex()
+        self.source = source        # where the key came from (a path), for messages
+
+    def __repr__(self) -> str:
+        return f"SealedCodec(fingerprint={self.fingerprint}, source={self.source})"
+
+    def describe(self):
+        return {"cipher": CIPHER, "key_fingerprint": self.fingerprint, "naming": NAMING}
+
+    def name(self, raw) -> bytes:
+        return hmac.digest(self._name_key, raw, "sha256")[:NAME_SIZE]
+
+    def seal(self, key: str, data) -> bytes:
+        nonce = os.urandom(NONCE_SIZE)
+        prefix = SEALED_MAGIC + self._fp + nonce
+        return prefix + self._aead.encrypt(nonce, bytes(data), prefix + key.encode("ascii"))
+
+    def open(self, key: str, blob: bytes) -> bytes:
+        """The plaintext of the object stored under `key`. IntegrityError when it was altered,
+        truncated or stored under another key; KeyMismatch when it is sealed with another key
+        or not sealed at all."""
+        if len(blob) < PREFIX_SIZE + TAG_SIZE or blob[:len(SEALED_MAGIC)] != SEALED_MAGIC:
+            if any(blob[:len(m)] == m for m in _PLAIN_MAGICS):
+                raise KeyMismatch(key, None, self.fingerprint, "A chain is either encrypted or not: "
+                                  "read it with a config without encryption")
+            raise IntegrityError(f"{key}: not a sealed ekko object (bad magic, or truncated to {len(blob)} bytes)")
+        fp = bytes(blob[len(SEALED_MAGIC):len(SEALED_MAGIC) + FINGERPRINT_SIZE])
+        nonce = bytes(blob[len(SEALED_MAGIC) + FINGERPRINT_SIZE:PREFIX_SIZE])
+        body = bytes(blob[PREFIX_SIZE:])     # cryptography < 42 takes bytes only
+        aad_key = key.encode("ascii")
+        if fp == self._fp:
+            try:
+                return self._aead.decrypt(nonce, body, bytes(blob[:PREFIX_SIZE]) + aad_key)
+            except InvalidTag:
+                raise IntegrityError(f"{key}: authentication failed: the object was altered, damaged or "
+                                     "stored under another name") from None
+        # Another key's object, or ours with a damaged fingerprint: only ours opens with our own
+        # fingerprint in its place.
+        try:
+            self._aead.decrypt(nonce, body, SEALED_MAGIC + self._fp + nonce + aad_key)
+        except InvalidTag:
+            raise KeyMismatch(key, fp.hex(), self.fingerprint,
+                              f"Check encryption.key_file ({self.source}); `ekko key show` lists the "
+                              "fingerprints in use") from None
+        raise IntegrityError(f"{key}: the key fingerprint in its header is damaged")
+
+
+class SealedStore:
+    """Any Store, with every object sealed on put and opened on get. Keys pass unchanged; the
+    codec (and with it the key file) is loaded on first use, so a namespace nobody reads needs
+    no key. Everything else (exists, list, delete, stat, describe) is the inner store's.
+
+    put() opens what it sealed and compares before storing (verify before store)."""
+
+    def __init__(self, inner, load_codec: Callable[[], SealedCodec]):
+        self.inner = inner
+        self._load = load_codec
+        self._codec: Optional[SealedCodec] = None
+        self._lock = threading.Lock()
+
+    @property
+    def codec(self) -> SealedCodec:
+        if self._codec is None:
+            with self._lock:
+                if self._codec is None:
+                    self._codec = self._load()
+        return self._codec
+
+    def put(self, key: str, data) -> None:
+        codec = self.codec
+        blob = codec.seal(key, data)
+        if codec.open(key, blob) != data:
+            raise IntegrityError(f"{key}: sealing did not round-trip; nothing stored")
+        self.inner.put(key, blob)
+
+    def get(self, key: str) -> bytes:
+        blob = self.inner.get(key)
+        try:
+            return self.codec.open(key, blob)
+        except KeyMismatch as e:
+            if key.startswith(_MANIFESTS):
+                raise
+            # Only manifests tell which key a backup needs; anything they lead to was sealed with
+            # the same key, so another key (or none) there means the object was replaced.
+            what = f"sealed with another key (fingerprint {e.needed})" if e.needed else "not encrypted"
+            raise IntegrityError(f"{key}: {what}: not the object this store wrote") from e
+
+    def exists(self, key: str) -> bool:
+        return self.inner.exists(key)
+
+    def list(self, prefix: str = ""):
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def describe(self) -> str:
+        return f"{self.inner.describe()} (encrypted)"
+
+    def __getattr__(self, name):
+        if name.startswith("_") or name in ("inner", "codec"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+# -- key files ---------------------------------------------------------------------------------
+def check_project(project: str) -> str:
+    if not _PROJECT.match(project) or project in (".", ".."):
+        raise UsageError(f"invalid project name {project!r} (letters, digits, '.', '_', '-')")
+    return project
+
+
+def key_path(template: str, project: str) -> str:
+    """encryption.key_file with {project} filled in."""
+    return template.replace("{project}", check_project(project))
+
+
+def load_key(path: str) -> bytes:
+    """The 32 bytes of a key file; ConfigError when it is missing, not private, or malformed."""
+    label = "encryption.key_file"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise ConfigError(label, f"key file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(label, f"cannot read key file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(label, f"key file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(label, f"key file {path} is accessible by group or others (mode "
+                                     f"{stat.S_IMODE(st.st_mode):04o}): refusing to use it; chmod 600 {path}")
+        data = os.read(fd, KEY_SIZE + 1)
+    finally:
+        os.close(fd)
+    if len(data) != KEY_SIZE:
+        size = f"{len(data)} bytes" if len(data) < KEY_SIZE else f"more than {KEY_SIZE} bytes"
+        raise ConfigError(label, f"key file {path} holds {size}; an ekko key is exactly {KEY_SIZE} random "
+                                 "bytes (`ekko key create` makes one)")
+    return data
+
+
+def create_key(path: str) -> str:
+    """Write a new random key to `path` (0600; never over an existing file). Returns its fingerprint."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    key = secrets.token_bytes(KEY_SIZE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        raise UsageError(f"key file {path} exists: refusing to overwrite a key (the backups sealed with it "
+                         "could never be read again)") from None
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, key)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return fingerprint(key)
+
+
+def fingerprints_in(store) -> List[str]:
+    """The distinct key fingerprints of the sealed manifests in a (raw, unwrapped) store."""
+    found = set()
+    for key in store.list(_MANIFESTS):
+        try:
+            fp = sealed_fingerprint(store.get(key)[:PREFIX_SIZE])
+        except EkkoError:
+            continue
+        if fp:
+            found.add(fp)
+    return sorted(found)
+
+
+def key_loader(template: str, project: str, inner) -> Callable[[], SealedCodec]:
+    """What SealedStore calls on first use: the project's key file -> codec. A missing file is
+    reported with the fingerprints the store's backups need."""
+    def load() -> SealedCodec:
+        path = key_path(template, project)
+        if not os.path.lexists(path):
+            try:
+                needed = fingerprints_in(inner)
+            except EkkoError:
+                needed = []
+            hint = (f"; the backups in {inner.describe()} need the key with fingerprint {', '.join(needed)}"
+                    if needed else f"; `ekko key create --project {project}` makes a new one")
+            raise ConfigError("encryption.key_file", f"key file {path} (project {project}) does not exist{hint}")
+        return SealedCodec(load_key(path), path)
+    return load
