@@ -1,0 +1,65 @@
+"""The pure parts of hooks/qemu, loaded as a module (the script itself runs in the integration test)."""
+
+import importlib.machinery
+import importlib.util
+import json
+import os
+
+import pytest
+
+from ekko_libvirt.agent.events import parse_event
+
+HOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "hooks", "qemu")
+UUID = "6f1c2e4a-1b2c-4d5e-8f90-123456789abc"
+
+
+@pytest.fixture(scope="module")
+def hook():
+    loader = importlib.machinery.SourceFileLoader("ekko_hook_script", HOOK)
+    spec = importlib.util.spec_from_loader("ekko_hook_script", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def test_parse_argv(hook):
+    call, problem = hook.parse_argv(["instance-0000000a", "started", "begin", "-"])
+    assert problem is None and call == {"domain": "instance-0000000a", "op": "started", "subop": "begin",
+                                        "extra": "-", "known": True}
+    call, _ = hook.parse_argv(["vm", "frobnicate", "begin", "x y"])
+    assert call["known"] is False and call["extra"] is None          # bad extra: dropped, call kept
+    for bad in (["vm"], ["../x", "start", "begin", "-"], ["vm", "Start", "begin", "-"], ["vm", "s", "b" * 17, "-"]):
+        assert hook.parse_argv(bad)[0] is None
+
+
+def test_parse_domain_xml_takes_only_top_level_name_and_uuid(hook):
+    xml = (f"<domain><name>vm1</name><uuid>{UUID.upper()}</uuid>"
+           "<devices><disk><name>inner</name><uuid>00000000-0000-0000-0000-000000000000</uuid></disk></devices>"
+           "<metadata><nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'>"
+           "<nova:name>  web  </nova:name><nova:owner><nova:project uuid='bad'/></nova:owner>"
+           "</nova:instance><other:name xmlns:other='urn:x'>not nova</other:name></metadata></domain>").encode()
+    r = hook.parse_domain_xml(xml)
+    assert r == {"status": "ok", "uuid": UUID, "name": "vm1", "nova": {"name": "web"}}
+
+
+@pytest.mark.parametrize("xml", [b"", b"garbage", b"<domain><uuid>x</uuid></domain>",
+                                 b"<x:domain xmlns:x='urn:y'><uuid>" + UUID.encode() + b"</uuid></x:domain>",
+                                 b"<!DOCTYPE domain [<!ENTITY e 'x'>]><domain/>"])
+def test_parse_domain_xml_refuses(hook, xml):
+    r = hook.parse_domain_xml(xml)
+    assert r["uuid"] is None and r["status"] in ("empty", "malformed")
+
+
+def test_encode_is_json_and_parses_as_an_event(hook):
+    rec = {"v": 1, "wall_ns": 10, "mono_ns": 2, "boot_id": None, "pid": 3, "domain": "vm", "op": "started",
+           "subop": "begin", "extra": "-", "known": True, "uuid": UUID, "xml_name": "vm\u00e9\"\\\n",
+           "xml": "ok", "nova": {"name": "w\u00e9b"}, "vetoed": False}
+    text = hook.encode(rec)
+    assert text.isascii() and json.loads(text) == rec
+    assert parse_event(json.loads(text)).nova.name == "w\u00e9b"
+
+
+def test_valid_uuid(hook):
+    assert hook.valid_uuid(UUID.upper()) == UUID
+    for bad in (None, 5, "", UUID[:-1], UUID.replace("-", "x"), "g" * 36):
+        assert hook.valid_uuid(bad) is None
