@@ -272,6 +272,14 @@ def _backup_libvirt(cfg, target, args, bar):
     disks = tuple(args.disk or (target.disks if target is not None else ()))
     prefix = target.bitmap_prefix if target is not None else "ekko-"
     conn = _libvirt_connect(cfg, args.target)
+    if target is None:
+        from .engine.libvirt import lookup_domain
+        try:
+            lookup_domain(conn, domain)
+        except UsageError as e:
+            conn.close()
+            raise UsageError(f"unknown target {args.target!r}: not a configured target (configured: "
+                             f"{', '.join(t.name for t in cfg.targets) or 'none'}) and {e}") from e
     try:
         req = DomainBackupRequest(domain, disks, args.full, args.incremental)
         return run_domain_backup(conn, req, lambda ns: open_store(cfg, ns), _backup_options(cfg, domain, prefix),

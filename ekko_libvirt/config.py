@@ -128,6 +128,9 @@ def build(raw: Any, source: str = "") -> Config:
     if "retention" in raw:
         from .prune import RetentionConfig      # typed there; checked here so a bad key fails fast
         RetentionConfig.from_mapping(raw["retention"])
+    if any(k in raw for k in ("agent", "schedule", "domains")):
+        from .agent.settings import AgentSettings   # typed there; checked here so a bad key fails fast
+        AgentSettings.from_mapping(raw)
     return cfg
 
 
