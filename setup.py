@@ -13,6 +13,7 @@ setup(
         "zstandard>=0.19",
         "PyYAML>=6.0",
         "python-swiftclient>=4.0",
+        "cryptography>=38.0",     # encryption at rest (crypto.py): AES-256-GCM and HKDF
         "libvirt-python>=9.0",
     ],
     entry_points={"console_scripts": ["ekko = ekko_libvirt.cli:main"]},

@@ -70,7 +70,9 @@ def backup_domain(conn, req: DomainBackupRequest, open_store: Callable, base: Ba
         raise UsageError(f"domain {dom.name()} has no disk to back up")
     nova = dx.parse_nova(xml)
     store = open_store(dx.project_namespace(nova))
-    labels = dict(base.labels, **nova)
+    # The domain's definition goes with every disk's manifest: `ekko restore --define` builds a
+    # new domain from it. Inactive XML (what is defined, not runtime state), no secret values.
+    labels = dict(base.labels, **nova, domain_xml=dx.storable_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
     if not dom.isActive():
         from .offline import backup_offline
         return backup_offline(dom, disks, req, store, base, labels, state_dir, run_dir, progress)
@@ -120,10 +122,13 @@ def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_d
     try:
         crash_point("after-transaction")
         pause_point("after-transaction")
+        total, before = sum(d.size for d in disks), 0
         for d in disks:
             export = Export(socket, d.spec.dev, dx.dirty_context(d.spec.dev) if d.plan.kind == INCREMENTAL else None)
             opts = _opts(base, d.target, labels, new_cp if d.spec.bitmap_capable else None)
-            table, stats = copy_segments(export, store, d.plan, d.size, d.parent, opts, progress)
+            table, stats = copy_segments(export, store, d.plan, d.size, d.parent, opts,
+                                         _whole_job(progress, before, total))
+            before += d.size
             info = DiskInfo(d.spec.dev, d.spec.source, d.spec.format, d.size)
             d.manifest = build_manifest(opts, info, d.plan, backup_id, table, stats, started, codec_of(store))
         engine.end_job()
@@ -142,6 +147,13 @@ def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_d
     engine.save_and_forget(new_cp)
     state.drop_job(dom.UUIDString())
     return [BackupResult(d.manifest, k, notes) for d, k in zip(disks, keys)]
+
+
+def _whole_job(progress, before: int, total: int):
+    """Progress of one disk -> progress of the whole job (all disks, one after the other)."""
+    if progress is None:
+        return None
+    return lambda done, _size: progress(before + done, total)
 
 
 class _Retry(Exception):

@@ -32,6 +32,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$HERE/requirements.txt" -r "$HERE/requirements-test.txt"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$HERE"
-"$VENV/bin/python" -c 'import nbd, qemu.qmp, xxhash, zstandard, yaml' || {
+"$VENV/bin/python" -c 'import nbd, qemu.qmp, xxhash, zstandard, yaml, cryptography' || {
     echo "install-deps: the venv at $VENV cannot import its dependencies" >&2; exit 1; }
 echo "install-deps: ok ($WHAT) venv=$VENV" >&2
