@@ -70,11 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--disk", help="which disk of a domain backup")
     s.add_argument("--project", help="only look in this project's namespace")
 
-    r = sub.add_parser("restore", parents=[common], help="restore a backup to a raw or qcow2 file")
+    r = sub.add_parser("restore", parents=[common],
+                       help="restore a backup to a raw or qcow2 file, or a domain backup's disks to a directory "
+                            "(--define: as a new libvirt domain)")
     r.add_argument("backup")
-    r.add_argument("--to", required=True, help="output file (.qcow2 -> qcow2, else raw)")
-    r.add_argument("--format", choices=("raw", "qcow2"))
-    r.add_argument("--disk", help="which disk of a domain backup")
+    r.add_argument("--to", help="output file (.qcow2 -> qcow2, else raw); or an existing directory, or with "
+                                "--define a directory (default STATE_DIR/restore/NEWNAME): one file per disk")
+    r.add_argument("--format", choices=("raw", "qcow2"), help="output format (default: from the file name; "
+                                                                "per disk: the backed-up disk's format)")
+    r.add_argument("--disk", action="append", help="which disk of a domain backup (repeatable with a directory)")
+    r.add_argument("--define", metavar="NEWNAME",
+                   help="define a new libvirt domain NEWNAME on the restored disks, from the domain XML stored "
+                        "with the backup (new UUID, no Nova metadata); refused if NEWNAME exists")
     r.add_argument("--project", help="only look in this project's namespace")
     r.add_argument("--allow-damaged", action="store_true", help="restore what is intact; report the holes")
     r.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -91,7 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--project", help="only this project's namespace")
     _lifecycle_parsers(sub, common)
     _key_parsers(sub, common)
+    _agent_parsers(sub, common)
     return p
+
+
+def _agent_parsers(sub, common) -> None:
+    sub.add_parser("agent", parents=[common],
+                   help="run the host agent: hook events, libvirt events, scheduled backups (see ekko.yaml agent:)")
+    st = sub.add_parser("status", parents=[common],
+                        help="per domain: chain state, last backup, next scheduled, running job and progress")
+    st.add_argument("domain", nargs="?", help="only this domain (libvirt name or UUID)")
+    h = sub.add_parser("hook", parents=[common], help="install or remove the libvirt hook that feeds the agent")
+    hs = h.add_subparsers(dest="hook_command", required=True, parser_class=_Parser)
+    for name, what in (("install", "write the hook (spool and state dirs baked in), then SIGHUP libvirtd"),
+                       ("uninstall", "remove the hook, then SIGHUP libvirtd")):
+        x = hs.add_parser(name, parents=[common], help=what)
+        x.add_argument("--dest", help="hook file (default: agent.hook_path, /etc/libvirt/hooks/qemu.d/ekko)")
+        x.add_argument("--no-reload", action="store_true", help="do not SIGHUP libvirtd")
 
 
 def _key_parsers(sub, common) -> None:
@@ -216,11 +239,8 @@ def _locate(cfg, args):
 
 # -- backup ---------------------------------------------------------------------------------
 def _backup_options(cfg, target: str, prefix: str = "ekko-", **kw):
-    from .pipeline import BackupOptions
-    return BackupOptions(target=target, segment_size=cfg.segment_size, granularity=cfg.granularity,
-                         bitmap_prefix=prefix, compress=cfg.compress, compression_level=cfg.compression_level,
-                         workers=cfg.workers, request_size=cfg.request_size, in_flight=cfg.in_flight,
-                         lock_dir=os.path.join(cfg.state_dir, "locks"), **kw)
+    from .agent.jobs import backup_options
+    return backup_options(cfg, target, prefix, **kw)
 
 
 def cmd_backup(cfg, args) -> int:
@@ -265,7 +285,11 @@ def _backup_qmp(cfg, target, args, bar):
 
 
 def _backup_libvirt(cfg, target, args, bar):
-    """A libvirt domain: by a configured target (engine: libvirt) or directly by name/UUID."""
+    """A libvirt domain: by a configured target (engine: libvirt) or directly by name/UUID. Recorded
+    as a job in the agent's state directory, like the agent's own: `ekko status` shows it, and it
+    never runs on a domain at the same time as another job."""
+    from .agent.jobs import run_recorded_backup
+    from .agent.state import StateDir
     from .domain_job import DomainBackupRequest, run_domain_backup
     from .store.factory import open_store
     domain = target.domain if target is not None else args.target
@@ -282,8 +306,12 @@ def _backup_libvirt(cfg, target, args, bar):
                              f"{', '.join(t.name for t in cfg.targets) or 'none'}) and {e}") from e
     try:
         req = DomainBackupRequest(domain, disks, args.full, args.incremental)
-        return run_domain_backup(conn, req, lambda ns: open_store(cfg, ns), _backup_options(cfg, domain, prefix),
-                                 cfg.state_dir, cfg.run_dir, progress=bar)
+        base = _backup_options(cfg, domain, prefix)
+
+        def run(c, r, progress):
+            return run_domain_backup(c, r, lambda ns: open_store(cfg, ns), base, cfg.state_dir, cfg.run_dir,
+                                     progress=progress)
+        return run_recorded_backup(StateDir(cfg.state_dir).ensure(), conn, req, run, progress=bar)
     finally:
         conn.close()
 
@@ -372,7 +400,13 @@ def cmd_show(cfg, args) -> int:
 # -- restore ----------------------------------------------------------------------------------
 def cmd_restore(cfg, args) -> int:
     from .restore import restore
-    store, key = _locate(cfg, args)
+    if args.define or (args.to and os.path.isdir(args.to)):
+        return _restore_domain(cfg, args)
+    if not args.to:
+        raise UsageError("restore: give --to FILE (or a directory, or --define NEWNAME)")
+    if args.disk and len(args.disk) > 1:
+        raise UsageError("restore: one --disk per output file; give a directory as --to for several disks")
+    store, key = _locate(cfg, argparse.Namespace(**dict(vars(args), disk=args.disk[0] if args.disk else None)))
     m = catalog.load(store, key)
     bar = Progress(f"restore {m.backup_id}", enabled=None if not args.json else False)
     try:
@@ -391,6 +425,45 @@ def cmd_restore(cfg, args) -> int:
             print(f"  HOLE: segment {h['index'] if isinstance(h, dict) else h.index} offset {h.offset} "
                   f"length {h.length}: {h.problem}")
     return EXIT_DAMAGED if holes else EXIT_OK
+
+
+def _restore_domain(cfg, args) -> int:
+    """Every disk of a domain backup (or the --disk ones) into a directory; --define: a new domain."""
+    from . import domain_restore as dr
+    found = []
+    for ns in _namespaces(cfg, args):
+        store = _store(cfg, ns)
+        found += [(store, k) for k in catalog.matching(store, args.backup)]
+    chosen = dr.select(found, args.disk or (), args.backup)
+    directory = args.to or os.path.join(cfg.state_dir, "restore", args.define)
+    conn = _libvirt_connect(cfg, args.define) if args.define else None
+    bars = []
+
+    def progress_for(dev):
+        bars.append(Progress(f"restore {args.backup} {dev}", enabled=None if not args.json else False))
+        return bars[-1]
+    try:
+        res = dr.restore_domain(chosen, directory, define=args.define, conn=conn, fmt=args.format,
+                                workers=cfg.workers + 1, allow_damaged=args.allow_damaged, overwrite=args.force,
+                                progress_for=progress_for)
+    finally:
+        for b in bars:
+            b.finish()
+        if conn is not None:
+            conn.close()
+    if args.json:
+        _emit(dict(dr.as_dict(res), ok=not res.holes))
+    else:
+        for d in res.disks:
+            print(f"restored {res.backup_id} disk {d.dev} to {d.path} ({d.format}, "
+                  f"{units.human(d.result.written_bytes)} written)")
+            for h in d.result.holes:
+                print(f"  HOLE: segment {h.index} offset {h.offset} length {h.length}: {h.problem}")
+        if res.name:
+            print(f"defined domain {res.name} (UUID {res.uuid}) on the restored disks")
+            for n in res.notes:
+                print(f"  {n}")
+    return EXIT_DAMAGED if res.holes else EXIT_OK
 
 
 # -- verify -----------------------------------------------------------------------------------
@@ -627,9 +700,106 @@ def _key_row(cfg, ns: Optional[str], exists: bool) -> Dict:
     return row
 
 
+# -- agent, status, hook -------------------------------------------------------------------------
+def cmd_agent(cfg, args) -> int:
+    from .agent import daemon
+    if not args.verbose:
+        logging.getLogger().setLevel(logging.INFO)      # a daemon tells what it does
+    return daemon.main(cfg, cfg.source or None)
+
+
+def cmd_status(cfg, args) -> int:
+    from .agent import status
+    from .agent.settings import AgentSettings
+    from .agent.state import StateDir
+    settings = AgentSettings.from_config(cfg)
+    sd = StateDir(cfg.state_dir)
+    conn, lv_error = None, None
+    try:
+        import libvirt
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        conn = libvirt.open(config.libvirt_uri(cfg))
+    except ImportError:
+        lv_error = "libvirt-python is not installed"
+    except libvirt.libvirtError as e:
+        lv_error = e.get_error_message()
+    if lv_error:
+        log.warning("libvirt not reachable (%s): showing what the agent's state directory knows", lv_error)
+    stores: Dict[Optional[str], Any] = {}
+
+    def open_store(ns):
+        if ns not in stores:
+            stores[ns] = _store(cfg, ns)
+        return stores[ns]
+    try:
+        now = datetime.datetime.now().astimezone()
+        rows = status.collect(sd, conn, open_store, settings.schedule, settings.overrides, args.domain, now)
+    finally:
+        if conn is not None:
+            conn.close()
+    if args.domain and not rows:
+        raise UsageError(f"no domain {args.domain!r} known to libvirt or to the agent's state in {cfg.state_dir}")
+    agent = status.agent_info(sd)
+    if args.json:
+        _emit({"ok": True, "agent": agent, "libvirt": {"uri": config.libvirt_uri(cfg), "error": lv_error},
+               "domains": rows})
+        return EXIT_OK
+    running = f"running, pid {agent['pid']} since {agent['since']}" if agent["running"] else "not running"
+    print(f"agent: {running}; {len(rows)} domain(s)")
+    for r in rows:
+        print(status.describe(r))
+    return EXIT_OK
+
+
+def cmd_hook(cfg, args) -> int:
+    from .agent.settings import AgentSettings
+    from .agent.spool import install_hook, uninstall_hook
+    settings = AgentSettings.from_config(cfg)
+    dest = args.dest or settings.hook_path
+    if args.hook_command == "install":
+        try:
+            install_hook(dest, settings.spool_dir, cfg.state_dir)
+        except (OSError, ValueError) as e:
+            raise EkkoError(f"cannot install the hook as {dest}: {e}") from e
+        done = f"installed {dest} (spool {settings.spool_dir}, state {cfg.state_dir})"
+    else:
+        try:
+            removed = uninstall_hook(dest)
+        except (OSError, ValueError) as e:
+            raise EkkoError(f"cannot remove the hook {dest}: {e}") from e
+        done = f"removed {dest}" if removed else f"{dest} was not installed"
+    pid = None if args.no_reload else _reload_libvirtd()
+    told = ("libvirtd not told (--no-reload)" if args.no_reload else
+            f"libvirtd (pid {pid}) re-reads its hooks" if pid else "libvirtd is not running: it reads the hooks "
+                                                                   "when it starts")
+    if args.json:
+        _emit({"ok": True, "hook": dest, "action": args.hook_command, "libvirtd_pid": pid,
+               "spool_dir": settings.spool_dir, "state_dir": cfg.state_dir})
+    else:
+        print(f"{done}; {told}")
+    return EXIT_OK
+
+
+def _reload_libvirtd() -> Optional[int]:
+    """SIGHUP the running libvirtd (or virtqemud): hook files are looked for at start and on SIGHUP."""
+    import signal
+    for pidfile, comm in (("/run/libvirtd.pid", "libvirtd"), ("/run/virtqemud.pid", "virtqemud")):
+        try:
+            with open(pidfile) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() != comm:
+                    continue
+            os.kill(pid, signal.SIGHUP)
+            return pid
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 COMMANDS = {"backup": cmd_backup, "list": cmd_list, "show": cmd_show, "restore": cmd_restore, "verify": cmd_verify,
             "prune": cmd_prune, "protect": cmd_protect, "unprotect": cmd_protect, "gc": cmd_gc,
-            "key": cmd_key}
+            "key": cmd_key, "agent": cmd_agent, "status": cmd_status, "hook": cmd_hook}
 
 if __name__ == "__main__":
     sys.exit(main())

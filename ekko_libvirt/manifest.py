@@ -20,6 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Tuple
 
+import xxhash
 import zstandard
 
 from .errors import ManifestError
@@ -124,15 +125,22 @@ def encode(m: Manifest) -> bytes:
         raise ManifestError(f"manifest {m.backup_id}: table has {m.table.count} entries, "
                             f"disk needs {segment_count(m.virtual_size, m.segment_size)}")
     header = json.dumps(m.header(), sort_keys=True, separators=(",", ":")).encode()
-    table = zstandard.ZstdCompressor(level=3).compress(bytes(m.table.flags) + bytes(m.table.digests))
-    body = b"".join((MAGIC, _U32.pack(len(header)), header, _U64.pack(len(table)), table))
-    return body + digest(body)
+    # Streamed, so the two tables are not concatenated first, and the checksum is computed
+    # over the parts: one copy of the table into the result (16 TiB at 1 MiB segments is a
+    # 272 MiB table when every segment holds distinct data; see the bench).
+    z = zstandard.ZstdCompressor(level=3).compressobj(size=len(m.table.flags) + len(m.table.digests))
+    table = b"".join((z.compress(m.table.flags), z.compress(m.table.digests), z.flush()))
+    parts = (MAGIC, _U32.pack(len(header)), header, _U64.pack(len(table)), table)
+    check = xxhash.xxh3_128()
+    for part in parts:
+        check.update(part)
+    return b"".join(parts + (check.digest(),))
 
 
 def _read_header(blob: bytes, where: str) -> Tuple[Dict[str, Any], int]:
     if len(blob) < len(MAGIC) + _U32.size + DIGEST_SIZE or blob[:len(MAGIC)] != MAGIC:
         raise ManifestError(f"manifest {where}: not an ekko manifest (bad magic)")
-    body, checksum = blob[:-DIGEST_SIZE], blob[-DIGEST_SIZE:]
+    body, checksum = memoryview(blob)[:-DIGEST_SIZE], blob[-DIGEST_SIZE:]
     if digest(body) != checksum:
         raise ManifestError(f"manifest {where}: checksum mismatch (damaged or truncated)")
     pos = len(MAGIC)
@@ -154,6 +162,22 @@ def decode_header(blob: bytes, where: str = "") -> Dict[str, Any]:
     return _read_header(blob, where)[0]
 
 
+def _read_table(frame, n: int) -> Tuple[bytearray, bytearray]:
+    """Decompress straight into the two tables (no intermediate copy); exactly n * 17 bytes."""
+    flags, digests = bytearray(n), bytearray(n * DIGEST_SIZE)
+    with zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False) as r:
+        for buf in (flags, digests):
+            view, got = memoryview(buf), 0
+            while got < len(buf):
+                k = r.readinto(view[got:])
+                if not k:
+                    raise ValueError(f"table is shorter than {n} entries")
+                got += k
+        if r.read(1):
+            raise ValueError(f"table is longer than {n} entries")
+    return flags, digests
+
+
 def decode(blob: bytes, where: str = "") -> Manifest:
     header, pos = _read_header(blob, where)
     (tlen,) = _U64.unpack_from(blob, pos)
@@ -162,8 +186,7 @@ def decode(blob: bytes, where: str = "") -> Manifest:
         raise ManifestError(f"manifest {where}: table length {tlen} does not fit the file")
     try:
         n = int(header["segment_count"])
-        raw = zstandard.ZstdDecompressor().decompress(blob[pos:pos + tlen], max_output_size=n * (1 + DIGEST_SIZE))
-        table = SegmentTable(n, bytearray(raw[:n]), bytearray(raw[n:]))
+        table = SegmentTable(n, *_read_table(memoryview(blob)[pos:pos + tlen], n))
         m = Manifest(
             backup_id=header["backup_id"], target=header["target"],
             virtual_size=int(header["virtual_size"]), segment_size=int(header["segment_size"]),

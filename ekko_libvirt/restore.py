@@ -174,6 +174,12 @@ def _open_target(path: str, fmt: str, size: int, workers: int):
                 close_handle(h)
 
 
+# QEMU's NBD server mallocs a bounce buffer per request; at >= 1 MiB glibc serves each from a
+# fresh mmap, and every page of it faults (262,144 minor faults per GiB). Our own qemu-nbd can
+# be told to keep such buffers on the heap: measured 0.85 -> 0.51 CPU s per GiB written.
+QEMU_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=67108864:glibc.malloc.trim_threshold=1073741824"
+
+
 @contextlib.contextmanager
 def _qemu_nbd_qcow2(path: str, size: int, workers: int):
     """A fresh qcow2 served writable by our own qemu-nbd on a private socket."""
@@ -183,7 +189,8 @@ def _qemu_nbd_qcow2(path: str, size: int, workers: int):
         sock = os.path.join(d, "nbd.sock")
         proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", sock, "-e", str(workers + 1), "-t",
                                  "--cache=writeback", "--discard=unmap", path],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                env=dict(os.environ, GLIBC_TUNABLES=QEMU_MALLOC_TUNABLES))
         try:
             _wait_socket(sock, proc)
             yield sock

@@ -13,6 +13,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from harness.qemu import QemuDisk  # noqa: E402
+from tests.swift_fixtures import swift_server  # noqa: E402,F401  (session fixture, shared by all)
 
 
 @pytest.fixture
@@ -57,6 +58,22 @@ class Ekko:
     def store_dir(self) -> str:
         return self.cfg["store"]["path"]
 
+    def store(self, namespace=None):
+        """The configured store, opened as ekko opens it (local directory or Swift)."""
+        from ekko_libvirt import config
+        from ekko_libvirt.store.factory import open_store
+        return open_store(config.build(self.cfg), namespace)
+
+    def corrupt(self, key: str, offset: int = 100) -> None:
+        """Flip one bit of a stored object, through the store itself (works on every backend)."""
+        st = self.store()
+        blob = bytearray(st.get(key))
+        blob[offset] ^= 0x01
+        st.put(key, bytes(blob))
+
+    def lose(self, key: str) -> None:
+        self.store().delete(key)
+
 
 def make_config(workdir: str, targets: dict, segment_size: str = "256KiB") -> dict:
     return {"store": {"type": "local", "path": os.path.join(workdir, "store")},
@@ -77,11 +94,27 @@ def qdisk(workdir):
         d.stop()
 
 
+@pytest.fixture(params=["local", "swift"])
+def store_kind(request):
+    return request.param
+
+
+def swift_section(server, account="test") -> dict:
+    user, key = server.credentials(account)
+    return {"type": "swift", "auth_url": server.auth_url, "auth_version": "1", "user": user, "key": key,
+            "container_prefix": f"ekko-{os.urandom(5).hex()}", "retries": 3, "timeout": 30}
+
+
 @pytest.fixture
-def ekko_for(workdir):
+def ekko_for(workdir, request):
+    """ekko_for(disk) -> Ekko on a local store; on Swift too when the test uses `store_kind`."""
+    kind = request.getfixturevalue("store_kind") if "store_kind" in request.fixturenames else "local"
+
     def make(disk, segment_size="256KiB", name="t1"):
         cfg = make_config(workdir, {name: {"engine": "qmp", "qmp_socket": disk.qmp_socket, "node": "disk0"}},
                           segment_size)
+        if kind == "swift":
+            cfg["store"] = swift_section(request.getfixturevalue("swift_server"))
         return Ekko(workdir, cfg)
     return make
 

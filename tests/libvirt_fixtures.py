@@ -32,6 +32,12 @@ def missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+# Each test module imports `libvirtd`, which makes it a separate (session-scoped) fixture per
+# module: without this shared instance the second module of a run would find the first one's
+# libvirtd running and refuse (AlreadyRunning). The last user stops it, at the end of the session.
+_SHARED = {"lv": None, "log_dir": None, "users": 0}
+
+
 @pytest.fixture(scope="session")
 def libvirtd():
     if shutil.which("libvirtd") is None or shutil.which("virtlogd") is None:
@@ -42,15 +48,22 @@ def libvirtd():
         missing("python3-libvirt not importable")
     if os.geteuid() != 0:
         missing("a system libvirtd needs root")
-    log_dir = make_workdir("ekko-libvirtd-")
-    lv = Libvirtd(log_dir)
-    lv.start()          # a libvirtd we did not start -> AlreadyRunning: an error, not a skip
+    if _SHARED["lv"] is None:
+        log_dir = make_workdir("ekko-libvirtd-")
+        lv = Libvirtd(log_dir)
+        lv.start()          # a libvirtd we did not start -> AlreadyRunning: an error, not a skip
+        _SHARED.update(lv=lv, log_dir=log_dir)
+    _SHARED["users"] += 1
     try:
-        yield lv
+        yield _SHARED["lv"]
     finally:
-        lv.stop()
-    if not os.environ.get("EKKO_KEEP_LOGS"):
-        shutil.rmtree(log_dir, ignore_errors=True)
+        _SHARED["users"] -= 1
+        if _SHARED["users"] == 0:
+            lv, log_dir = _SHARED["lv"], _SHARED["log_dir"]
+            _SHARED.update(lv=None, log_dir=None)
+            lv.stop()
+            if not os.environ.get("EKKO_KEEP_LOGS"):
+                shutil.rmtree(log_dir, ignore_errors=True)
 
 
 @pytest.fixture

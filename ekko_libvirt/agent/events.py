@@ -235,3 +235,29 @@ def decide(event: HookEvent, ctx: DomainContext = DomainContext()) -> Tuple[Reac
     if k is EventKind.RESTORE:
         return (Reaction(Action.RECORD, "domain is being restored from a saved state"),)
     raise AssertionError(f"unhandled event kind {k}")   # pragma: no cover
+
+
+# --- libvirt's own domain lifecycle events -------------------------------------------------------
+# The hook cannot tell a clean stop from QEMU killed; libvirt's lifecycle event can (its detail).
+# Numbers from libvirt.h (virDomainEventType and its detail enums), so this module needs no libvirt.
+
+LV_STARTED, LV_STOPPED = 2, 5
+LV_STARTED_FROM_SNAPSHOT = 3
+LV_STOPPED_FAILED, LV_STOPPED_FROM_SNAPSHOT = 5, 6
+
+
+def lifecycle_reactions(event: int, detail: int) -> Tuple[Reaction, ...]:
+    """A libvirt domain lifecycle event (event, detail) -> what it changes in the chain state:
+
+        STOPPED / FAILED            QEMU died (killed, crashed): bitmaps not written back
+                                    -> MARK_UNCLEAN + REQUIRE_FULL
+        STARTED|STOPPED / FROM_SNAPSHOT   the disks were reverted under the chain -> REQUIRE_FULL
+        anything else               nothing (the hook events carry the rest)
+    """
+    if event == LV_STOPPED and detail == LV_STOPPED_FAILED:
+        why = "QEMU ended unexpectedly (libvirt: stopped, failed): its dirty bitmaps were not saved"
+        return (Reaction(Action.MARK_UNCLEAN, why), Reaction(Action.REQUIRE_FULL, why))
+    if (event, detail) in ((LV_STARTED, LV_STARTED_FROM_SNAPSHOT), (LV_STOPPED, LV_STOPPED_FROM_SNAPSHOT)):
+        return (Reaction(Action.REQUIRE_FULL, "the domain was reverted to a snapshot: its disks changed "
+                                              "outside the chain"),)
+    return ()

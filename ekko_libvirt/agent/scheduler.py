@@ -197,6 +197,14 @@ def plan(now: datetime, domains: Sequence[DomainStatus], default: Policy = Polic
     return Plan(start, waiting, min(wakeups) if wakeups else None)
 
 
+def retry_delay_s(failures: int, interval_s: int, first_s: int = 60, cap_s: int = 3600) -> int:
+    """How long a domain whose last `failures` scheduled backups failed in a row waits before the
+    next try: 1, 2, 4, ... minutes, at most an hour and never longer than its interval."""
+    if failures <= 0:
+        return 0
+    return max(1, min(first_s * 2 ** min(failures - 1, 20), cap_s, interval_s))
+
+
 # --- from config mappings (the YAML loader hands these over) -----------------------------------
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

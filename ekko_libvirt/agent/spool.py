@@ -220,3 +220,21 @@ def install_hook(dest: str = DEFAULT_HOOK_PATH, spool_dir: str = DEFAULT_SPOOL_D
     os.replace(tmp, dest)
     fsync_dir(d)
     return dest
+
+
+HOOK_SIGNATURE = "ekko's libvirt QEMU hook"
+
+
+def uninstall_hook(dest: str = DEFAULT_HOOK_PATH) -> bool:
+    """Remove an installed hook. -> False if there was none. Raises ValueError for a file that is
+    not ekko's hook (it is left alone). The caller SIGHUPs libvirtd. The spool is kept."""
+    try:
+        with open(dest, errors="replace") as f:
+            head = f.read(4096)
+    except FileNotFoundError:
+        return False
+    if HOOK_SIGNATURE not in head:
+        raise ValueError(f"{dest} is not ekko's hook: left alone")
+    os.unlink(dest)
+    fsync_dir(os.path.dirname(dest) or ".")
+    return True

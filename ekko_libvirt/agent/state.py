@@ -89,7 +89,7 @@ class DomainState:
     running: bool = False
     clean_shutdown: Optional[bool] = None   # None: running, or never seen stopping
     job_id: Optional[str] = None
-    job_kind: Optional[str] = None          # kind of that job: full | incremental | offline
+    job_kind: Optional[str] = None          # kind of that job: online | offline (a shut-off domain)
     chain: ChainState = field(default_factory=ChainState)
     updated_ns: int = 0
 
@@ -109,7 +109,7 @@ class JobStatus(enum.Enum):
 class JobRecord:
     job_id: str
     uuid: str
-    kind: str                            # full | incremental | offline
+    kind: str                            # online | offline (a shut-off domain's images)
     status: JobStatus
     started_ns: int
     updated_ns: int
@@ -172,6 +172,27 @@ def chain_checked(st: DomainState) -> DomainState:
     if st.chain.status is not ChainStatus.CHECK_REQUIRED:
         return st
     return dataclasses.replace(st, chain=dataclasses.replace(st.chain, status=ChainStatus.OK, reason=""))
+
+
+def apply_lifecycle(st: DomainState, reactions: Sequence[Reaction]) -> DomainState:
+    """libvirt's own lifecycle event (events.lifecycle_reactions) refines what the hook said:
+    only clean_shutdown and the chain change; the last hook event stays."""
+    for r in reactions:
+        if r.action is Action.MARK_UNCLEAN:
+            st = dataclasses.replace(st, clean_shutdown=False)
+        elif r.action is Action.REQUIRE_FULL:
+            st = require_full(st, r.reason)
+    return st
+
+
+def seed_chain(st: DomainState, backup_id: str, checkpoint: Optional[str], backup_ns: int) -> DomainState:
+    """The store holds a backup the state does not know (made before the agent ran, or its state
+    was lost): remember it as the last backup, keeping any chain status already decided."""
+    if st.chain.last_backup_id is not None:
+        return st
+    status = ChainStatus.OK if st.chain.status is ChainStatus.NONE else st.chain.status
+    return dataclasses.replace(st, chain=dataclasses.replace(st.chain, status=status, last_backup_id=backup_id,
+                                                             last_checkpoint=checkpoint, last_backup_ns=backup_ns))
 
 
 def stale_jobs(records: Sequence[JobRecord], is_alive: Callable[[int, Optional[int]], bool]) -> Tuple[JobRecord, ...]:

@@ -1,9 +1,9 @@
-"""Pure: libvirt XML in (domain) and out (backup job, checkpoint). No libvirt calls here."""
+"""Pure: libvirt XML in (domain) and out (backup job, checkpoint, a restored domain). No libvirt calls here."""
 
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 from xml.sax.saxutils import quoteattr
 
 NOVA_NS = "http://openstack.org/xmlns/libvirt/nova/1.1"
@@ -101,3 +101,106 @@ def checkpoint_xml(name: str, devs_with_bitmap: Sequence[str], other_devs: Seque
 
 def dirty_context(dev: str) -> str:
     return f"qemu:dirty-bitmap:ekko-{dev}"
+
+
+# --- the domain XML kept with a backup, and a new domain from it -------------------------------
+
+NOVA_NS_PREFIX = "http://openstack.org/xmlns/libvirt/nova/"
+SECRET_ATTRS = ("passwd", "password")      # <graphics passwd=...>; libvirt omits it without XML_SECURE
+ET.register_namespace("nova", NOVA_NS)
+
+
+def storable_xml(xml: str) -> str:
+    """The (inactive) domain XML as a backup keeps it: with no secret values. Secret
+    *references* (<auth><secret uuid=.../>, <encryption>) stay: they name, not hold, a secret."""
+    root = ET.fromstring(xml)
+    for el in root.iter():
+        for a in SECRET_ATTRS:
+            el.attrib.pop(a, None)
+    return ET.tostring(root, encoding="unicode")
+
+
+def restored_domain_xml(xml: str, name: str, uuid: str, disks: Dict[str, Tuple[str, str]]) -> Tuple[str, List[str]]:
+    """A new domain from the XML stored with a backup. -> (XML, notes on what changed).
+
+        name, uuid      the new ones; <sysinfo> entries that held the old UUID get the new one
+                        (libvirt refuses a smbios UUID that differs from the domain's)
+        Nova metadata   removed: the new domain is no Nova instance
+        disks           `disks` maps a target dev to (restored file, format): its <source> becomes
+                        that file; backing chain, encryption, auth dropped (the restored image is
+                        one plain file). Other writable disks are removed (they would share the
+                        original's images); CD-ROMs and floppies stay.
+        interfaces      MAC, target dev and Neutron/OVS interfaceid removed: libvirt makes new
+                        ones, so the copy never takes the original's network identity
+        serial/console  file-backed ones (Nova's console.log) become pty
+    """
+    root = ET.fromstring(xml)
+    notes: List[str] = []
+    old_uuid = (root.findtext("uuid") or "").strip().lower()
+    root.attrib.pop("id", None)
+    _set_child_text(root, "name", name, 0)
+    _set_child_text(root, "uuid", uuid, 1)
+    for entry in root.iter("entry"):
+        if old_uuid and (entry.text or "").strip().lower() == old_uuid:
+            entry.text = uuid
+    meta = root.find("metadata")
+    if meta is not None:
+        for el in list(meta):
+            if el.tag.startswith("{" + NOVA_NS_PREFIX):
+                meta.remove(el)
+                notes.append("Nova metadata removed")
+        if len(meta) == 0:
+            root.remove(meta)
+    devices = root.find("devices")
+    if devices is None:
+        devices = ET.SubElement(root, "devices")
+    seen = set()
+    for d in list(devices.findall("disk")):
+        target = d.find("target")
+        dev = target.get("dev") if target is not None else None
+        if dev in disks:
+            _point_disk_at(d, *disks[dev])
+            seen.add(dev)
+        elif d.get("device", "disk") not in ("cdrom", "floppy"):
+            devices.remove(d)
+            notes.append(f"disk {dev or '?'} is not in the restore: removed from the new domain")
+    missing = sorted(set(disks) - seen)
+    if missing:
+        raise ValueError(f"the domain XML has no disk {', '.join(missing)}")
+    for iface in devices.findall("interface"):
+        for tag in ("mac", "target", "alias"):
+            for el in iface.findall(tag):
+                iface.remove(el)
+        for params in iface.findall("virtualport/parameters"):
+            params.attrib.pop("interfaceid", None)
+    if devices.findall("interface"):
+        notes.append("network interfaces get new MAC addresses and no Neutron port identity")
+    for tag in ("serial", "console"):
+        for c in devices.findall(tag):
+            if c.get("type") == "file":
+                c.set("type", "pty")
+                for src in c.findall("source"):
+                    c.remove(src)
+    return ET.tostring(root, encoding="unicode"), notes
+
+
+def _set_child_text(root, tag: str, text: str, index: int) -> None:
+    el = root.find(tag)
+    if el is None:
+        el = ET.Element(tag)
+        root.insert(index, el)
+    el.text = text
+
+
+def _point_disk_at(d, path: str, fmt: str) -> None:
+    d.set("type", "file")
+    for tag in ("source", "backingStore", "encryption", "auth", "alias", "mirror"):
+        for el in d.findall(tag):
+            d.remove(el)
+    drv = d.find("driver")
+    if drv is None:
+        drv = ET.Element("driver", {"name": "qemu"})
+        d.insert(0, drv)
+    drv.set("type", fmt)
+    src = ET.Element("source", {"file": path})
+    d.insert(list(d).index(drv) + 1, src)

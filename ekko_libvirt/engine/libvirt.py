@@ -108,6 +108,10 @@ class CheckpointState:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(uuid, "job"))
 
+    def job_uuids(self) -> List[str]:
+        """Domains with a job record: a backup runs, or its process died mid-way."""
+        return sorted(n[:-len(".job.json")] for n in os.listdir(self.dir) if n.endswith(".job.json"))
+
 
 class LibvirtDomainEngine:
     def __init__(self, dom, state: CheckpointState, prefix: str):

@@ -35,7 +35,6 @@ from .base import ObjectInfo, check_key
 
 _AUTH_VERSIONS = {"1": "1", "1.0": "1", "3": "3", "3.0": "3"}
 _INTERFACES = {"public": "publicURL", "internal": "internalURL", "admin": "adminURL"}
-_SEND_BLOCK = 1 << 20  # bytes handed to the socket per write (http.client asks for 8 KiB)
 
 
 @dataclass(frozen=True)
@@ -126,44 +125,47 @@ class SwiftConfig:
         The container comes from the argument, else EKKO_SWIFT_CONTAINER. Keyword overrides win.
         """
         env = os.environ if environ is None else environ
-
-        def get(*names: str) -> Optional[str]:
-            for n in names:
-                if env.get(n):
-                    return env[n]
-            return None
-
-        v1 = bool(get("ST_AUTH"))
-        values = dict(
-            auth_url=get("ST_AUTH") if v1 else get("OS_AUTH_URL"),
-            container=container or get("EKKO_SWIFT_CONTAINER"),
-            auth_version=get("ST_AUTH_VERSION", "OS_AUTH_VERSION", "OS_IDENTITY_API_VERSION")
-            or ("1" if v1 else "3"),
-            user=(get("ST_USER") if v1 else get("OS_USERNAME")) or "",
-            key=(get("ST_KEY") if v1 else get("OS_PASSWORD")) or "",
-            project_name=get("OS_PROJECT_NAME", "OS_TENANT_NAME"),
-            project_id=get("OS_PROJECT_ID", "OS_TENANT_ID"),
-            user_domain_name=get("OS_USER_DOMAIN_NAME"),
-            project_domain_name=get("OS_PROJECT_DOMAIN_NAME"),
-            application_credential_id=get("OS_APPLICATION_CREDENTIAL_ID"),
-            application_credential_secret=get("OS_APPLICATION_CREDENTIAL_SECRET"),
-            region_name=get("OS_REGION_NAME"),
-            interface=get("OS_INTERFACE", "OS_ENDPOINT_TYPE"),
-            storage_url=get("OS_STORAGE_URL"),
-            cacert=get("OS_CACERT"),
-            insecure=(get("SWIFTCLIENT_INSECURE") or "").lower() in ("1", "true", "yes"),
-        )
-        if values["interface"] and values["interface"].endswith("URL"):  # publicURL -> public
-            values["interface"] = values["interface"][:-3]
-        if not values["auth_url"]:
+        values = env_values(env)
+        values["container"] = container or env.get("EKKO_SWIFT_CONTAINER")
+        values.update(overrides)
+        if not values.get("auth_url"):
             raise ConfigError("store.auth_url", "set ST_AUTH (tempauth) or OS_AUTH_URL (keystone)")
         if not values["container"]:
             raise ConfigError("store.container", "pass a container or set EKKO_SWIFT_CONTAINER")
-        values.update(overrides)
         return cls(**values)
 
     def with_container(self, container: str) -> "SwiftConfig":
         return replace(self, container=container)
+
+
+def env_values(env: Mapping[str, str]) -> dict:
+    """SwiftConfig fields found in ST_* (v1, they win when ST_AUTH is set) or OS_* variables."""
+
+    def get(*names: str) -> Optional[str]:
+        return next((env[n] for n in names if env.get(n)), None)
+
+    v1 = bool(get("ST_AUTH"))
+    values = dict(
+        auth_url=get("ST_AUTH") if v1 else get("OS_AUTH_URL"),
+        auth_version=get("ST_AUTH_VERSION", "OS_AUTH_VERSION", "OS_IDENTITY_API_VERSION")
+        or ("1" if v1 else "3" if get("OS_AUTH_URL") else None),
+        user=get("ST_USER") if v1 else get("OS_USERNAME"),
+        key=get("ST_KEY") if v1 else get("OS_PASSWORD"),
+        project_name=get("OS_PROJECT_NAME", "OS_TENANT_NAME"),
+        project_id=get("OS_PROJECT_ID", "OS_TENANT_ID"),
+        user_domain_name=get("OS_USER_DOMAIN_NAME"),
+        project_domain_name=get("OS_PROJECT_DOMAIN_NAME"),
+        application_credential_id=get("OS_APPLICATION_CREDENTIAL_ID"),
+        application_credential_secret=get("OS_APPLICATION_CREDENTIAL_SECRET"),
+        region_name=get("OS_REGION_NAME"),
+        interface=get("OS_INTERFACE", "OS_ENDPOINT_TYPE"),
+        storage_url=get("OS_STORAGE_URL"),
+        cacert=get("OS_CACERT"),
+        insecure=(get("SWIFTCLIENT_INSECURE") or "").lower() in ("1", "true", "yes") or None,
+    )
+    if values["interface"] and values["interface"].endswith("URL"):  # publicURL -> public
+        values["interface"] = values["interface"][:-3]
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _network_reason(e: BaseException) -> str:
@@ -177,16 +179,6 @@ def _network_reason(e: BaseException) -> str:
     if len(text) > 300:
         text = text[:300] + "..."
     return text
-
-
-class _Body(io.BytesIO):
-    """A seekable body (so swiftclient can rewind and retry it) that hands out big blocks:
-    http.client asks for 8 KiB per socket write, which costs ~500 calls per 4 MiB object."""
-
-    def read(self, size: Optional[int] = -1) -> bytes:
-        if size is not None and 0 <= size < _SEND_BLOCK:
-            size = _SEND_BLOCK
-        return super().read(size)
 
 
 class SwiftStore:
@@ -320,8 +312,11 @@ class SwiftStore:
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         for attempt in (1, 2):
             try:
+                # A seekable body: swiftclient rewinds and re-sends it after a 5xx or a dropped
+                # connection (plain bytes are never retried). Handing http.client 1 MiB blocks
+                # instead of its 8 KiB saved ~10% client CPU but no wall time here: not done.
                 etag = self._conn().put_object(
-                    self.container, key, _Body(data), content_length=len(data), etag=md5,
+                    self.container, key, io.BytesIO(data), content_length=len(data), etag=md5,
                     content_type="application/octet-stream",
                 )
                 break
@@ -423,3 +418,58 @@ class SwiftStore:
 
     def describe(self) -> str:
         return f"swift {self._where()} container {self.container}"
+
+
+# ---- config file -> store (ekko.yaml `store: {type: swift, ...}`, see store/factory.py) ----------
+
+DEFAULT_CONTAINER_PREFIX = "ekko"
+
+
+def _base_container(options: Mapping) -> str:
+    if options.get("container") and options.get("container_prefix"):
+        raise ConfigError("store.container", "give container or container_prefix, not both")
+    return str(options.get("container") or options.get("container_prefix") or DEFAULT_CONTAINER_PREFIX)
+
+
+def container_for(options: Mapping, namespace: Optional[str] = None) -> str:
+    """The default namespace uses the base name ("ekko"); project P uses "ekko-P"."""
+    base = _base_container(options)
+    return base if namespace is None else f"{base}-{namespace}"
+
+
+def swift_config(options: Mapping, namespace: Optional[str] = None,
+                 environ: Optional[Mapping[str, str]] = None) -> SwiftConfig:
+    """SwiftConfig from the `store:` section. Keys the file leaves out (typically user/key) come
+    from the environment (ST_* or OS_*, as for the `swift` CLI); the file wins where both set."""
+    opts = {k: v for k, v in options.items() if k not in ("type", "container", "container_prefix")}
+    env = os.environ if environ is None else environ
+    merged = {k: v for k, v in env_values(env).items() if k not in opts}
+    if "auth_url" in opts and "auth_version" not in opts:
+        merged.pop("auth_version", None)  # the file's URL, the file's (default) version
+    merged.update(opts)
+    merged["container"] = container_for(options, namespace)
+    return SwiftConfig.from_mapping(merged)
+
+
+def open_swift_store(options: Mapping, namespace: Optional[str] = None) -> SwiftStore:
+    return SwiftStore(swift_config(options, namespace))
+
+
+def list_namespaces(options: Mapping) -> list:
+    """Project namespaces that have a container in the account: names after "<base>-"."""
+    store = SwiftStore(swift_config(options))
+    prefix = store.container + "-"
+    found, marker = [], None
+    try:
+        while True:
+            try:
+                _, page = store._conn().get_account(prefix=prefix, marker=marker)
+            except (ClientException, RequestException, OSError) as e:
+                raise store._error("list containers", None, e) from e
+            if not page:
+                break
+            found += [c["name"][len(prefix):] for c in page if len(c["name"]) > len(prefix)]
+            marker = page[-1]["name"]
+    finally:
+        store.close()
+    return sorted(found)

@@ -9,7 +9,6 @@ from conftest import read_raw
 from ekko_libvirt import catalog, segment
 from ekko_libvirt.engine.qmp import QMPEngine, QMPTarget
 from ekko_libvirt.pipeline import BackupOptions, run_backup
-from ekko_libvirt.store.local import LocalStore
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -28,7 +27,7 @@ def ours(disk):
     return sorted(b["name"] for b in disk.bitmaps() if b["name"].startswith("ekko-"))
 
 
-def test_full_then_three_incrementals_restore_exact(qdisk, ekko_for, workdir):
+def test_full_then_three_incrementals_restore_exact(store_kind, qdisk, ekko_for, workdir):
     rnd = random.Random(7)
     disk = qdisk(32 * MiB)
     ekko = ekko_for(disk)
@@ -56,7 +55,7 @@ def test_full_then_three_incrementals_restore_exact(qdisk, ekko_for, workdir):
     assert ours(disk) == [backups[-1]["generation"]["bitmap"]]
 
 
-def test_writes_after_transaction_are_in_next_backup_only(qdisk, workdir, ekko_for):
+def test_writes_after_transaction_are_in_next_backup_only(store_kind, qdisk, workdir, ekko_for):
     disk = qdisk(16 * MiB)
     ekko = ekko_for(disk)
     disk.write(1 * MiB, b"A" * (512 * KiB))
@@ -77,7 +76,7 @@ def test_writes_after_transaction_are_in_next_backup_only(qdisk, workdir, ekko_f
     cfg = ekko.cfg
     engine = WritesDuringBackup(QMPTarget("t1", disk.qmp_socket, "disk0", os.path.join(workdir, "state", "scratch"),
                                           cfg["run_dir"]))
-    store = LocalStore(cfg["store"]["path"])
+    store = ekko.store()
     try:
         res = run_backup(engine, store, BackupOptions(target="t1", segment_size=256 * KiB,
                                                       lock_dir=os.path.join(workdir, "state", "locks")))
@@ -92,7 +91,7 @@ def test_writes_after_transaction_are_in_next_backup_only(qdisk, workdir, ekko_f
     assert restore_equals(ekko, nxt["backup_id"], after, workdir)
 
 
-def test_qemu_kill9_between_backups_forces_full_with_reason(qdisk, ekko_for, workdir):
+def test_qemu_kill9_between_backups_forces_full_with_reason(store_kind, qdisk, ekko_for, workdir):
     disk = qdisk(16 * MiB)
     ekko = ekko_for(disk)
     disk.write(0, os.urandom(1 * MiB))
@@ -144,7 +143,7 @@ def test_qemu_kill9_before_bitmap_was_ever_stored(qdisk, ekko_for, workdir):
 
 @pytest.mark.parametrize("point", ["after-transaction", "during-read", "during-store", "before-commit",
                                    "after-commit"])
-def test_ekko_kill9_mid_backup_next_backup_exact(point, qdisk, ekko_for, workdir):
+def test_ekko_kill9_mid_backup_next_backup_exact(point, store_kind, qdisk, ekko_for, workdir):
     rnd = random.Random(point)
     disk = qdisk(16 * MiB)
     ekko = ekko_for(disk)
@@ -164,7 +163,7 @@ def test_ekko_kill9_mid_backup_next_backup_exact(point, qdisk, ekko_for, workdir
         assert b["kind"] == "incremental" and b["parent"] == first["backup_id"]
     assert restore_equals(ekko, b["backup_id"], expected, workdir)
     assert ours(disk) == [b["generation"]["bitmap"]]
-    store = LocalStore(ekko.store_dir)
+    store = ekko.store()
     for key in catalog.keys(store):
         m = catalog.load(store, key)
         for _, d in m.table.data_entries():
@@ -175,7 +174,7 @@ def test_ekko_kill9_mid_backup_next_backup_exact(point, qdisk, ekko_for, workdir
     assert not os.listdir(os.path.join(workdir, "state", "scratch"))
 
 
-def test_damaged_and_missing_segments(qdisk, ekko_for, workdir):
+def test_damaged_and_missing_segments(store_kind, qdisk, ekko_for, workdir):
     rnd = random.Random(3)
     disk = qdisk(8 * MiB)
     ekko = ekko_for(disk)
@@ -184,17 +183,12 @@ def test_damaged_and_missing_segments(qdisk, ekko_for, workdir):
     b1 = ekko.backup()
     disk.write(6 * MiB, rnd.randbytes(100 * KiB))
     b2 = ekko.backup()
-    store = LocalStore(ekko.store_dir)
+    store = ekko.store()
     m = catalog.load(store, catalog.find(store, b1["backup_id"]))
     entries = list(m.table.data_entries())
     (i_flip, d_flip), (i_del, d_del) = entries[1], entries[4]
-    flip_path = os.path.join(ekko.store_dir, segment.segment_key(d_flip))
-    with open(flip_path, "r+b") as f:
-        f.seek(100)
-        byte = f.read(1)
-        f.seek(100)
-        f.write(bytes([byte[0] ^ 0x01]))
-    os.unlink(os.path.join(ekko.store_dir, segment.segment_key(d_del)))
+    ekko.corrupt(segment.segment_key(d_flip))
+    ekko.lose(segment.segment_key(d_del))
 
     shallow = ekko.run("verify", check=False, json_out=True)
     assert shallow.returncode == 3

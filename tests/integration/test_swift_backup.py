@@ -1,0 +1,134 @@
+"""Backups into a real Swift whose servers fail: object server killed mid-backup, proxy down at
+start, another project's credentials, and restore on a host that has nothing but the config."""
+
+import os
+import subprocess
+import sys
+import threading
+
+from conftest import ROOT, Ekko, make_config, read_raw, swift_section
+from ekko_libvirt import catalog, segment
+
+KiB, MiB = 1024, 1024 * 1024
+
+
+def swift_ekko(workdir, disk, server, account="test", prefix=None, **store_over):
+    cfg = make_config(workdir, {"t1": {"engine": "qmp", "qmp_socket": disk.qmp_socket, "node": "disk0"}})
+    cfg["store"] = swift_section(server, account)
+    if prefix:
+        cfg["store"]["container_prefix"] = prefix
+    cfg["store"].update(store_over)
+    return Ekko(workdir, cfg)
+
+
+def ours(disk):
+    return sorted((b["name"], b["recording"]) for b in disk.bitmaps() if b["name"].startswith("ekko-"))
+
+
+def restore_exact(ekko, bid, expected, workdir):
+    out = os.path.join(workdir, f"r-{bid}.raw")
+    ekko.run("restore", bid, "--to", out)
+    ok = read_raw(out) == expected
+    os.unlink(out)
+    return ok
+
+
+def test_object_server_killed_mid_backup(swift_server, qdisk, workdir):
+    disk = qdisk(16 * MiB)
+    ekko = swift_ekko(workdir, disk, swift_server, retries=6, starting_backoff=0.5, max_backoff=2)
+    disk.write(0, os.urandom(2 * MiB))
+    first = ekko.backup()
+    disk.write(4 * MiB, os.urandom(3 * MiB))
+    fifo = os.path.join(workdir, "pause")
+    os.mkfifo(fifo)
+    env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"after-transaction:{fifo}")
+    proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "t1", "--json"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(fifo, "wb"):                       # the backup holds after its transaction...
+        swift_server.kill_server("object")       # ...the object server dies before any upload
+        restart = threading.Timer(2.0, swift_server.start_server, args=("object",))
+        restart.start()
+    out, err = proc.communicate(timeout=180)
+    restart.join()
+    store = ekko.store()
+    heads = catalog.keys(store, "t1")
+    if proc.returncode == 0:
+        assert len(heads) == 2                   # the retries carried it through
+    else:
+        assert proc.returncode == 1 and len(heads) == 1, err
+        assert "testing" not in err              # no credentials in the error
+    expected = disk.snapshot()
+    nxt = ekko.backup()
+    assert nxt["kind"] == "incremental"
+    assert restore_exact(ekko, nxt["backup_id"], expected, workdir)
+    for key in catalog.keys(store):
+        m = catalog.load(store, key)
+        assert all(store.exists(segment.segment_key(d)) for _, d in m.table.data_entries())
+    assert first["backup_id"] in [k.rsplit("/", 1)[1] for k in heads]
+
+
+def test_proxy_down_at_backup_start(swift_server, qdisk, workdir):
+    disk = qdisk(8 * MiB)
+    ekko = swift_ekko(workdir, disk, swift_server, retries=1, starting_backoff=0.1, max_backoff=0.2, timeout=5)
+    disk.write(0, os.urandom(MiB))
+    ekko.backup()
+    disk.write(3 * MiB, os.urandom(300 * KiB))
+    before = ours(disk)
+    swift_server.stop_proxy()
+    try:
+        p = ekko.run("backup", "t1", check=False, json_out=True)
+        assert p.returncode == 1
+        assert "swift" in p.stderr.lower() and "Traceback" not in p.stderr
+        assert "testing" not in p.stderr and "testing" not in p.stdout
+        assert ours(disk) == before              # nothing changed in QEMU: the dirty blocks are kept
+    finally:
+        swift_server.start_proxy()
+    expected = disk.snapshot()
+    b = ekko.backup()
+    assert b["kind"] == "incremental" and b["read_bytes"] >= 300 * KiB
+    assert restore_exact(ekko, b["backup_id"], expected, workdir)
+
+
+def test_other_project_cannot_read_or_list(swift_server, qdisk, workdir):
+    disk = qdisk(4 * MiB)
+    prefix = f"ekko-{os.urandom(4).hex()}"
+    ekko = swift_ekko(workdir, disk, swift_server, prefix=prefix)
+    disk.write(0, os.urandom(256 * KiB))
+    b = ekko.backup()
+    # project B's credentials, pointed at project A's container by its storage URL
+    other = os.path.join(workdir, "b")
+    os.makedirs(other)
+    intruder = swift_ekko(other, disk, swift_server, account="test2", prefix=prefix,
+                          storage_url=swift_server.storage_url("test"))
+    p = intruder.run("list", check=False)
+    assert p.returncode != 0 and "403" in p.stderr, p.stderr
+    p = intruder.run("restore", b["backup_id"], "--to", os.path.join(other, "x.raw"), check=False)
+    assert p.returncode != 0 and ("403" in p.stderr or "no backup" in p.stderr)
+    assert not os.path.exists(os.path.join(other, "x.raw"))
+    # and with its own account it sees only its own (empty) container
+    own_dir = os.path.join(other, "own")
+    os.makedirs(own_dir)
+    own = swift_ekko(own_dir, disk, swift_server, account="test2", prefix=prefix)
+    p = own.run("list", json_out=True)
+    assert p.data["backups"] == []
+
+
+def test_restore_on_another_host_with_only_the_config(swift_server, qdisk, workdir):
+    disk = qdisk(8 * MiB)
+    ekko = swift_ekko(workdir, disk, swift_server)
+    disk.write(MiB, os.urandom(MiB))
+    ekko.backup()
+    disk.write(5 * MiB, os.urandom(200 * KiB))
+    expected = disk.snapshot()
+    b = ekko.backup()
+    # a new host: fresh state dir, no local cache, the same store section
+    dr = os.path.join(workdir, "dr")
+    os.makedirs(dr)
+    cfg = dict(ekko.cfg, state_dir=os.path.join(dr, "state"), run_dir=os.path.join(dr, "run"), targets={})
+    host2 = Ekko(dr, cfg)
+    listed = host2.run("list", json_out=True).data["backups"]
+    assert [x["backup_id"] for x in listed][-1] == b["backup_id"]
+    out = os.path.join(dr, "r.qcow2")
+    host2.run("restore", b["backup_id"], "--to", out)
+    assert read_raw(out) == expected
+    assert host2.run("verify", "--deep").returncode == 0
