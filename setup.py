@@ -13,6 +13,8 @@ setup(
         "zstandard>=0.19",
         "PyYAML>=6.0",
         "python-swiftclient>=4.0",
+        "keystoneauth1>=4.0",              # Swift behind Keystone v3 (application credentials)
+        "python-keystoneclient>=4.0",      # Swift behind Keystone v3 (password auth)
         "cryptography>=38.0",     # encryption at rest (crypto.py): AES-256-GCM and HKDF
         "libvirt-python>=9.0",
     ],
