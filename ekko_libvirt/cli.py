@@ -343,15 +343,50 @@ def _summary(h: Dict, key: str) -> Dict:
 
 
 # -- list / show ------------------------------------------------------------------------------
+def _verified(state) -> Optional[Dict]:
+    """The verify/ marker of a backup as output: when, how, what was found; None: never verified."""
+    if state is None:
+        return None
+    return {"time": datetime.datetime.fromtimestamp(state.verified, datetime.timezone.utc).isoformat(
+        timespec="seconds"), "ok": state.ok, "deep": state.deep, "sample": state.sample,
+        "damaged_segments": list(state.damaged_segments), "problem": state.problem or None}
+
+
+def _marks(store, target: str, backup_id: str, protected: Optional[set] = None,
+           verified: Optional[set] = None) -> Dict:
+    """protected + verified of one backup, from its markers in the store. `protected`/`verified`:
+    the marker names listed once for many backups ('<target>/<backup-id>'); None: look it up."""
+    from . import markers
+    rel = f"{target}/{backup_id}"
+    prot = rel in protected if protected is not None else markers.is_protected(store, target, backup_id)
+    state = markers.read_verify(store, target, backup_id) if verified is None or rel in verified else None
+    return {"protected": prot, "verified": _verified(state)}
+
+
+def _describe_verified(v: Optional[Dict]) -> str:
+    if v is None:
+        return "never verified"
+    how = ("deep" if v["deep"] else "existence") + ("" if v["sample"] >= 1 else f", {v['sample']:.1%} sample")
+    if v["ok"]:
+        return f"verified ok {v['time']} ({how})"
+    what = v["problem"] or f"{len(v['damaged_segments'])} damaged segment(s)"
+    return f"VERIFY FAILED {v['time']} ({how}): {what}"
+
+
 def cmd_list(cfg, args) -> int:
+    from . import markers
     rows = []
     for ns in _namespaces(cfg, args):
-        for e in catalog.entries(_store(cfg, ns), args.target):
+        store = _store(cfg, ns)
+        protected = markers.protected(store)
+        verified = {k[len(markers.VERIFY):] for k in store.list(markers.VERIFY)}
+        for e in catalog.entries(store, args.target):
             if e.locked:
                 row = {"key": e.key, "locked": e.error, "key_fingerprint": e.key_fingerprint}
             else:
                 row = _summary(e.header, e.key) if e.header else {"key": e.key, "damaged": e.error}
             row["project"] = ns
+            row.update(_marks(store, e.target, e.backup_id, protected, verified))
             rows.append(row)
     if args.json:
         _emit({"ok": True, "backups": rows})
@@ -366,7 +401,8 @@ def cmd_list(cfg, args) -> int:
             print(f"{r['key']}  LOCKED: {r['locked']}")
             continue
         print(f"{r['backup_id']}  {r['target']:<16} {r['kind']:<11} {units.human(r['virtual_size']):>10} disk  "
-              f"{units.human(r['stored_bytes'] or 0):>10} new  parent={r['parent'] or '-'}")
+              f"{units.human(r['stored_bytes'] or 0):>10} new  parent={r['parent'] or '-'}"
+              f"{'  PROTECTED' if r['protected'] else ''}  {_describe_verified(r['verified'])}")
     return EXIT_OK
 
 
@@ -374,9 +410,10 @@ def cmd_show(cfg, args) -> int:
     store, key = _locate(cfg, args)
     m = catalog.load(store, key)
     h = m.header()
+    marks = _marks(store, m.target, m.backup_id)
     if args.json:
         out = dict(h)
-        out.update(key=key, data_segments=m.table.data_count())
+        out.update(key=key, data_segments=m.table.data_count(), **marks)
         _emit({"ok": True, "backup": out})
         return EXIT_OK
     c = m.counts
@@ -394,6 +431,11 @@ def cmd_show(cfg, args) -> int:
     print(f"bitmap      {gen.get('bitmap') or '-'} (granularity {gen.get('granularity') or '-'})")
     enc = m.encryption or {}
     print(f"encryption  {enc.get('cipher', 'none')}" + (f", key fingerprint {enc['key_fingerprint']}" if enc else ""))
+    print(f"protected   {'yes (never pruned: ekko unprotect to let retention decide)' if marks['protected'] else 'no'}")
+    v = marks["verified"]
+    print(f"verified    {_describe_verified(v)}")
+    for seg in (v or {}).get("damaged_segments") or ():
+        print(f"  DAMAGED {seg}")
     return EXIT_OK
 
 
@@ -514,38 +556,27 @@ def cmd_verify(cfg, args) -> int:
 
 # -- prune / protect / gc ---------------------------------------------------------------------
 def cmd_prune(cfg, args) -> int:
-    from . import markers, prune
-    retention = prune.RetentionConfig.from_config(cfg)
+    from . import prune
+    from .agent.settings import AgentSettings
+    from .lifecycle import prune_store
+    settings = AgentSettings.from_config(cfg)
     given = {r: getattr(args, f"keep_{r}") for r in prune.RULES if getattr(args, f"keep_{r}") is not None}
     if given:
         cli_policy = prune.Policy(**given)
-        policy_for = lambda _target: cli_policy  # noqa: E731
-    elif retention.default is not None or retention.targets:
-        policy_for = retention.policy_for
+        policy_for = lambda _target, _labels: cli_policy  # noqa: E731
+    elif settings.has_retention():
+        # the agent's rule too: retention.targets, else the domain's (domains: NAME: retention:), else default
+        def policy_for(target, labels):
+            return settings.retention_for(target, labels.get("domain_uuid"), labels.get("domain_name"))
     else:
         raise UsageError("no retention rule: give --keep-last/--keep-daily/... or a `retention:` section "
-                         f"in {cfg.source}")
+                         f"(or domains: NAME: retention:) in {cfg.source}")
     tz = datetime.datetime.now().astimezone().tzinfo
     rows = []
     for ns in _namespaces(cfg, args):
-        store = _store(cfg, ns)
-        prot = markers.protected(store)
-        backups = [prune.Backup(e.backup_id, e.target, prune.backup_time(e.backup_id),
-                                f"{e.target}/{e.backup_id}" in prot, e.header is not None, e.locked)
-                   for e in catalog.entries(store, args.target)]
-        for d in prune.plan(backups, policy_for, tz):
-            b, reasons, deleted = d.backup, list(d.reasons), False
-            if not d.keep and not args.dry_run:
-                if markers.is_protected(store, b.target, b.backup_id):     # protected since we listed
-                    reasons = ["protected"]
-                else:
-                    store.delete(catalog.manifest_key(b.target, b.backup_id))
-                    markers.forget_backup(store, b.target, b.backup_id)
-                    deleted = True
-            keep = d.keep or not (deleted or args.dry_run)     # not kept: deleted, or would be
-            rows.append({"backup_id": b.backup_id, "target": b.target, "project": ns,
-                         "time": b.time.isoformat() if b.time else None, "keep": keep, "reasons": reasons,
-                         "deleted": deleted, "policy": (policy_for(b.target) or prune.Policy()).describe()})
+        for r in prune_store(_store(cfg, ns), policy_for, args.target, tz, args.dry_run):
+            r["project"] = ns
+            rows.append(r)
     kept = sum(1 for r in rows if r["keep"])
     gone = len(rows) - kept
     if args.json:
@@ -740,12 +771,14 @@ def cmd_status(cfg, args) -> int:
     if args.domain and not rows:
         raise UsageError(f"no domain {args.domain!r} known to libvirt or to the agent's state in {cfg.state_dir}")
     agent = status.agent_info(sd)
+    lifecycle = status.lifecycle_info(sd.load_lifecycle(), settings.gc_interval_s, settings.verify, now)
     if args.json:
         _emit({"ok": True, "agent": agent, "libvirt": {"uri": config.libvirt_uri(cfg), "error": lv_error},
-               "domains": rows})
+               "lifecycle": lifecycle, "domains": rows})
         return EXIT_OK
     running = f"running, pid {agent['pid']} since {agent['since']}" if agent["running"] else "not running"
     print(f"agent: {running}; {len(rows)} domain(s)")
+    print(status.describe_lifecycle(lifecycle))
     for r in rows:
         print(status.describe(r))
     return EXIT_OK

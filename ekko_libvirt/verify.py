@@ -38,6 +38,7 @@ class VerifyReport:
     used_by: Dict[str, Set[str]] = field(default_factory=dict)   # segment key -> backup ids
     bad_manifests: Dict[str, str] = field(default_factory=dict)  # manifest key -> problem
     watched_ok: Set[bytes] = field(default_factory=set)          # digests of `watch` checked and intact
+    gone: List[str] = field(default_factory=list)                # manifest keys deleted (pruned) since listed
 
     @property
     def ok(self) -> bool:
@@ -52,6 +53,7 @@ class VerifyReport:
         for k, ids in other.used_by.items():
             self.used_by.setdefault(k, set()).update(ids)
         self.bad_manifests.update(other.bad_manifests)
+        self.gone += other.gone
         return self
 
     def damaged_backups(self) -> List[str]:
@@ -83,6 +85,9 @@ def verify(store, manifest_keys: List[str], deep: bool = False, workers: int = 4
     for key in manifest_keys:
         try:
             m = catalog.load(store, key)
+        except ObjectNotFound:
+            report.gone.append(key)        # pruned since it was listed (prune may run meanwhile): not damage
+            continue
         except (ManifestError, StoreError) as e:
             report.bad_manifests[key] = str(e)
             continue
@@ -173,7 +178,7 @@ def run(store, manifest_keys: List[str], deep: bool = False, sample: float = 1.0
         markers.clear_damaged(store, d)
         out.cleared.append(markers.damaged_key(d))
 
-    for key in set(checked) | set(bad_of):
+    for key in (set(checked) | set(bad_of)) - set(report.gone):
         target, bid = _rel(key)
         problem = report.bad_manifests.get(key, "")
         markers.write_verify(store, markers.VerifyState(

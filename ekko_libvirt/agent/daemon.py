@@ -15,10 +15,15 @@
                   scheduler     scheduler.plan over every domain libvirt knows; due ones start in
                                 worker threads (jobs.run_recorded_backup), at most max_concurrent,
                                 never two on one domain (the domain lock); failures back off
+                  lifecycle     after a scheduled backup committed: the domain's retention policy on
+                                its disks' targets (maintenance.prune_domain, under the domain lock);
+                                gc and verify when scheduler.tasks_plan says they are due, in one
+                                thread, one after the other; outcomes in agent/lifecycle.json
     stop        SIGTERM/SIGINT: running jobs are cancelled at their next segment and end through
                 their normal failure path (new checkpoint deleted / bitmap generation merged back);
                 after STOP_GRACE_S the agent exits anyway and its next start settles the rest
-    SIGHUP      reload the schedule, per-domain overrides and agent limits from the config file
+    SIGHUP      reload the schedule, per-domain overrides, retention, gc/verify intervals and agent
+                limits from the config file
 
 The decisions are in the pure modules (events, scheduler, state, settings); this one does the I/O.
 """
@@ -40,11 +45,12 @@ from .. import config as config_mod
 from ..errors import EkkoError, LockBusy
 from .events import EFFECTS, Action, lifecycle_reactions
 from .jobs import JobCancelled, backup_options, run_recorded_backup
-from .scheduler import plan, retry_delay_s
+from . import maintenance
+from .scheduler import TaskRun, plan, retry_delay_s, tasks_plan
 from .settings import AgentSettings
 from .spool import Spool
 from .state import StateDir, apply_lifecycle, process_start_ticks, seed_chain, write_json_atomic
-from .status import domain_heads, domain_status, newest_head
+from .status import domain_heads, domain_status, last_task_runs, newest_head
 
 log = logging.getLogger("ekko.agent")
 
@@ -129,6 +135,8 @@ class Agent:
         self._stores: Dict = {}
         self._stores_lock = threading.Lock()
         self._lock_fd = -1
+        self.tasks_thread: Optional[threading.Thread] = None     # gc / verify, one after the other
+        self.task_runs: Dict[str, TaskRun] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,6 +151,7 @@ class Agent:
             self.to_settle.add(job.uuid)
         self.to_settle |= set(CheckpointState(self.cfg.state_dir).job_uuids())
         self.sd.prune_jobs(time.time_ns() - self.settings.keep_jobs_days * 86400 * 10**9)
+        self.task_runs = last_task_runs(self.sd.load_lifecycle())     # a restart does not rerun gc/verify
         self.last_stale_check = time.monotonic()
         write_json_atomic(self.pid_path, {"pid": os.getpid(), "pid_start": process_start_ticks(os.getpid()),
                                           "started_ns": time.time_ns(), "uri": self.uri,
@@ -197,7 +206,7 @@ class Agent:
                             job.pid)
                 self.to_settle.add(job.uuid)
         self._settle()
-        return self._schedule()
+        return min(self._schedule(), self._maintain())
 
     def request_stop(self, why: str) -> None:
         if not self.stopping.is_set():
@@ -221,6 +230,10 @@ class Agent:
                 if w.thread.is_alive():
                     log.error("%s: backup still running after %d s: exiting anyway; the next agent start "
                               "settles it", w.name, STOP_GRACE_S)
+        if self.tasks_thread is not None:
+            self.tasks_thread.join(max(0.0, deadline - time.monotonic()))
+            if self.tasks_thread.is_alive():
+                log.error("gc/verify still running after %d s: exiting anyway", STOP_GRACE_S)
         self._drop_conn()
         if self.loop is not None:
             self.loop.stop()
@@ -244,7 +257,7 @@ class Agent:
             log.warning("SIGHUP: agent.spool_dir / agent.hook_path changes need a restart")
         self.settings = dataclasses.replace(new, spool_dir=self.settings.spool_dir)
         self.retry_at.clear()
-        log.info("SIGHUP: schedule, domain overrides and agent limits reloaded")
+        log.info("SIGHUP: schedule, domain overrides, retention, gc/verify intervals and agent limits reloaded")
 
     # -- libvirt connection and its events --------------------------------------------------------
     def _connect(self) -> None:
@@ -447,6 +460,7 @@ class Agent:
             w.outcome = "ok"
             log.info("%s: backup %s committed: %s", w.name, results[0].manifest.backup_id if results else "-",
                      ", ".join(f"{r.manifest.disk.get('node')} {r.manifest.kind}" for r in results))
+            self._prune_after(w, results)
         except LockBusy as e:        # DomainBusy (the agent's lock) or another ekko's backup lock
             w.outcome = "busy"
             log.info("%s: %s", w.name, e)
@@ -481,6 +495,96 @@ class Agent:
             elif w.outcome == "ok":
                 self.failures.pop(uuid, None)
                 self.retry_at.pop(uuid, None)
+
+    # -- lifecycle: retention after a backup, gc and verify on an interval --------------------------
+    def _prune_after(self, w: Worker, results) -> None:
+        """The domain's retention policy on the targets just backed up, under the domain lock (a
+        backup started by hand meanwhile: skipped, the next scheduled backup prunes). Never fails
+        the backup: a failure is logged and recorded."""
+        from ..engine import domain_xml as dx
+        settings = self.settings
+        if not settings.prune_after_backup or not results:
+            return
+        targets = sorted({r.manifest.target for r in results})
+        policies = {t: settings.retention_for(t, w.uuid, w.name) for t in targets}
+        if all(p is None for p in policies.values()):
+            return
+        ns = dx.project_namespace(results[0].manifest.labels)
+        try:
+            with self.sd.lock_domain(w.uuid, "prune"):
+                rec = maintenance.prune_domain(self.open_store(ns), ns, targets, policies.get,
+                                               datetime.now().astimezone().tzinfo)
+        except LockBusy as e:
+            log.info("%s: retention not applied now (the next scheduled backup does): %s", w.name, e)
+            return
+        except Exception as e:   # noqa: BLE001 -- the backup is committed; pruning is tried after the next one
+            if not isinstance(e, EkkoError):
+                log.exception("%s: prune", w.name)
+            log.error("%s: retention not applied: %s", w.name, e)
+            rec = {"time": maintenance.iso(time.time_ns()), "time_ns": time.time_ns(), "ok": False,
+                   "error": str(e), "project": ns, "summary": f"failed: {e}"}
+        else:
+            if rec["deleted"]:
+                log.info("%s: retention: %s (%s)", w.name, rec["summary"], ", ".join(rec["deleted"]))
+        try:
+            self.sd.update_lifecycle(lambda r: dict(r, prune=dict(r.get("prune") or {}, **{w.uuid: rec})))
+        except EkkoError as e:
+            log.warning("%s: cannot record the prune: %s", w.name, e)
+
+    def _tasks(self):
+        vs = self.settings.verify
+        return (("gc", self.settings.gc_interval_s, self.task_runs.get("gc")),
+                ("verify", vs.interval_s if vs is not None else None, self.task_runs.get("verify")))
+
+    def _maintain(self) -> float:
+        """Start the due lifecycle tasks (gc, verify) in one thread. -> seconds until one is due."""
+        poll = self.settings.poll_interval_s
+        if self.stopping.is_set():
+            return poll
+        now = datetime.now().astimezone()
+        p = tasks_plan(now, self._tasks(), self.tasks_thread is not None and self.tasks_thread.is_alive())
+        if p.run:
+            for name in p.run:        # marked started now: not started again while it runs
+                self.task_runs[name] = TaskRun(now, True)
+            self.tasks_thread = threading.Thread(target=self._run_tasks, args=(p.run,), name="ekko-lifecycle",
+                                                 daemon=True)
+            self.tasks_thread.start()
+        if p.next_wakeup is None:
+            return poll
+        return max(0.05, (p.next_wakeup - now).total_seconds())
+
+    def _run_tasks(self, names) -> None:
+        from ..store.factory import namespaces
+        try:
+            for name in names:
+                if self.stopping.is_set():
+                    break
+                started = time.time_ns()
+                log.info("%s starts", name)
+                try:
+                    nss = namespaces(self.cfg)
+                    workers = self.cfg.workers + 1
+                    if name == "gc":
+                        rec = maintenance.run_gc(self.open_store, nss, self.settings.retention.gc_grace_hours,
+                                                 workers, self.stopping)
+                    elif self.settings.verify is not None:
+                        rec = maintenance.run_verify(self.open_store, nss, self.settings.verify, workers,
+                                                     self.stopping)
+                    else:
+                        continue                      # switched off by a SIGHUP meanwhile
+                except Exception as e:   # noqa: BLE001 -- recorded; tried again later
+                    if not isinstance(e, EkkoError):
+                        log.exception("%s", name)
+                    rec = maintenance.failed_record(started, str(e))
+                self.task_runs[name] = TaskRun(datetime.fromtimestamp(started / 1e9).astimezone(), rec["ok"])
+                (log.info if rec["ok"] else log.error)("%s %s: %s", name, "done" if rec["ok"] else "FAILED",
+                                                       rec["error"] or rec["summary"])
+                try:
+                    self.sd.update_lifecycle(lambda r, _n=name, _rec=rec: dict(r, **{_n: _rec}))
+                except EkkoError as e:
+                    log.warning("cannot record the %s run: %s", name, e)
+        finally:
+            self.wakeup.set()
 
     # -- helpers ----------------------------------------------------------------------------------
     def open_store(self, namespace: Optional[str]):

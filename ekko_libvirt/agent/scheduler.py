@@ -11,6 +11,9 @@
     plan       = due domains sorted most overdue first (never backed up before all others), the
                  first (max_concurrent - running jobs) start now, the rest wait (HOST_LIMIT);
                  `next_wakeup` is the earliest time a waiting domain becomes due by the clock.
+    tasks_plan = the host-wide lifecycle tasks (gc, verify): each due when it never ran, or its
+                 interval after the start of its last run (a failed run: after at most an hour);
+                 the due ones run one after the other, and none starts while one runs.
 
 Times are timezone-aware datetimes; windows ("22:00-06:00", may wrap midnight; end is exclusive;
 "00:00-24:00" is the whole day) are read in the timezone of `now`.
@@ -277,3 +280,53 @@ def override_from_mapping(raw: Any, label: str) -> PolicyOverride:
     raw = _check_keys(raw, label)
     return PolicyOverride(**{_KEYS[k]: _field(raw, k, label) for k in raw})
 
+
+
+# --- lifecycle work on an interval: gc, verify -------------------------------------------------
+
+TASK_RETRY_S = 3600         # a failed gc/verify is tried again after this (or its interval, if shorter)
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """The last run of a periodic lifecycle task (gc, verify) as the agent recorded it."""
+    started: datetime
+    ok: bool
+
+
+@dataclass(frozen=True)
+class TaskDecision:
+    name: str
+    due: bool
+    next_due: Optional[datetime]                 # None: the task is off (no interval configured)
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    run: Tuple[str, ...]                         # run these now, one after the other, in this order
+    decisions: Tuple[TaskDecision, ...]
+    next_wakeup: Optional[datetime]              # earliest next_due of the tasks not run now
+
+
+def task_due(now: datetime, name: str, interval_s: Optional[int], last: Optional[TaskRun]) -> TaskDecision:
+    """Due when it never ran, or `interval_s` after the start of its last run (after a failed run:
+    after at most TASK_RETRY_S). interval_s None: the task is off."""
+    _aware(now, "now")
+    if interval_s is None:
+        return TaskDecision(name, False, None)
+    if last is None:
+        return TaskDecision(name, True, now)
+    wait = interval_s if last.ok else min(interval_s, TASK_RETRY_S)
+    at = _aware(last.started, f"last run of {name}").astimezone(now.tzinfo) + timedelta(seconds=wait)
+    return TaskDecision(name, now >= at, max(at, now))
+
+
+def tasks_plan(now: datetime, tasks: Sequence[Tuple[str, Optional[int], Optional[TaskRun]]],
+               busy: bool) -> TaskPlan:
+    """`tasks`: (name, interval_s, last run) in the order they run. They run one at a time, never
+    two at once: while `busy` (a run is in progress) nothing starts, and the due ones of one round
+    run one after the other."""
+    decisions = tuple(task_due(now, name, interval, last) for name, interval, last in tasks)
+    run = () if busy else tuple(d.name for d in decisions if d.due)
+    wakeups = [d.next_due for d in decisions if d.name not in run and d.next_due is not None]
+    return TaskPlan(run, decisions, None if busy else (min(wakeups) if wakeups else None))

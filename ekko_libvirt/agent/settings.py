@@ -1,9 +1,13 @@
-"""The agent's part of ekko.yaml, typed: `agent:`, `schedule:` and `domains:`. Pure.
+"""The agent's part of ekko.yaml, typed: `agent:`, `schedule:`, `domains:` (and `retention:`). Pure.
 
-    agent:      spool_dir, max_concurrent, poll_interval, shared_storage, hook_path, keep_jobs_days
+    agent:      spool_dir, max_concurrent, poll_interval, shared_storage, hook_path, keep_jobs_days;
+                lifecycle work: prune_after_backup, gc_interval, verify: {interval, sample, deep,
+                since_days} (absent: the agent runs no gc / no verify)
     schedule:   the default backup policy of every domain (scheduler.policy_from_mapping)
     domains:    per domain (by libvirt name or UUID): {schedule: {...}} over the default
-                (scheduler.override_from_mapping); the keys a domain leaves out are inherited
+                (scheduler.override_from_mapping); the keys a domain leaves out are inherited;
+                {retention: {keep_*: N}}: the domain's retention policy, REPLACING the default one
+    retention:  prune.RetentionConfig: the default policy and per-target ones (`retention_for`)
 
 config.build checks these sections when it loads the file, so a bad key fails at once, naming
 the key, whichever command runs.
@@ -13,10 +17,24 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from ..errors import ConfigError
+from ..prune import Policy as RetentionPolicy
+from ..prune import RetentionConfig
 from .scheduler import Policy, PolicyOverride, override_from_mapping, parse_interval, policy_from_mapping
 from .spool import DEFAULT_HOOK_PATH, DEFAULT_SPOOL_DIR
 
-_AGENT_KEYS = ("spool_dir", "max_concurrent", "poll_interval", "shared_storage", "hook_path", "keep_jobs_days")
+_AGENT_KEYS = ("spool_dir", "max_concurrent", "poll_interval", "shared_storage", "hook_path", "keep_jobs_days",
+               "prune_after_backup", "gc_interval", "verify")
+_VERIFY_KEYS = ("interval", "sample", "deep", "since_days")
+_DOMAIN_KEYS = ("schedule", "retention")
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """agent.verify: the agent's scheduled `ekko verify --sample S [--deep] [--since-days N]`."""
+    interval_s: int = 24 * 3600
+    sample: float = 1.0              # fraction of the distinct segments checked, (0, 1]
+    deep: bool = False               # download, decode and re-hash (else: the segments exist)
+    since_days: Optional[float] = None   # skip backups that passed an equally thorough verify this recently
 
 
 @dataclass(frozen=True)
@@ -29,6 +47,11 @@ class AgentSettings:
     keep_jobs_days: int = 14         # finished job records are deleted after this many days
     schedule: Policy = Policy()
     domains: Tuple[Tuple[str, PolicyOverride], ...] = ()    # (name or UUID, override)
+    prune_after_backup: bool = True  # apply the domain's retention policy after each scheduled backup
+    gc_interval_s: Optional[int] = None          # None: the agent runs no gc
+    verify: Optional[VerifySettings] = None      # None: the agent runs no verify
+    retention: RetentionConfig = RetentionConfig()
+    domain_retention: Tuple[Tuple[str, RetentionPolicy], ...] = ()   # (name or UUID, policy)
 
     @classmethod
     def from_config(cls, cfg) -> "AgentSettings":
@@ -54,7 +77,28 @@ class AgentSettings:
             keep_jobs_days=_int(agent, "keep_jobs_days", 14, 1, 3650),
             schedule=policy_from_mapping(raw.get("schedule"), "schedule"),
             domains=_domains(raw.get("domains")),
+            prune_after_backup=_bool(agent, "prune_after_backup", True),
+            gc_interval_s=_interval(agent, "gc_interval"),
+            verify=_verify(agent.get("verify")),
+            retention=RetentionConfig.from_mapping(raw.get("retention")),
+            domain_retention=_domain_retention(raw.get("domains")),
         )
+
+    def retention_for(self, target: str, uuid: Optional[str] = None,
+                      name: Optional[str] = None) -> Optional[RetentionPolicy]:
+        """The retention policy of a disk target of a domain: retention.targets.<target> if given,
+        else domains.<UUID or name>.retention (a UUID entry wins over a name entry), else the
+        default of `retention:`. None: no policy (nothing of the target is pruned)."""
+        per_target = dict(self.retention.targets)
+        if target in per_target:
+            return per_target[target]
+        by_key = dict(self.domain_retention)
+        own = (by_key.get(uuid.lower()) if uuid else None) or (by_key.get(name) if name else None)
+        return own if own is not None else self.retention.default
+
+    def has_retention(self) -> bool:
+        """Any retention policy at all (default, per target, or per domain)."""
+        return self.retention.default is not None or bool(self.retention.targets) or bool(self.domain_retention)
 
     def overrides(self, domains: Iterable[Tuple[str, Optional[str]]]) -> Dict[str, PolicyOverride]:
         """{uuid: override} for the domains given as (uuid, name); an entry keyed by the UUID wins
@@ -81,12 +125,73 @@ def _domains(raw: Any) -> Tuple[Tuple[str, PolicyOverride], ...]:
         if val is None:
             val = {}
         if not isinstance(val, Mapping):
-            raise ConfigError(label, "must be a mapping (keys: schedule)")
+            raise ConfigError(label, f"must be a mapping (keys: {', '.join(_DOMAIN_KEYS)})")
         for k in val:
-            if k != "schedule":
-                raise ConfigError(f"{label}.{k}", "unknown key (known: schedule)")
+            if k not in _DOMAIN_KEYS:
+                raise ConfigError(f"{label}.{k}", f"unknown key (known: {', '.join(_DOMAIN_KEYS)})")
         out.append((_uuid_or_name(key), override_from_mapping(val.get("schedule"), f"{label}.schedule")))
     return tuple(out)
+
+
+def _domain_retention(raw: Any) -> Tuple[Tuple[str, RetentionPolicy], ...]:
+    """domains.<name>.retention: {keep_last: N, ...} (checked by _domains for the rest)."""
+    out = []
+    for key, val in (raw or {}).items():
+        if not isinstance(val, Mapping) or "retention" not in val:
+            continue
+        label = f"domains.{key}.retention"
+        rules = val["retention"]
+        if not isinstance(rules, Mapping) or not rules:
+            raise ConfigError(label, "must be a mapping of keep_* rules (keep_last, keep_hourly, keep_daily, "
+                                     "keep_weekly, keep_monthly, keep_yearly), at least one")
+        out.append((_uuid_or_name(key), RetentionPolicy.from_mapping(rules, label)))
+    return tuple(out)
+
+
+def _interval(raw: Mapping, key: str, label: Optional[str] = None, default: Optional[int] = None) -> Optional[int]:
+    """An interval (24h, 30m, 1d, seconds); absent or null: `default`."""
+    val = raw.get(key)
+    if val is None:
+        return default
+    try:
+        return parse_interval(val)
+    except ValueError as e:
+        raise ConfigError(label or f"agent.{key}", str(e)) from e
+
+
+def _verify(raw: Any) -> Optional[VerifySettings]:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("agent.verify", "must be a mapping (keys: " + ", ".join(_VERIFY_KEYS) + ")")
+    unknown = sorted(set(map(str, raw)) - set(_VERIFY_KEYS))
+    if unknown:
+        raise ConfigError(f"agent.verify.{unknown[0]}", f"unknown key (known: {', '.join(_VERIFY_KEYS)})")
+    deep = raw.get("deep", False)
+    if not isinstance(deep, bool):
+        raise ConfigError("agent.verify.deep", f"must be true or false, got {deep!r}")
+    since = raw.get("since_days")
+    if since is not None and (isinstance(since, bool) or not isinstance(since, (int, float)) or since < 0):
+        raise ConfigError("agent.verify.since_days", f"must be a number of days >= 0, got {since!r}")
+    return VerifySettings(interval_s=_interval(raw, "interval", "agent.verify.interval", 24 * 3600),
+                          sample=_sample(raw.get("sample", 1.0)), deep=deep,
+                          since_days=None if since is None else float(since))
+
+
+def _sample(val: Any) -> float:
+    """'5%' or a fraction in (0, 1]."""
+    try:
+        if isinstance(val, str) and val.strip().endswith("%"):
+            f = float(val.strip()[:-1]) / 100
+        elif isinstance(val, (int, float)) and not isinstance(val, bool):
+            f = float(val)
+        else:
+            f = -1.0
+    except ValueError:
+        f = -1.0
+    if not 0 < f <= 1:
+        raise ConfigError("agent.verify.sample", f"must be a percentage (5%) or a fraction in (0, 1], got {val!r}")
+    return f
 
 
 def _uuid_or_name(key: str) -> str:

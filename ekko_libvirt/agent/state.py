@@ -8,6 +8,10 @@ Layout under the state directory (config `state_dir`, default /var/lib/ekko):
     agent/jobs/JOB_ID.json       JobRecord: one per job, kept after the job ends; a record that
                                  says "running" but whose process is gone is *stale* (found by
                                  `find_stale_jobs` after an agent restart).
+    agent/lifecycle.json         the agent's lifecycle work (agent/maintenance.py): the last gc and
+                                 the last verify run ({started, ok, error, summary, stores}) and per
+                                 domain UUID the last prune after a scheduled backup. Changed only
+                                 through `update_lifecycle` (under locks/lifecycle.lock).
     locks/UUID.domain.lock       flock(LOCK_EX) held for a whole job: two jobs never run on one
                                  domain at once. The kernel drops it when the holder dies.
     locks/UUID.offline-backup    marker the hook reads at `prepare begin`: while it exists (and
@@ -404,6 +408,27 @@ class StateDir:
                 if st is not None:
                     out.append(st)
         return out
+
+    # -- lifecycle record (gc, verify, prune) -------------------------------------------------------
+    @property
+    def lifecycle_path(self) -> str:
+        return os.path.join(self.root, "agent", "lifecycle.json")
+
+    def load_lifecycle(self) -> Dict[str, Any]:
+        """{gc: {...}, verify: {...}, prune: {uuid: {...}}}; {} if none yet or unreadable (it only
+        informs: an unreadable one is replaced by the next record)."""
+        try:
+            raw = read_json(self.lifecycle_path)
+        except StateError:
+            return {}
+        return raw if isinstance(raw, dict) else {}
+
+    def update_lifecycle(self, change: Callable[[Dict[str, Any]], Dict[str, Any]]) -> Dict[str, Any]:
+        """Read-modify-write of the lifecycle record, serialized across threads and processes."""
+        with self._short_lock("lifecycle.lock"):
+            new = change(dict(self.load_lifecycle()))
+            write_json_atomic(self.lifecycle_path, new)
+            return new
 
     # -- the per-domain job lock ------------------------------------------------------------------
     @contextmanager

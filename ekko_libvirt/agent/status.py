@@ -4,6 +4,8 @@
     last backup  the newest backup of each disk in the store (kind, time, reason)
     next         when the scheduler will back the domain up, and why not now
     job          the running job with its progress; else the last job (failed ones with the error)
+    pruned       the last retention run after a scheduled backup of the domain
+    lifecycle    (host-wide) the agent's last gc and verify: when, outcome, summary, next due
 
 `row` is pure (the facts in, one dict out); `collect` gathers the facts. libvirt is optional:
 without it the domains known from the state directory are shown, with their last known state.
@@ -18,7 +20,7 @@ from .. import catalog
 from ..units import human
 from ..engine import domain_xml as dx
 from ..errors import EkkoError
-from .scheduler import Decision, DomainStatus, Policy, PolicyOverride, decide
+from .scheduler import Decision, DomainStatus, Policy, PolicyOverride, TaskRun, decide, task_due
 from .state import DomainState, JobRecord, JobStatus, StateDir, StateError, process_alive, read_json, seed_chain
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,11 @@ def job_dict(job: JobRecord, alive: bool) -> Dict:
 
 
 def row(uuid: str, name: Optional[str], active: Optional[bool], st: Optional[DomainState],
-        jobs: Sequence[Tuple[JobRecord, bool]], heads: Dict[str, Dict], decision: Optional[Decision]) -> Dict:
+        jobs: Sequence[Tuple[JobRecord, bool]], heads: Dict[str, Dict], decision: Optional[Decision],
+        pruned: Optional[Dict] = None) -> Dict:
     """One domain's status. `jobs`: its job records (oldest first) with whether their process
-    lives; `heads`: per disk the newest backup's header in the store."""
+    lives; `heads`: per disk the newest backup's header in the store; `pruned`: the agent's record
+    of the last retention run on the domain (agent/lifecycle.json)."""
     chain = st.chain if st is not None else None
     running = [(j, a) for j, a in jobs if j.status is JobStatus.RUNNING]
     finished = [j for j, _ in jobs if j.status is not JobStatus.RUNNING]
@@ -75,7 +79,58 @@ def row(uuid: str, name: Optional[str], active: Optional[bool], st: Optional[Dom
             "disks": list(decision.policy.disks) if decision.policy.disks else "all"},
         "job": job_dict(*running[-1]) if running else None,
         "last_job": job_dict(finished[-1], False) if finished else None,
+        "last_prune": None if not pruned else {k: pruned.get(k) for k in (
+            "time", "ok", "error", "summary", "deleted", "kept", "policies", "project")},
     }
+
+
+# -- the agent's lifecycle work (gc, verify) ------------------------------------------------------
+TASKS = ("gc", "verify")
+
+
+def last_task_runs(record: Dict) -> Dict[str, TaskRun]:
+    """{task: TaskRun} from the lifecycle record (StateDir.load_lifecycle); odd entries are skipped."""
+    out = {}
+    for name in TASKS:
+        rec = record.get(name)
+        if isinstance(rec, dict) and isinstance(rec.get("started_ns"), int):
+            out[name] = TaskRun(ns_to_dt(rec["started_ns"]), rec.get("ok") is True)
+    return out
+
+
+def lifecycle_info(record: Dict, gc_interval_s: Optional[int], verify, now: datetime) -> Dict:
+    """Per task: on or off, its settings, the last run (when, ok, error, summary) and when the next
+    is due. `verify`: settings.VerifySettings or None."""
+    runs = last_task_runs(record)
+    out = {}
+    for name, interval in (("gc", gc_interval_s), ("verify", verify.interval_s if verify else None)):
+        rec = record.get(name) if isinstance(record.get(name), dict) else None
+        dec = task_due(now, name, interval, runs.get(name))
+        info = {"enabled": interval is not None, "interval_s": interval,
+                "last": None if rec is None else {k: rec.get(k) for k in (
+                    "started", "finished", "seconds", "ok", "error", "summary")},
+                "due": dec.due, "next": dec.next_due.isoformat(timespec="seconds") if dec.next_due else None}
+        if name == "gc" and rec is not None:
+            info["last"]["grace_hours"] = rec.get("grace_hours")
+        if name == "verify" and verify is not None:
+            info.update(sample=verify.sample, deep=verify.deep, since_days=verify.since_days)
+        out[name] = info
+    return out
+
+
+def describe_lifecycle(info: Dict) -> str:
+    """The lifecycle part of `ekko status` for people: one line per task."""
+    lines = []
+    for name, t in info.items():
+        if not t["enabled"]:
+            key = "agent.gc_interval" if name == "gc" else "agent.verify"
+            last = t["last"]
+            lines.append(f"{name + ':':<8}off (no {key})" + (f"; last {last['started']}" if last else ""))
+            continue
+        last = t["last"]
+        what = "never run" if last is None else             f"last {last['started']} {'ok' if last['ok'] else 'FAILED'}: {last['error'] or last['summary']}"
+        lines.append(f"{name + ':':<8}{what}; next {'now' if t['due'] else t['next']} (every {t['interval_s']} s)")
+    return "\n".join(lines)
 
 
 def newest_head(heads: Dict[str, Dict]) -> Optional[Tuple[str, Optional[str], int]]:
@@ -114,6 +169,7 @@ def collect(sd: StateDir, conn, open_store: Optional[Callable], default: Policy,
         doms.setdefault(uuid, {"name": st.name, "active": None, "dom": None})
     if only is not None:
         doms = {u: d for u, d in doms.items() if only.lower() == u or only == d["name"]}
+    pruned = sd.load_lifecycle().get("prune") or {}
     jobs: Dict[str, List[Tuple[JobRecord, bool]]] = {}
     for j in sd.list_jobs():
         jobs.setdefault(j.uuid, []).append((j, j.status is JobStatus.RUNNING and process_alive(j.pid, j.pid_start)))
@@ -132,7 +188,8 @@ def collect(sd: StateDir, conn, open_store: Optional[Callable], default: Policy,
         seen = newest_head(heads)
         known = seed_chain(st or DomainState(uuid), *seen) if seen else st     # the store knows it
         decision = decide(now, domain_status(uuid, known, active, running), default.merged(ovs.get(uuid)))
-        rows.append(row(uuid, d["name"], d["active"], st, jobs.get(uuid, ()), heads, decision))
+        rows.append(row(uuid, d["name"], d["active"], st, jobs.get(uuid, ()), heads, decision,
+                        pruned.get(uuid) if isinstance(pruned, dict) else None))
     return rows
 
 
@@ -171,4 +228,9 @@ def describe(r: Dict) -> str:
     last = r["last_job"]
     if last is not None and last["status"] != "succeeded":
         lines.append(f"  last job {last['job_id']} {last['status']}: {last['error'] or '-'}")
+    pr = r.get("last_prune")
+    if pr is not None:
+        lines.append(f"  pruned  {pr['time']}: " + (pr["summary"] if pr["ok"] else f"FAILED: {pr['error']}")
+                     + (f" ({'; '.join(f'{t} {p}' for t, p in sorted(pr['policies'].items()))})"
+                        if pr.get("policies") else ""))
     return "\n".join(lines)

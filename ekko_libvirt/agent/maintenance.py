@@ -1,0 +1,163 @@
+"""The agent's lifecycle work (issue 5): retention after each scheduled backup, gc and sampled
+verification on an interval. What is due is decided by scheduler.tasks_plan and the policies come
+from settings (both pure); this module runs the work against the store and builds the records the
+daemon keeps in the state directory (StateDir.update_lifecycle), which `ekko status` shows.
+
+    prune_domain   after a scheduled backup of a domain committed: the targets of its disks, under
+                   their retention policy (settings.retention_for); prune.plan keeps the newest and
+                   every protected backup whatever the policy says
+    run_gc         gc.collect on every store namespace, one after the other; the grace period
+                   (retention.gc_grace_hours) keeps the segments of backups still running
+    run_verify     verify.run on every store namespace, one after the other (sample, deep,
+                   since_days), its results recorded in the store as `ekko verify` records them
+
+The daemon runs gc and verify in one thread, one after the other: never at the same time. A stop
+request cancels gc only before it deletes anything (during its mark and listing phases: once it
+deletes, it runs to its end so that its check for racing backups always runs), and verify at its
+next segment. One namespace failing does not stop the others; the record says which failed.
+"""
+
+import datetime
+import logging
+import threading
+import time
+from typing import Callable, Dict, Iterable, List, Optional
+
+from .. import catalog, units
+from ..errors import EkkoError
+from ..lifecycle import prune_store
+from ..prune import UTC, Policy
+
+log = logging.getLogger(__name__)
+
+CANCELLED = "cancelled: the agent is stopping"
+
+
+class Cancelled(EkkoError):
+    """The agent is stopping: the task ends where it is safe to."""
+
+
+def iso(ns: Optional[int]) -> Optional[str]:
+    if not ns:
+        return None
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _record(started_ns: int, stores: List[Dict], summary: str, **extra) -> Dict:
+    finished = time.time_ns()
+    errors = [f"{s['project'] or 'default'}: {s['error']}" for s in stores if s.get("error")]
+    return dict(extra, started=iso(started_ns), started_ns=started_ns, finished=iso(finished), finished_ns=finished,
+                seconds=round((finished - started_ns) / 1e9, 3), ok=all(s["ok"] for s in stores),
+                error="; ".join(errors) or None, summary=summary, stores=stores)
+
+
+def failed_record(started_ns: int, error: str) -> Dict:
+    """A task that failed as a whole (e.g. the store's namespaces could not be listed)."""
+    return _record(started_ns, [{"project": None, "ok": False, "error": error}], f"failed: {error}")
+
+
+def _ns_name(ns: Optional[str]) -> str:
+    return ns or "default"
+
+
+# -- gc ---------------------------------------------------------------------------------------------
+def run_gc(open_store: Callable, namespaces: Iterable[Optional[str]], grace_hours: float, workers: int = 4,
+           cancel: Optional[threading.Event] = None) -> Dict:
+    from ..gc import collect
+    started = time.time_ns()
+
+    def progress(phase, _done, _total):
+        if cancel is not None and cancel.is_set() and phase in ("mark", "sweep"):     # nothing deleted yet
+            raise Cancelled(CANCELLED)
+    stores = []
+    for ns in namespaces:
+        if cancel is not None and cancel.is_set():
+            stores.append({"project": ns, "ok": False, "error": CANCELLED})
+            break
+        try:
+            r = collect(open_store(ns), grace_hours, workers=workers, progress=progress)
+        except Cancelled:
+            stores.append({"project": ns, "ok": False, "error": CANCELLED})
+            break
+        except Exception as e:   # noqa: BLE001 -- recorded; the other namespaces still get their gc
+            if not isinstance(e, EkkoError):
+                log.exception("gc of namespace %s", _ns_name(ns))
+            stores.append({"project": ns, "ok": False, "error": str(e)})
+            continue
+        stores.append({"project": ns, "ok": r.ok, "manifests": r.manifests, "segments": r.segments,
+                       "unreferenced": r.unreferenced, "deleted": r.deleted, "deleted_bytes": r.deleted_bytes,
+                       "kept_young": r.kept_young, "markers_removed": r.markers_removed, "raced": r.raced,
+                       "error": None if r.ok else f"{len(r.raced)} segment(s) deleted while a backup committed "
+                                                  "them: marked damaged, the next backup stores them again"})
+    done = [s for s in stores if "deleted" in s]
+    summary = (f"deleted {sum(s['deleted'] for s in done)} segment(s) "
+               f"({units.human(sum(s['deleted_bytes'] for s in done))}), kept "
+               f"{sum(s['kept_young'] for s in done)} younger than {grace_hours:g} h; "
+               f"{len(done)} of {len(stores)} namespace(s)")
+    return _record(started, stores, summary, grace_hours=grace_hours)
+
+
+# -- verify -----------------------------------------------------------------------------------------
+def run_verify(open_store: Callable, namespaces: Iterable[Optional[str]], settings, workers: int = 4,
+               cancel: Optional[threading.Event] = None) -> Dict:
+    """`settings`: settings.VerifySettings (sample, deep, since_days)."""
+    from ..verify import run
+    started = time.time_ns()
+
+    def progress(_done, _total):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(CANCELLED)
+    stores = []
+    for ns in namespaces:
+        if cancel is not None and cancel.is_set():
+            stores.append({"project": ns, "ok": False, "error": CANCELLED})
+            break
+        try:
+            store = open_store(ns)
+            done = run(store, catalog.keys(store), deep=settings.deep, sample=settings.sample,
+                       since_days=settings.since_days, workers=workers, progress=progress)
+        except Cancelled:
+            stores.append({"project": ns, "ok": False, "error": CANCELLED})
+            break
+        except Exception as e:   # noqa: BLE001 -- recorded; the other namespaces are still verified
+            if not isinstance(e, EkkoError):
+                log.exception("verify of namespace %s", _ns_name(ns))
+            stores.append({"project": ns, "ok": False, "error": str(e)})
+            continue
+        rep = done.report
+        bad = rep.damaged_backups()
+        stores.append({"project": ns, "ok": rep.ok, "backups": len(rep.backups), "skipped": len(done.skipped),
+                       "segments_checked": rep.segments_checked, "damaged_segments": sorted(rep.damaged),
+                       "bad_manifests": sorted(rep.bad_manifests), "damaged_backups": bad,
+                       "marked": len(done.marked), "cleared": len(done.cleared),
+                       "error": None if rep.ok else f"damage found in backup(s) {', '.join(bad)}"})
+    done_ = [s for s in stores if "backups" in s]
+    how = ("deep" if settings.deep else "existence") + ("" if settings.sample >= 1 else f", {settings.sample:.1%} sample")
+    summary = (f"checked {sum(s['backups'] for s in done_)} backup(s), "
+               f"{sum(s['segments_checked'] for s in done_)} segment(s) ({how}), skipped "
+               f"{sum(s['skipped'] for s in done_)} verified recently; {len(done_)} of {len(stores)} namespace(s)")
+    bad = sorted({b for s in done_ for b in s["damaged_backups"]})
+    if bad:
+        summary += f"; DAMAGE in backup(s) {', '.join(bad)}"
+    return _record(started, stores, summary, deep=settings.deep, sample=settings.sample,
+                   since_days=settings.since_days)
+
+
+# -- retention after a scheduled backup ---------------------------------------------------------
+def prune_domain(store, ns: Optional[str], targets: Iterable[str], policy_for: Callable[[str], Optional[Policy]],
+                 tz: datetime.tzinfo = UTC) -> Dict:
+    """Apply each target's policy (targets without one are left alone). -> the prune record."""
+    now = time.time_ns()
+    rows: List[Dict] = []
+    policies = {}
+    for t in sorted(set(targets)):
+        policy = policy_for(t)
+        if policy is None:
+            continue
+        policies[t] = policy.describe()
+        rows += prune_store(store, lambda _t, _labels, p=policy: p, t, tz)
+    deleted = [f"{r['target']}/{r['backup_id']}" for r in rows if r["deleted"]]
+    kept = sum(1 for r in rows if r["keep"])
+    return {"time": iso(now), "time_ns": now, "ok": True, "error": None, "project": ns, "policies": policies,
+            "kept": kept, "deleted": deleted,
+            "summary": f"deleted {len(deleted)} backup(s), kept {kept}, of {len(policies)} disk(s)"}
