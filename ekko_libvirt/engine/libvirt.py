@@ -141,7 +141,23 @@ class LibvirtDomainEngine:
             self.dom.checkpointCreateXML(xml, flags)
             return None
         except libvirt.libvirtError as e:
-            return f"checkpoint {name} cannot be trusted: {_err(e)}"
+            reason = f"checkpoint {name} cannot be trusted: {_err(e)}"
+        self._discard_untrusted(name, xml)
+        return reason
+
+    def _discard_untrusted(self, name: str, xml: str) -> None:
+        """Our generation failed validation (e.g. its bitmap is inconsistent after QEMU was
+        killed): it can never be used again. Redefine it without validation and delete it with
+        its bitmaps, so no dead bitmap of ours lingers in the images. Best effort: if libvirt
+        refuses, the new chain still starts; the stale bitmap only costs space."""
+        try:
+            self.dom.checkpointCreateXML(xml, libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE)
+        except libvirt.libvirtError as e:
+            log.warning("could not redefine untrusted checkpoint %s to delete it: %s", name, _err(e))
+            return
+        note = self.delete(name)
+        if note:
+            log.warning("%s", note)
 
     def forget(self, name: str) -> None:
         """Drop a checkpoint's metadata only: its bitmaps stay in the images (Nova-safe)."""

@@ -1,6 +1,7 @@
 """The libvirt engine against a real libvirtd: running domains with a qcow2 and a raw disk,
 chains across kill -9, a killed agent, Nova's undefine/define, and offline backups."""
 
+import json
 import os
 import random
 import signal
@@ -29,6 +30,7 @@ class Guest:
         self.workdir = workdir
         self.model = {dev: bytearray(os.path.getsize(path) if fmt == "raw" else size)
                       for path, fmt, dev, size in disks}
+        self.paths = {dev: path for path, _, dev, _ in disks}
 
     def write(self, dev, offset, data):
         """Random data through the virtio device (HMP qemu-io -d ...), result read from the log."""
@@ -54,6 +56,9 @@ class Guest:
             time.sleep(0.01)
         os.unlink(pat)
         self.model[dev][offset:offset + len(data)] = data
+
+    def dom_disk(self, dev):
+        return self.paths[dev]
 
     def flush(self, dev):
         monitor(self.dom, f'qemu-io -d /machine/peripheral/{disk_alias(self.dom, dev)}/virtio-backend "flush"')
@@ -166,6 +171,12 @@ def test_qemu_kill9_next_backup_is_full(libvirt_conn, test_domains, images, lvwo
     g.write("vda", 9 * MiB, os.urandom(64 * KiB))
     b4 = backups_by_disk(ekko, "ekko-test-bk2")
     assert b4["vda"]["kind"] == "incremental" and b4["vda"]["parent"] == b3["vda"]["backup_id"]
+    # the dead generation was removed from the image: only the chain's current one is left
+    g.dom.destroy()
+    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", g.dom_disk("vda")],
+                                     capture_output=True, text=True, check=True).stdout)
+    names = [b["name"] for b in info.get("format-specific", {}).get("data", {}).get("bitmaps", [])]
+    assert names == [b4["vda"]["generation"]["bitmap"]], names
 
 
 @pytest.mark.parametrize("point", ["after-transaction", "during-read", "before-commit"])
