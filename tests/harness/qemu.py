@@ -24,14 +24,14 @@ QOM_BACKEND = f"/machine/peripheral/{DEVICE}/virtio-backend"
 
 
 class QemuDisk:
-    def __init__(self, workdir: str, size: int, fmt: str = "qcow2", name: str = "disk"):
+    def __init__(self, workdir: str, size: int, fmt: str = "qcow2", name: str = "disk", model: bool = True):
         self.workdir = workdir
         self.size = size
         self.fmt = fmt
         self.image = os.path.join(workdir, f"{name}.{fmt}")
         self.qmp_socket = os.path.join(workdir, f"{name}.qmp")
         self.admin_socket = os.path.join(workdir, f"{name}.admin.qmp")
-        self.model = bytearray(size)
+        self.model = bytearray(size) if model else None     # off for huge sparse disks
         self.proc: Optional[subprocess.Popen] = None
         self.admin: Optional[QMPConnection] = None
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, self.image, str(size)], check=True)
@@ -111,11 +111,13 @@ class QemuDisk:
             f.write(data)
             f.flush()
             self.qemu_io(f"write -s {f.name} {offset} {len(data)}")
-        self.model[offset:offset + len(data)] = data
+        if self.model is not None:
+            self.model[offset:offset + len(data)] = data
 
     def write_zeroes(self, offset: int, length: int) -> None:
         self.qemu_io(f"write -z {offset} {length}")
-        self.model[offset:offset + length] = bytes(length)
+        if self.model is not None:
+            self.model[offset:offset + length] = bytes(length)
 
     def qemu_io(self, command: str) -> None:
         """qemu-io prints to QEMU's stdout (our log), not to the monitor: check the log grew
