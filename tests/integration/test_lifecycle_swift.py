@@ -7,17 +7,13 @@ import pytest
 
 from ekko_libvirt import catalog, gc, markers, segment, verify
 from ekko_libvirt.errors import ObjectNotFound
-from harness.swift import SwiftServer, missing_prerequisites
 from tests.unit.test_gc import blocks, key_of, put_backup
 
-pytestmark = pytest.mark.skipif(bool(missing_prerequisites()),
-                                reason=f"Swift all-in-one not installed: {missing_prerequisites()}")
 
-
-@pytest.fixture(scope="module")
-def swift(tmp_path_factory):
-    with SwiftServer(tmp_path_factory.mktemp("swift")) as s:
-        yield s
+@pytest.fixture
+def swift(swift_server):
+    """The session's Swift (tests/swift_fixtures.py): missing Swift fails under CI, never skips."""
+    return swift_server
 
 
 @pytest.fixture
