@@ -19,7 +19,7 @@ from typing import Callable, List, Optional
 
 import nbd
 
-from . import segment
+from . import heap, segment
 from .codec import codec_of
 from .errors import EkkoError, IntegrityError, StoreError, UsageError
 from .manifest import Manifest
@@ -56,6 +56,7 @@ def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: i
             allow_damaged: bool = False, overwrite: bool = False,
             progress: Optional[Callable[[int, int], None]] = None) -> RestoreResult:
     fmt = output_format(path, fmt)
+    heap.keep_buffers_on_heap()     # segment-sized buffers: no mmap + page faults each time
     if os.path.exists(path) and not overwrite:
         raise UsageError(f"{path} exists: refusing to overwrite it (choose another path or remove it)")
     partial = path + ".ekko-partial"
@@ -188,7 +189,7 @@ def _qemu_nbd_qcow2(path: str, size: int, workers: int):
     with tempfile.TemporaryDirectory(prefix="ekko-restore-") as d:
         sock = os.path.join(d, "nbd.sock")
         proc = subprocess.Popen(["qemu-nbd", "-f", "qcow2", "-k", sock, "-e", str(workers + 1), "-t",
-                                 "--cache=writeback", "--discard=unmap", path],
+                                 f"--cache={_cache_mode(path)}", "--discard=unmap", path],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 env=dict(os.environ, GLIBC_TUNABLES=QEMU_MALLOC_TUNABLES))
         try:
@@ -203,6 +204,18 @@ def _qemu_nbd_qcow2(path: str, size: int, workers: int):
                 proc.wait()
         if proc.returncode not in (0, -15):
             raise EkkoError(f"qemu-nbd exited with {proc.returncode}: {proc.stderr.read().decode(errors='replace')}")
+
+
+def _cache_mode(path: str) -> str:
+    """O_DIRECT where the file system has it: writing a restore through the page cache cost
+    qemu-nbd 4-7 s of system time for 3 GiB here, direct writes 1 s, and the final flush has
+    nothing left to do (bench/). tmpfs and some FUSE file systems refuse O_DIRECT."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        return "writeback"
+    os.close(fd)
+    return "none" if hasattr(os, "O_DIRECT") else "writeback"
 
 
 def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:

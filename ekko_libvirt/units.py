@@ -40,7 +40,12 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-DEFAULT_SEGMENT_SIZE = 4 * MiB
+# 1 MiB: the smallest store after scattered writes and the fastest full in bench/ (README "Benchmark",
+# docs/format.md "Trade-offs of the segment size").
+DEFAULT_SEGMENT_SIZE = 1 * MiB
+DEFAULT_WORKERS = 4
+DEFAULT_REQUEST_SIZE = 512 * KiB      # >= 1 MiB makes QEMU's NBD server page-fault on every read
+DEFAULT_IN_FLIGHT = 4
 DEFAULT_GRANULARITY = 64 * KiB
 MIN_SEGMENT_SIZE = 64 * KiB
 MAX_SEGMENT_SIZE = 32 * MiB   # QEMU's NBD server refuses requests above 32 MiB

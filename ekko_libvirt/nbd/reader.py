@@ -1,12 +1,17 @@
 """libnbd side: connect to a point-in-time export, walk block status, read segments.
 
-One control connection walks block status (base:allocation + the dirty-bitmap context). Reads
-go over one connection per worker thread (QEMU advertises multi-conn on read-only exports),
-each worker keeping several requests in flight with aio_pread into the segment's own buffer.
+One control connection walks block status (base:allocation + the dirty-bitmap context). The
+backup's reads go through SegmentStream: one thread and one more connection that keep a fixed
+number of requests in flight, ahead of the workers that hash, compress and store, into a fixed
+pool of segment buffers (memory is bounded by the pool, not by the disk). SegmentReader reads
+one segment synchronously, for the odd re-read.
 """
 
+import collections
 import logging
-from typing import Iterator, Optional
+import queue
+import threading
+from typing import Iterator, Optional, Tuple
 
 import nbd
 
@@ -108,67 +113,257 @@ class ExportReader:
     def worker(self) -> "SegmentReader":
         return SegmentReader(self.export, self.request_size, self.in_flight)
 
+    def stream(self, plans, buffers: int) -> "SegmentStream":
+        return SegmentStream(self.export, plans, self.request_size, self.in_flight, buffers)
 
-class SegmentReader:
-    """One connection; reads a segment's data ranges into one buffer, zeros elsewhere.
 
-    The buffer is this reader's own and is reused: what read() returns is valid until the next
-    read() on the same reader (the pipeline hashes, compresses and stores a segment before its
-    worker reads the next one). Reuse bounds memory by the number of workers, and it works
-    around libnbd 1.14's Python binding, which keeps one reference to the object behind every
-    aio_pread buffer forever: a fresh bytearray per segment was never freed (measured: RSS grew
-    by every byte read). The views handed to aio_pread are cached per (offset, length) for the
-    same reason, so the leaked references pile up on a bounded set of small objects."""
+class SegmentBuffer:
+    """A reusable segment-sized buffer. libnbd 1.14's Python binding keeps one reference to the
+    object behind every aio_pread buffer forever, so a fresh bytearray per segment was never
+    freed (measured: RSS grew by every byte read). Buffers are therefore reused, and the views
+    handed to aio_pread are cached per (offset, length), so the leaked references pile up on a
+    bounded set of small objects."""
 
     MAX_VIEWS = 1 << 16
+
+    def __init__(self, size: int, pool: "Optional[queue.SimpleQueue]" = None):
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.zeros = memoryview(bytes(size))
+        self.views: dict = {}
+        self.pool = pool
+        self.length = 0
+
+    def nbd_view(self, rel: int, n: int) -> "nbd.Buffer":
+        v = self.views.get((rel, n))
+        if v is None:
+            if len(self.views) >= self.MAX_VIEWS:
+                self.views.clear()
+            v = self.views[(rel, n)] = nbd.Buffer.from_buffer(self.view[rel:rel + n])
+        return v
+
+    def requests(self, plan: SegmentPlan, request_size: int):
+        """(buffer view, disk offset) of each read of `plan`; zero-fills the holes between them."""
+        self.length = plan.length
+        pos = 0
+        out = []
+        for off, n in split_reads(plan.reads, request_size):
+            rel = off - plan.offset
+            if rel > pos:    # a hole between data ranges reads as zeros
+                self.view[pos:rel] = self.zeros[:rel - pos]
+            pos = rel + n
+            out.append((self.nbd_view(rel, n), off))
+        if plan.length > pos:
+            self.view[pos:plan.length] = self.zeros[:plan.length - pos]
+        return out
+
+    @property
+    def data(self):
+        """The segment's bytes: the buffer itself (a copy only for a short last segment)."""
+        return self.buf if self.length == len(self.buf) else bytes(self.view[:self.length])
+
+    def release(self) -> None:
+        """Back to the stream's pool: the caller is done with `data`."""
+        if self.pool is not None:
+            self.pool.put(self)
+
+
+_END = object()
+_BATCH = 64     # plans per hand-over between the threads (a sparse 1 TiB disk has 10^6 of them)
+
+
+class SegmentStream:
+    """Reads the segments of `plans` ahead of their consumers, in disk order.
+
+    Two threads. The planner walks `plans` (block status on the control connection) and hands
+    them over in batches; the reader keeps at most `in_flight` requests of `request_size`
+    outstanding on its own connection, into `buffers` reusable segment buffers. Iterating
+    yields (plan, buffer) in the order of `plans`; buffer is None for a segment with nothing
+    to read (all zeros). The consumer calls buffer.release() when it has stored the segment;
+    until then the buffer is not reused, and when all are taken the reader waits: the pool is
+    the backpressure, so memory stays at `buffers` segments whatever the disk size.
+
+    Why two threads: the reader must keep consuming its replies while block status is asked
+    on the other connection. QEMU 7.2 can wait, in its main loop, for a read reply that cannot
+    be sent until the client reads; a client blocked in block_status at that moment hangs
+    both (seen: a 1 TiB sparse full never finished). The planner never touches the read
+    connection, and the reader never waits for the planner while it has reads outstanding.
+
+    Measured on QEMU 7.2: a bounded number of requests in flight on one connection costs
+    QEMU's NBD server less CPU per GiB than the same bytes spread over one connection per
+    worker, and requests under 1 MiB avoid its page faults (see bench/, README "Benchmark")."""
+
+    def __init__(self, export: Export, plans, request_size: int, in_flight: int, buffers: int):
+        self.export = export
+        self.plans = plans
+        self.request_size = request_size
+        self.in_flight = max(1, in_flight)
+        self.pool: queue.SimpleQueue = queue.SimpleQueue()
+        self.nbuffers = max(1, buffers)
+        self.made = 0
+        self.planned: queue.Queue = queue.Queue(maxsize=64)     # batches of plans
+        self.out: queue.Queue = queue.Queue(maxsize=64)         # batches of (plan, buffer)
+        self.stop = threading.Event()
+        self.threads = []
+
+    def __iter__(self) -> Iterator[Tuple[SegmentPlan, Optional[SegmentBuffer]]]:
+        self.threads = [threading.Thread(target=self._plan, name="ekko-plan", daemon=True),
+                        threading.Thread(target=self._read, name="ekko-read", daemon=True)]
+        for t in self.threads:
+            t.start()
+        while True:
+            item = self.out.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+
+    def close(self) -> None:
+        """Stop (after an error of the consumer, or at the end) and wait for both threads."""
+        self.stop.set()
+        while any(t.is_alive() for t in self.threads):
+            for q in (self.out, self.planned):      # unblock a put() on a full queue
+                try:
+                    item = q.get(timeout=0.02)
+                except queue.Empty:
+                    continue
+                if q is self.out and isinstance(item, list):
+                    for _plan, buf in item:
+                        if buf is not None:
+                            buf.release()
+        self.threads = []
+
+    # -- the planning thread ---------------------------------------------------------------------
+    def _plan(self) -> None:
+        try:
+            batch = []
+            for plan in self.plans:
+                if self.stop.is_set():
+                    return
+                batch.append(plan)
+                if len(batch) >= _BATCH:
+                    self.planned.put(batch)
+                    batch = []
+            self.planned.put(batch)
+            self.planned.put(_END)
+        except BaseException as e:   # noqa: BLE001 - handed to the reader, then the consumer
+            self.planned.put(e)
+
+    # -- the reading thread ----------------------------------------------------------------------
+    def _read(self) -> None:
+        h = None
+        pending: dict = {}                   # cookie -> entry of `order`
+        order: collections.deque = collections.deque()   # [plan, buffer, outstanding] in disk order
+        try:
+            h = _connect(self.export)
+            while not self.stop.is_set():
+                batch = self._next_batch(h, pending, order)
+                if batch is _END:
+                    break
+                for plan in batch:
+                    if plan.is_zero:
+                        order.append([plan, None, 0])
+                        continue
+                    entry = [plan, self._buffer(plan.length, h, pending, order), 0]
+                    order.append(entry)
+                    for view, off in entry[1].requests(plan, self.request_size):
+                        while len(pending) >= self.in_flight:
+                            self._progress(h, pending, order)
+                        pending[h.aio_pread(view, off)] = entry
+                        entry[2] += 1
+                self._emit(order)
+            while pending:
+                self._progress(h, pending, order)
+            self._emit(order)
+            self.out.put(_END)
+        except nbd.Error as e:
+            self.out.put(ReaderError(f"NBD read failed: {e}"))
+        except BaseException as e:   # noqa: BLE001 - handed to the consumer, raised there
+            self.out.put(e)
+        finally:
+            if h is not None:
+                try:
+                    while pending:           # libnbd still writes into our buffers: let it finish
+                        h.poll(-1)
+                        for c in [c for c in pending if h.aio_command_completed(c)]:
+                            del pending[c]
+                except nbd.Error:
+                    pass
+                close_handle(h)
+
+    def _next_batch(self, h, pending, order):
+        """The next batch of plans; while the planner is busy, keep reading what is in flight."""
+        while True:
+            try:
+                item = self.planned.get_nowait()
+            except queue.Empty:
+                if pending:
+                    self._progress(h, pending, order)
+                    continue
+                self._emit(order)
+                item = self.planned.get()
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def _buffer(self, size: int, h, pending, order) -> SegmentBuffer:
+        while True:
+            try:
+                b = self.pool.get_nowait()
+            except queue.Empty:
+                if self.made < self.nbuffers:
+                    self.made += 1
+                    return SegmentBuffer(size, self.pool)
+                if pending:                  # complete reads meanwhile: they free the consumers
+                    self._progress(h, pending, order)
+                    continue
+                self._emit(order)
+                b = self.pool.get()          # everything is with the consumers: wait for one
+            if len(b.buf) >= size:
+                return b
+            self.made -= 1                   # a smaller buffer (short segment first): replace it
+
+    def _progress(self, h, pending: dict, order) -> None:
+        """Wait for at least one outstanding read; emit the segments that are complete."""
+        h.poll(-1)
+        for cookie in [c for c in pending if h.aio_command_completed(c)]:
+            pending.pop(cookie)[2] -= 1
+        self._emit(order)
+
+    def _emit(self, order) -> None:
+        ready = []
+        while order and order[0][2] == 0:
+            plan, buf, _ = order.popleft()
+            ready.append((plan, buf))
+        if ready:
+            self.out.put(ready)
+
+
+class SegmentReader:
+    """One connection; reads one segment's data ranges into its own reused buffer (see
+    SegmentBuffer), zeros elsewhere. What read() returns is valid until the next read()."""
 
     def __init__(self, export: Export, request_size: int, in_flight: int):
         self.h = _connect(export)
         self.request_size = request_size
         self.in_flight = in_flight
-        self._buf = bytearray()
-        self._view = memoryview(self._buf)
-        self._views: dict = {}
-        self._zeros = memoryview(b"")
-
-    def _buffer(self, length: int):
-        if length > len(self._buf):
-            # A bytearray with leaked exports cannot be resized: take a new one (once per size).
-            self._buf = bytearray(length)
-            self._view = memoryview(self._buf)
-            self._views = {}
-            self._zeros = memoryview(bytes(length))
-        return self._buf
-
-    def _nbd_view(self, rel: int, n: int) -> "nbd.Buffer":
-        v = self._views.get((rel, n))
-        if v is None:
-            if len(self._views) >= self.MAX_VIEWS:
-                self._views.clear()
-            v = self._views[(rel, n)] = nbd.Buffer.from_buffer(self._view[rel:rel + n])
-        return v
+        self._sb: Optional[SegmentBuffer] = None
 
     def read(self, plan: SegmentPlan):
-        """The segment's bytes: a bytearray (a copy only for a short last segment)."""
-        buf = self._buffer(plan.length)
+        if self._sb is None or len(self._sb.buf) < plan.length:
+            self._sb = SegmentBuffer(plan.length)
         pending = []
-        pos = 0
         try:
-            for off, n in split_reads(plan.reads, self.request_size):
-                rel = off - plan.offset
-                if rel > pos:    # a hole between data ranges reads as zeros
-                    self._view[pos:rel] = self._zeros[:rel - pos]
-                pos = rel + n
+            for view, off in self._sb.requests(plan, self.request_size):
                 while len(pending) >= self.in_flight:
                     self._reap(pending)
-                pending.append(self.h.aio_pread(self._nbd_view(rel, n), off))
-            if plan.length > pos:
-                self._view[pos:plan.length] = self._zeros[:plan.length - pos]
+                pending.append(self.h.aio_pread(view, off))
             while pending:
                 self._reap(pending)
         except nbd.Error as e:
             raise ReaderError(f"NBD read of segment {plan.index} (offset {plan.offset}) failed: {e}") from e
-        return buf if plan.length == len(buf) else bytearray(self._view[:plan.length])
+        return self._sb.data
 
     def _reap(self, pending) -> None:
         """Wait until at least one pending request has completed; raises its error."""
