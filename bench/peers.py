@@ -177,6 +177,8 @@ class LibvirtSide:
             none = procs.run(base + ["-l", "inc"], qemu_pid=pid)
         finally:
             lv.destroy_and_undefine(self.conn, DOMAIN)
+            if os.path.exists(lv.domain_log(DOMAIN)):
+                os.unlink(lv.domain_log(DOMAIN))
         rdir = os.path.join(workdir, "vnb-restore")
         rest = procs.run(["virtnbdrestore", "-i", out, "-o", rdir, "-u", "virtnbdbackup.1", "-n",
                           "-L", os.path.join(workdir, "virtnbdrestore.log")])
