@@ -60,6 +60,29 @@ def _ns_name(ns: Optional[str]) -> str:
     return ns or "default"
 
 
+def _per_namespace(namespaces: Iterable[Optional[str]], cancel: Optional[threading.Event], what: str,
+                   work: Callable[[Optional[str]], Dict]) -> List[Dict]:
+    """work(ns) for each namespace in turn, one result per namespace. A cancel stops the run (and
+    is recorded); any other error is recorded and the next namespace still gets its turn."""
+    stores: List[Dict] = []
+    for ns in namespaces:
+        if cancel is not None and cancel.is_set():
+            stores.append({"project": ns, "ok": False, "error": CANCELLED})
+            break
+        try:
+            result = work(ns)
+        except Cancelled:
+            stores.append({"project": ns, "ok": False, "error": CANCELLED})
+            break
+        except Exception as e:   # noqa: BLE001 -- recorded; the other namespaces still get their turn
+            if not isinstance(e, EkkoError):
+                log.exception("%s of namespace %s", what, _ns_name(ns))
+            stores.append({"project": ns, "ok": False, "error": str(e)})
+            continue
+        stores.append(dict({"project": ns}, **result))
+    return stores
+
+
 # -- gc ---------------------------------------------------------------------------------------------
 def run_gc(open_store: Callable, namespaces: Iterable[Optional[str]], grace_hours: float, workers: int = 4,
            cancel: Optional[threading.Event] = None) -> Dict:
@@ -69,26 +92,15 @@ def run_gc(open_store: Callable, namespaces: Iterable[Optional[str]], grace_hour
     def progress(phase, _done, _total):
         if cancel is not None and cancel.is_set() and phase in ("mark", "sweep"):     # nothing deleted yet
             raise Cancelled(CANCELLED)
-    stores = []
-    for ns in namespaces:
-        if cancel is not None and cancel.is_set():
-            stores.append({"project": ns, "ok": False, "error": CANCELLED})
-            break
-        try:
-            r = collect(open_store(ns), grace_hours, workers=workers, progress=progress)
-        except Cancelled:
-            stores.append({"project": ns, "ok": False, "error": CANCELLED})
-            break
-        except Exception as e:   # noqa: BLE001 -- recorded; the other namespaces still get their gc
-            if not isinstance(e, EkkoError):
-                log.exception("gc of namespace %s", _ns_name(ns))
-            stores.append({"project": ns, "ok": False, "error": str(e)})
-            continue
-        stores.append({"project": ns, "ok": r.ok, "manifests": r.manifests, "segments": r.segments,
-                       "unreferenced": r.unreferenced, "deleted": r.deleted, "deleted_bytes": r.deleted_bytes,
-                       "kept_young": r.kept_young, "markers_removed": r.markers_removed, "raced": r.raced,
-                       "error": None if r.ok else f"{len(r.raced)} segment(s) deleted while a backup committed "
-                                                  "them: marked damaged, the next backup stores them again"})
+
+    def one(ns) -> Dict:
+        r = collect(open_store(ns), grace_hours, workers=workers, progress=progress)
+        return {"ok": r.ok, "manifests": r.manifests, "segments": r.segments,
+                "unreferenced": r.unreferenced, "deleted": r.deleted, "deleted_bytes": r.deleted_bytes,
+                "kept_young": r.kept_young, "markers_removed": r.markers_removed, "raced": r.raced,
+                "error": None if r.ok else f"{len(r.raced)} segment(s) deleted while a backup committed "
+                                           "them: marked damaged, the next backup stores them again"}
+    stores = _per_namespace(namespaces, cancel, "gc", one)
     done = [s for s in stores if "deleted" in s]
     summary = (f"deleted {sum(s['deleted'] for s in done)} segment(s) "
                f"({units.human(sum(s['deleted_bytes'] for s in done))}), kept "
@@ -107,30 +119,19 @@ def run_verify(open_store: Callable, namespaces: Iterable[Optional[str]], settin
     def progress(_done, _total):
         if cancel is not None and cancel.is_set():
             raise Cancelled(CANCELLED)
-    stores = []
-    for ns in namespaces:
-        if cancel is not None and cancel.is_set():
-            stores.append({"project": ns, "ok": False, "error": CANCELLED})
-            break
-        try:
-            store = open_store(ns)
-            done = run(store, catalog.keys(store), deep=settings.deep, sample=settings.sample,
-                       since_days=settings.since_days, workers=workers, progress=progress)
-        except Cancelled:
-            stores.append({"project": ns, "ok": False, "error": CANCELLED})
-            break
-        except Exception as e:   # noqa: BLE001 -- recorded; the other namespaces are still verified
-            if not isinstance(e, EkkoError):
-                log.exception("verify of namespace %s", _ns_name(ns))
-            stores.append({"project": ns, "ok": False, "error": str(e)})
-            continue
+
+    def one(ns) -> Dict:
+        store = open_store(ns)
+        done = run(store, catalog.keys(store), deep=settings.deep, sample=settings.sample,
+                   since_days=settings.since_days, workers=workers, progress=progress)
         rep = done.report
         bad = rep.damaged_backups()
-        stores.append({"project": ns, "ok": rep.ok, "backups": len(rep.backups), "skipped": len(done.skipped),
-                       "segments_checked": rep.segments_checked, "damaged_segments": sorted(rep.damaged),
-                       "bad_manifests": sorted(rep.bad_manifests), "damaged_backups": bad,
-                       "marked": len(done.marked), "cleared": len(done.cleared),
-                       "error": None if rep.ok else f"damage found in backup(s) {', '.join(bad)}"})
+        return {"ok": rep.ok, "backups": len(rep.backups), "skipped": len(done.skipped),
+                "segments_checked": rep.segments_checked, "damaged_segments": sorted(rep.damaged),
+                "bad_manifests": sorted(rep.bad_manifests), "damaged_backups": bad,
+                "marked": len(done.marked), "cleared": len(done.cleared),
+                "error": None if rep.ok else f"damage found in backup(s) {', '.join(bad)}"}
+    stores = _per_namespace(namespaces, cancel, "verify", one)
     done_ = [s for s in stores if "backups" in s]
     how = ("deep" if settings.deep else "existence") + ("" if settings.sample >= 1 else f", {settings.sample:.1%} sample")
     summary = (f"checked {sum(s['backups'] for s in done_)} backup(s), "
