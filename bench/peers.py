@@ -168,6 +168,7 @@ class LibvirtSide:
         try:
             dom.create()
             pid = lv.qemu_pid(dom)
+            procs.wait_idle(pid)
             base = ["virtnbdbackup", "-d", DOMAIN, "-o", out, "-S", scratch, "-n", *z]
             full = procs.run(base + ["-l", "full"], qemu_pid=pid)
             store_full = procs.tree_bytes(out)

@@ -49,6 +49,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def wait_idle(pid: int, idle: float = 0.05, timeout: float = 15.0) -> None:
+    """Wait until a fresh VM's firmware has given up looking for a boot device (its QEMU under
+    `idle` CPU s per s): those first seconds burn a core, which would land on whichever tool
+    runs first. A VM being backed up in the field booted long ago."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(0.5)
+        if cpu_seconds(pid) - before < idle * 0.5:
+            return
+
+
 @dataclass
 class Run:
     cmd: str
@@ -147,6 +159,7 @@ class Vm:
         try:
             wait_for_socket(self.admin_socket, self.proc)
             self.admin = QMPConnection(self.admin_socket).connect(timeout=10)
+            wait_idle(self.proc.pid)
         except BaseException:
             self.stop()
             raise

@@ -4,22 +4,103 @@ Layout: <root>/<key>, directories 0700, files 0600. A put writes '<name>.tmp-<ra
 target directory, fsyncs it, renames it over the final name and fsyncs the directory, so a crash
 leaves either the old state or the whole new object; stray '.tmp-' files are invisible to list()
 and are removed by gc.
+
+Objects of DIRECT_MIN bytes or more (segments) are written around the page cache (O_DIRECT):
+a backup writes them once and nothing reads them soon, so caching them only evicts what the
+hypervisor's guests had cached. It is also cheaper: a buffered write allocates and fills a page
+cache page for every byte stored; the benchmark's full backup spent 2.5 of its 8 CPU seconds
+there (bench/, perf). A file system that refuses O_DIRECT (tmpfs before Linux 6.6, some FUSE)
+gets buffered writes, decided at the first refusal.
 """
 
 import errno
+import logging
+import mmap
 import os
 import secrets
+import threading
 from typing import Iterator
 
 from ..errors import ObjectNotFound, StoreError
 from .base import ObjectInfo, check_key
 
 TMP_MARK = ".tmp-"
+DIRECT_MIN = 64 << 10
+ALIGN = 4096                # O_DIRECT wants buffer, offset and length aligned to the device block
+CHUNK = 2 << 20             # a default segment + its header in one write
+_PAD = bytes(ALIGN)
+
+log = logging.getLogger(__name__)
+
+
+class _AlignedBuffer(threading.local):
+    """One page-aligned CHUNK-sized bounce buffer per writing thread (anonymous mmap)."""
+
+    def __init__(self):
+        self.buf = None
+
+    def get(self) -> mmap.mmap:
+        if self.buf is None:
+            self.buf = mmap.mmap(-1, CHUNK)
+        return self.buf
+
+
+_aligned = _AlignedBuffer()
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _write_direct(fd: int, data) -> None:
+    """Write `data` to a new O_DIRECT file: CHUNK at a time through the aligned buffer, the last
+    chunk padded to ALIGN with zeros, then the file cut back to the data's length."""
+    buf = _aligned.get()
+    view = memoryview(data).cast("B")
+    for off in range(0, len(view), CHUNK):
+        part = view[off:off + CHUNK]
+        n = len(part)
+        buf[:n] = part
+        padded = -(-n // ALIGN) * ALIGN
+        buf[n:padded] = _PAD[:padded - n]
+        with memoryview(buf) as whole:
+            _write_all(fd, whole[:padded])
+    if len(view) % ALIGN:
+        os.ftruncate(fd, len(view))
+
+
+def _read_direct(path: str) -> bytes:
+    """The whole file, read around the page cache when it is DIRECT_MIN bytes or more (a restore
+    reads each segment once: caching it would evict the guests' pages and cost a page allocation
+    per byte, as writing does). Smaller files are read as usual."""
+    size = os.stat(path).st_size
+    if size < DIRECT_MIN:
+        with open(path, "rb") as f:
+            return f.read()
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = _aligned.get()
+        parts = []
+        pos = 0
+        with memoryview(buf) as view:
+            while pos < size:
+                # the last read asks for whole aligned blocks and gets the file's tail
+                want = min(CHUNK, -(-(size - pos) // ALIGN) * ALIGN)
+                n = min(os.preadv(fd, [view[:want]], pos), size - pos)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"{path}: short read ({pos} of {size} bytes)")
+                parts.append(bytes(view[:n]))
+                pos += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        os.close(fd)
 
 
 class LocalStore:
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
+        self.direct = hasattr(os, "O_DIRECT")      # until the file system refuses it
         try:
             os.makedirs(self.root, mode=0o700, exist_ok=True)
         except OSError as e:
@@ -34,21 +115,37 @@ class LocalStore:
         try:
             self._makedirs(directory)
             tmp = f"{path}{TMP_MARK}{secrets.token_hex(6)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            except BaseException:
-                os.close(fd)
-                os.unlink(tmp)
-                raise
-            os.close(fd)
+            self._write_new(tmp, data)
             os.rename(tmp, path)
             self._fsync_dir(directory)
         except OSError as e:
             raise StoreError(f"cannot write {key} in {self.root}: {e.strerror}") from e
+
+    def _write_new(self, tmp: str, data) -> None:
+        if self.direct and len(data) >= DIRECT_MIN:
+            try:
+                return self._write_file(tmp, data, direct=True)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                log.info("%s refuses direct I/O (%s): writing through the page cache", self.root, e.strerror)
+                self.direct = False
+        self._write_file(tmp, data, direct=False)
+
+    @staticmethod
+    def _write_file(tmp: str, data, direct: bool) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if direct else 0), 0o600)
+        try:
+            if direct:
+                _write_direct(fd, data)
+            else:
+                _write_all(fd, memoryview(data))
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
 
     def _makedirs(self, directory: str) -> None:
         if os.path.isdir(directory):
@@ -66,8 +163,16 @@ class LocalStore:
             os.close(fd)
 
     def get(self, key: str) -> bytes:
+        path = self._path(key)
         try:
-            with open(self._path(key), "rb") as f:
+            if self.direct:
+                try:
+                    return _read_direct(path)
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+                    self.direct = False
+            with open(path, "rb") as f:
                 return f.read()
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
