@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .codec import FINGERPRINT_SIZE, SEALED_MAGIC, sealed_fingerprint
 from .errors import ConfigError, EkkoError, IntegrityError, KeyMismatch, UsageError
+from .store.base import batch_of
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -146,11 +147,18 @@ class SealedStore:
         return self._codec
 
     def put(self, key: str, data) -> None:
+        self.inner.put(key, self._sealed(key, data))
+
+    def _sealed(self, key: str, data) -> bytes:
         codec = self.codec
         blob = codec.seal(key, data)
         if codec.open(key, blob) != data:
             raise IntegrityError(f"{key}: sealing did not round-trip; nothing stored")
-        self.inner.put(key, blob)
+        return blob
+
+    def batch(self) -> "_SealedBatch":
+        # explicit: __getattr__ would hand out the inner store's batch, which stores unsealed
+        return _SealedBatch(self, batch_of(self.inner))
 
     def get(self, key: str) -> bytes:
         blob = self.inner.get(key)
@@ -180,6 +188,21 @@ class SealedStore:
         if name.startswith("_") or name in ("inner", "codec"):
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+class _SealedBatch:
+    def __init__(self, store: SealedStore, inner):
+        self.store = store
+        self.inner = inner
+
+    def put(self, key: str, data) -> None:
+        self.inner.put(key, self.store._sealed(key, data))
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def abort(self) -> None:
+        self.inner.abort()
 
 
 # -- key files ---------------------------------------------------------------------------------

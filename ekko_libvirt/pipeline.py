@@ -1,9 +1,10 @@
 """One backup of one disk: export -> reader -> segmenter -> store -> manifest commit -> retire.
 
 The order is the safety argument:
-  1. every segment is durable in the store before the manifest that names it is written, and
-     still there just before it is written (the commit-time check, `_recheck`: gc may have
-     removed a segment this backup reused; it is stored again from the export);
+  1. every segment is durable in the store before the manifest that names it is written (segments
+     go through a store batch, flushed before the check below), and still there just before it
+     is written (the commit-time check, `_recheck`: gc may have removed a segment this backup
+     reused; it is stored again from the export);
   2. the manifest is the commit point;
   3. the old bitmap generation is retired only after the commit; any failure before it merges
      the new generation back, so no dirty block is ever forgotten.
@@ -28,6 +29,7 @@ from .faults import crash_point, pause_point
 from .manifest import Manifest, SegmentTable, segment_count
 from .nbd.extents import SegmentPlan, whole_segment, with_extra_segments
 from .nbd.reader import ExportReader
+from .store.base import batch_of
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +186,13 @@ def copy_segments(export, store, plan: GenerationPlan, size: int, parent: Option
         if heal:
             plans = with_extra_segments(plans, heal, seg, size)
         copier.run(plans, table, progress, size)
+        copier.batch.flush()        # every segment durable and visible before the check and the commit
         pause_point("after-segments")
         _recheck(copier, table, parent, seg, size)
+        copier.batch.flush()
+    except BaseException:
+        copier.batch.abort()
+        raise
     finally:
         copier.close()
         reader.close()
@@ -268,6 +275,7 @@ class _SegmentCopier:
                  damaged: "set | frozenset" = frozenset(), track: bool = True):
         self.reader = reader
         self.store = store
+        self.batch = batch_of(store)    # segment puts: durable together at each flush
         self.codec = codec_of(store)    # names segments: xxh3-128, or keyed in an encrypted store
         self.known = known
         self.opts = opts
@@ -361,7 +369,7 @@ class _SegmentCopier:
     def store_segment(self, data, d: bytes, **counts) -> None:
         enc = segment.encode(data, self.opts.compression_level, self.opts.compress, d, codec=self.codec)
         crash_point("during-store")
-        self.store.put(enc.key, enc.blob)
+        self.batch.put(enc.key, enc.blob)
         self._count(new_segments=1, stored_bytes=len(enc.blob), **counts)
         with self._lock:
             self.known.add(d)

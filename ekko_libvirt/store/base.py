@@ -19,6 +19,11 @@ Contract every backend must keep (tests/unit/test_store_contract.py runs it agai
 Optional, for backends that can leave temporary objects behind (local: '.tmp-' files of an
 interrupted put): clean_temp(older_than: float) -> int removes those last modified before
 `older_than` (Unix seconds) and returns how many. GC calls it when the backend has it.
+Optional, for backends where durability costs per object (local: an fsync of the file and of
+its directory): batch() -> a Batch whose put() is atomic but not yet visible nor durable, and
+whose flush() makes every object put so far durable and then visible, together. A backup puts
+its segments through a batch and flushes it before its manifest (the commit point) is written.
+`batch_of(store)` gives every store one (for the others each put is durable on return).
 Retry policy and concurrency limits belong in wrappers or in the backend's transport, not in
 callers.
 """
@@ -61,3 +66,32 @@ class Store(Protocol):
     def describe(self) -> str:
         """Where this store is, for messages. Never includes credentials."""
         ...
+
+
+class Batch(Protocol):
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class ImmediateBatch:
+    """The batch of a store whose put is durable when it returns (Swift, memory)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def put(self, key: str, data: bytes) -> None:
+        self.store.put(key, data)
+
+    def flush(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def batch_of(store) -> Batch:
+    make = getattr(store, "batch", None)
+    return make() if make is not None else ImmediateBatch(store)

@@ -13,6 +13,7 @@ there (bench/, perf). A file system that refuses O_DIRECT (tmpfs before Linux 6.
 gets buffered writes, decided at the first refusal.
 """
 
+import ctypes
 import errno
 import logging
 import mmap
@@ -113,46 +114,53 @@ class LocalStore:
         path = self._path(key)
         directory = os.path.dirname(path)
         try:
-            self._makedirs(directory)
-            tmp = f"{path}{TMP_MARK}{secrets.token_hex(6)}"
-            self._write_new(tmp, data)
+            tmp = self._write_temp(path, data, sync=True)
             os.rename(tmp, path)
             self._fsync_dir(directory)
         except OSError as e:
             raise StoreError(f"cannot write {key} in {self.root}: {e.strerror}") from e
 
-    def _write_new(self, tmp: str, data) -> None:
+    def batch(self) -> "LocalBatch":
+        return LocalBatch(self)
+
+    def _write_temp(self, path: str, data, sync: bool) -> str:
+        """Write `data` to a new temp file next to `path` (fsynced with `sync`) -> its name."""
+        self._makedirs(os.path.dirname(path), sync)
+        tmp = f"{path}{TMP_MARK}{secrets.token_hex(6)}"
         if self.direct and len(data) >= DIRECT_MIN:
             try:
-                return self._write_file(tmp, data, direct=True)
+                self._write_file(tmp, data, direct=True, sync=sync)
+                return tmp
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 log.info("%s refuses direct I/O (%s): writing through the page cache", self.root, e.strerror)
                 self.direct = False
-        self._write_file(tmp, data, direct=False)
+        self._write_file(tmp, data, direct=False, sync=sync)
+        return tmp
 
     @staticmethod
-    def _write_file(tmp: str, data, direct: bool) -> None:
+    def _write_file(tmp: str, data, direct: bool, sync: bool) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if direct else 0), 0o600)
         try:
             if direct:
                 _write_direct(fd, data)
             else:
                 _write_all(fd, memoryview(data))
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except BaseException:
             os.close(fd)
             os.unlink(tmp)
             raise
         os.close(fd)
 
-    def _makedirs(self, directory: str) -> None:
+    def _makedirs(self, directory: str, sync: bool = True) -> None:
         if os.path.isdir(directory):
             return
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        # A new directory entry is only durable once its parent is synced.
-        self._fsync_dir(os.path.dirname(directory))
+        if sync:    # a new directory entry is only durable once its parent is synced
+            self._fsync_dir(os.path.dirname(directory))
 
     @staticmethod
     def _fsync_dir(directory: str) -> None:
@@ -236,3 +244,100 @@ class LocalStore:
 
     def describe(self) -> str:
         return f"local store {self.root}"
+
+
+class LocalBatch:
+    """Puts whose durability is settled together, for a backup's segments: one fsync of the
+    file and one of its directory per object cost the benchmark's full backup 1 of its 6 CPU
+    seconds (2,000 objects; each fsync is a device cache flush).
+
+    put() writes the object to its temp name and nothing more. flush() syncs the file system
+    (syncfs: data and metadata of every file written so far), renames each temp file into place
+    and syncs again. Until its flush an object is invisible (get, exists and list skip temp
+    files), so a crash or a power loss before it leaves only temp files, which gc removes; and
+    an object's bytes are durable before its name exists, so a name never points at bytes a
+    power loss could have lost. A batch flushes by itself every FLUSH_EVERY objects, so its
+    temp files stay young (gc removes temp files older than its grace period).
+
+    syncfs also writes back other dirty data on the same file system: on a hypervisor whose
+    guests' disks use cache=none (OpenStack's default) there is little of it."""
+
+    FLUSH_EVERY = 256
+
+    def __init__(self, store: LocalStore):
+        self.store = store
+        self.pending: list = []          # (temp path, final path)
+        self.lock = threading.Lock()
+        self.flushing = threading.Lock()
+
+    def put(self, key: str, data) -> None:
+        path = self.store._path(key)
+        try:
+            tmp = self.store._write_temp(path, data, sync=False)
+        except OSError as e:
+            raise StoreError(f"cannot write {key} in {self.store.root}: {e.strerror}") from e
+        with self.lock:
+            self.pending.append((tmp, path))
+            full = len(self.pending) >= self.FLUSH_EVERY
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.flushing:
+            with self.lock:
+                items, self.pending = self.pending, []
+            if not items:
+                return
+            try:
+                _sync_files(self.store.root, [tmp for tmp, _ in items])
+                for tmp, path in items:
+                    os.rename(tmp, path)
+                _sync_files(self.store.root, sorted({os.path.dirname(p) for _, p in items}))
+            except OSError as e:
+                self._remove([tmp for tmp, _ in items])
+                raise StoreError(f"cannot make {len(items)} object(s) durable in {self.store.root}: "
+                                 f"{e.strerror}") from e
+
+    def abort(self) -> None:
+        """Remove what was put and not flushed (a failed backup leaves no temp files)."""
+        with self.lock:
+            items, self.pending = self.pending, []
+        self._remove([tmp for tmp, _ in items])
+
+    @staticmethod
+    def _remove(paths) -> None:
+        for p in paths:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass        # renamed already, or gone: gc handles what is left
+
+
+def _sync_files(root: str, paths) -> None:
+    """Make `paths` (files or directories under root) durable: one syncfs of root's file system
+    where the C library has it, else an fsync of each."""
+    if _syncfs is not None:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        finally:
+            os.close(fd)
+        return
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _load_syncfs():
+    try:
+        return ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()

@@ -2,8 +2,10 @@
 in ALIGN-sized blocks through a CHUNK-sized bounce buffer; the edges of those sizes are where a
 padding or truncation mistake would show."""
 
+import ctypes
 import errno
 import os
+import time
 
 import pytest
 
@@ -83,3 +85,90 @@ def test_other_write_errors_are_store_errors_and_leave_no_temp_file(tmp_path, mo
     assert os.listdir(tmp_path / "segments" / "abc") == []
     with pytest.raises(ObjectNotFound):
         store.get("segments/abc/x")
+
+
+# -- batches: the segments of one backup, durable together -----------------------------------------
+def test_batch_objects_are_invisible_until_flushed_then_whole(tmp_path):
+    store = LocalStore(str(tmp_path))
+    b = store.batch()
+    objs = {f"segments/{i:03x}/s{i}": _data(DIRECT_MIN + i) for i in range(5)}
+    for k, v in objs.items():
+        b.put(k, v)
+    for k in objs:
+        assert not store.exists(k)
+        with pytest.raises(ObjectNotFound):
+            store.get(k)
+    assert list(store.list("segments/")) == []
+    b.flush()
+    assert sorted(store.list("segments/")) == sorted(objs)
+    for k, v in objs.items():
+        assert store.get(k) == v
+    temps = [f for _, _, fs in os.walk(tmp_path) for f in fs if TMP_MARK in f]
+    assert temps == []
+
+
+def test_batch_flushes_by_itself_every_so_many_objects(tmp_path, monkeypatch):
+    monkeypatch.setattr(local.LocalBatch, "FLUSH_EVERY", 3)
+    store = LocalStore(str(tmp_path))
+    b = store.batch()
+    for i in range(7):
+        b.put(f"o{i}", _data(10))
+    assert sorted(store.list()) == [f"o{i}" for i in range(6)]
+    b.flush()
+    assert len(list(store.list())) == 7
+
+
+def test_batch_abort_and_a_crash_leave_nothing_visible(tmp_path):
+    store = LocalStore(str(tmp_path))
+    b = store.batch()
+    b.put("segments/abc/a", _data(DIRECT_MIN))
+    b.abort()
+    assert [f for _, _, fs in os.walk(tmp_path) for f in fs] == []
+    # a crash before the flush: the temp file stays, invisible, and gc's clean_temp removes it
+    crashed = store.batch()
+    crashed.put("segments/abc/b", _data(100))
+    assert list(store.list()) == []
+    assert store.clean_temp(older_than=time.time() + 1) == 1
+    assert [f for _, _, fs in os.walk(tmp_path) for f in fs] == []
+
+
+def test_batch_without_syncfs_fsyncs_each_file(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(local, "_syncfs", None)
+    monkeypatch.setattr(local.os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    store = LocalStore(str(tmp_path))
+    b = store.batch()
+    b.put("segments/abc/a", _data(DIRECT_MIN))
+    b.put("segments/abd/b", _data(10))
+    b.flush()
+    assert len(synced) == 4          # two files, then their two directories
+    assert store.get("segments/abd/b") == _data(10)
+
+
+def test_a_failed_sync_fails_the_flush_and_leaves_no_object(tmp_path, monkeypatch):
+    from ekko_libvirt.errors import StoreError
+
+    def broken(fd):
+        ctypes.set_errno(errno.EIO)
+        return -1
+    monkeypatch.setattr(local, "_syncfs", broken)
+    store = LocalStore(str(tmp_path))
+    b = store.batch()
+    b.put("segments/abc/a", _data(DIRECT_MIN))
+    with pytest.raises(StoreError, match="durable"):
+        b.flush()
+    assert [f for _, _, fs in os.walk(tmp_path) for f in fs] == []
+
+
+def test_sealed_store_batches_seal_what_they_store(tmp_path):
+    from ekko_libvirt import crypto
+    inner = LocalStore(str(tmp_path))
+    store = crypto.SealedStore(inner, lambda: crypto.SealedCodec(bytes(range(32)), "/k/test.key"))
+    b = store.batch()
+    plain = _data(DIRECT_MIN)
+    b.put("segments/abc/a", plain)
+    b.flush()
+    assert inner.get("segments/abc/a")[:4] == b"EKE1"
+    assert plain not in inner.get("segments/abc/a")
+    assert store.get("segments/abc/a") == plain
