@@ -289,47 +289,63 @@ class _SegmentCopier:
         self._lock = threading.Lock()
 
     def run(self, plans, table: SegmentTable, progress, size: int) -> None:
-        limit = threading.BoundedSemaphore(self.opts.workers * 2)
+        """The workers take (plan, buffer) pairs from the stream themselves, one at a time, and
+        record their segment in the table: no hand-over through a pool, its futures and a
+        semaphore for each of a full's thousands of segments (profiled: a tenth of the CPU)."""
         # Reads run ahead in their own thread into a fixed pool of buffers (2 per worker + 2):
         # while workers hash, compress and store, the next segments are already in flight.
         stream = self.reader.stream(plans, buffers=self.opts.workers * 2 + 2)
-        with cf.ThreadPoolExecutor(self.opts.workers, thread_name_prefix="ekko-seg") as pool:
-            pending = set()
-            try:
-                for p, buf in stream:
-                    if p.is_zero:
-                        # Nothing to read: settled here, not through a worker (a sparse 1 TiB
-                        # disk has a million of these; a pool round trip each cost ~0.1 ms).
-                        self._count(segments_backed_up=1, zero_segments=1)
-                        table.set_zero(p.index)
-                        if progress:
-                            progress(p.offset + p.length, size)
-                        continue
-                    limit.acquire()
-                    fut = pool.submit(self._one, p, buf)
-                    fut.add_done_callback(lambda _f: limit.release())
-                    pending.add(fut)
-                    pending = self._collect(pending, table, progress, size, block=False)
-                self._collect(pending, table, progress, size, block=True)
-            except BaseException:
-                for f in pending:
-                    f.cancel()
-                raise
-            finally:
-                stream.close()
+        items = iter(stream)
+        take = threading.Lock()         # the stream is a generator: one taker at a time
+        stop = threading.Event()
+        failed: List[BaseException] = []
 
-    def _collect(self, pending, table, progress, size, block: bool):
-        done, rest = cf.wait(pending, return_when=cf.ALL_COMPLETED if block else cf.FIRST_COMPLETED,
-                             timeout=None if block else 0)
-        for f in done:
-            index, d, end = f.result()
+        def work() -> None:
+            try:
+                while not stop.is_set():
+                    with take:
+                        item = next(items, None)
+                    if item is None:
+                        return
+                    self._settle(item, table, progress, size)
+            except BaseException as e:   # noqa: BLE001 - raised in the caller's thread below
+                failed.append(e)
+                stop.set()
+
+        threads = [threading.Thread(target=work, name=f"ekko-seg_{i}", daemon=True)
+                   for i in range(self.opts.workers)]
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            stop.set()          # interrupted (SIGTERM) while joining: the workers finish their segment
+            stream.close()      # and one waiting for the stream is woken up
+            for t in threads:
+                t.join()
+        if failed:
+            raise failed[0]
+
+    def _settle(self, item, table: SegmentTable, progress, size: int) -> None:
+        p, buf = item
+        if p.is_zero:
+            # Nothing to read: a sparse 1 TiB disk has a million of these, settled with one lock.
+            with self._lock:
+                self.stats.segments_backed_up += 1
+                self.stats.zero_segments += 1
+                table.set_zero(p.index)
+                if progress:
+                    progress(p.offset + p.length, size)
+            return
+        index, d, end = self._one(p, buf)
+        with self._lock:
             if d is None:
                 table.set_zero(index)
             else:
                 table.set_data(index, d)
             if progress:
                 progress(end, size)
-        return rest
 
     def _one(self, p: SegmentPlan, buf=None):
         try:

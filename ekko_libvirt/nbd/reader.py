@@ -233,6 +233,7 @@ class SegmentStream:
                         if buf is not None:
                             buf.release()
         self.threads = []
+        self.out.put(_END)      # a consumer still waiting in __iter__ returns
 
     # -- the planning thread ---------------------------------------------------------------------
     def _plan(self) -> None:

@@ -1,0 +1,106 @@
+"""The backup's worker loop (_SegmentCopier.run) against a fake stream and in-memory stores:
+every segment lands in the table; a failing store stops every worker and ends the stream."""
+
+import os
+import threading
+
+import pytest
+
+from ekko_libvirt import segment
+from ekko_libvirt.errors import StoreError
+from ekko_libvirt.manifest import SegmentTable
+from ekko_libvirt.nbd.extents import SegmentPlan
+from ekko_libvirt.pipeline import BackupOptions, _SegmentCopier
+from ekko_libvirt.store.memory import MemoryStore
+
+SEG = 64 << 10
+
+
+class Buf:
+    def __init__(self, data):
+        self.data = data
+        self.released = False
+
+    def release(self):
+        self.released = True
+
+
+class FakeStream:
+    """What SegmentStream yields: (plan, buffer) in disk order, buffer None for a zero plan."""
+
+    def __init__(self, items):
+        self.items = items
+        self.closed = threading.Event()
+        self.taken = 0
+
+    def __iter__(self):
+        for it in self.items:
+            if self.closed.is_set():
+                return
+            self.taken += 1
+            yield it
+
+    def close(self):
+        self.closed.set()
+
+
+class FakeReader:
+    def __init__(self, items):
+        self.s = FakeStream(items)
+
+    def stream(self, plans, buffers):
+        return self.s
+
+
+def _items(contents):
+    out = []
+    for i, raw in enumerate(contents):
+        if raw is None:
+            out.append((SegmentPlan(i, i * SEG, SEG, ()), None))
+        else:
+            out.append((SegmentPlan(i, i * SEG, SEG, ((i * SEG, SEG),)), Buf(raw)))
+    return out
+
+
+def _copier(items, store, workers=3):
+    return _SegmentCopier(FakeReader(items), store, set(), BackupOptions("t", workers=workers,
+                                                                         segment_size=SEG), track=False)
+
+
+def test_every_segment_lands_in_the_table_and_duplicates_are_stored_once():
+    a, b = os.urandom(SEG), os.urandom(SEG)
+    contents = [a, None, b, a, bytes(SEG), b] * 10
+    items = _items(contents)
+    store = MemoryStore()
+    c = _copier(items, store)
+    table = SegmentTable(len(contents))
+    seen = []
+    c.run(None, table, lambda end, size: seen.append(end), len(contents) * SEG)
+    for i, raw in enumerate(contents):
+        want = None if raw is None or raw == bytes(SEG) else segment.digest(raw)
+        assert table.get(i) == want, i
+    assert sorted(store.list("segments/")) == sorted({segment.segment_key(segment.digest(x)) for x in (a, b)})
+    assert all(buf.released for _, buf in items if buf is not None)
+    assert len(seen) == len(contents)
+    assert c.stats.segments_backed_up == len(contents)
+    assert c.stats.zero_segments == 20
+
+
+def test_a_failing_store_stops_the_workers_and_ends_the_stream():
+    class Failing(MemoryStore):
+        puts = 0
+
+        def put(self, key, data):
+            Failing.puts += 1
+            if Failing.puts == 5:
+                raise StoreError("disk full")
+            super().put(key, data)
+
+    items = _items([os.urandom(SEG) for _ in range(200)])
+    c = _copier(items, Failing())
+    before = threading.active_count()
+    with pytest.raises(StoreError, match="disk full"):
+        c.run(None, SegmentTable(200), None, 200 * SEG)
+    assert c.reader.s.closed.is_set()
+    assert c.reader.s.taken < 200              # stopped early, did not read the rest
+    assert threading.active_count() == before   # every worker ended
