@@ -1,5 +1,10 @@
 """Restore one backup (one manifest) to a raw file or a qcow2 image.
 
+A qcow2 is written by ekko itself (qcow2.py): laid out from the manifest in advance, each data
+segment written straight to its place by any thread, the metadata at the end. A segment size
+that is not a whole number of 64 KiB clusters (only a hand-made manifest has one) goes through
+a private qemu-nbd instead.
+
 Every segment is fetched, decoded and re-hashed before a byte of it is written. Zero segments
 are never written (the output is sparse). A segment that repeats (the same digest at several
 offsets) is fetched and verified once while it stays among the last few decoded. Output goes to '<path>.ekko-partial' and is renamed
@@ -10,6 +15,8 @@ segment that is missing or does not match its digest becomes a hole (zeros) and 
 import collections
 import concurrent.futures as cf
 import contextlib
+import errno
+import fcntl
 import os
 import socket
 import subprocess
@@ -21,11 +28,12 @@ from typing import Callable, List, Optional
 
 import nbd
 
-from . import heap, segment
+from . import heap, qcow2, segment
 from .codec import codec_of
 from .errors import EkkoError, IntegrityError, StoreError, UsageError
 from .manifest import Manifest
 from .nbd.reader import close_handle
+from .store.local import pwrite_direct
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: i
     partial = path + ".ekko-partial"
     result = RestoreResult(path, fmt)
     try:
-        with _open_target(partial, fmt, m.virtual_size, workers) as writer_factory:
+        with _open_target(partial, fmt, m, workers) as writer_factory:
             _copy(store, m, writer_factory, workers, allow_damaged, result, progress)
         if result.holes and not allow_damaged:
             raise _damage_error(m, result.holes)
@@ -92,7 +100,7 @@ def _copy(store, m: Manifest, writer_factory, workers, allow_damaged, result: Re
     recent = RecentSegments(workers * 4)
 
     def one(item):
-        index, d = item
+        rank, (index, d) = item     # rank: the how-manieth data segment (where qcow2 puts it)
         if stop.is_set():
             return
         offset = index * m.segment_size
@@ -113,7 +121,7 @@ def _copy(store, m: Manifest, writer_factory, workers, allow_damaged, result: Re
         w = getattr(local, "w", None)
         if w is None:
             w = local.w = writer_factory()
-        w.write(raw, offset)
+        w.write(raw, offset, rank)
         with lock:
             result.written_bytes += len(raw)
             result.segments += 1
@@ -121,7 +129,7 @@ def _copy(store, m: Manifest, writer_factory, workers, allow_damaged, result: Re
                 progress(result.segments * m.segment_size, total)
 
     with cf.ThreadPoolExecutor(workers, thread_name_prefix="ekko-restore") as pool:
-        for f in _bounded_map(pool, one, entries, workers * 2):
+        for f in _bounded_map(pool, one, enumerate(entries), workers * 2):
             f.result()
     result.holes.sort(key=lambda h: h.index)
 
@@ -167,7 +175,7 @@ class _FileWriter:
     def __init__(self, fd: int):
         self.fd = fd
 
-    def write(self, data: bytes, offset: int) -> None:
+    def write(self, data: bytes, offset: int, rank: int) -> None:
         view = memoryview(data)
         while view:
             n = os.pwrite(self.fd, view, offset)
@@ -180,12 +188,32 @@ class _NBDWriter:
         self.h.connect_unix(sock)
         registry.append(self.h)
 
-    def write(self, data: bytes, offset: int) -> None:
+    def write(self, data: bytes, offset: int, rank: int) -> None:
         self.h.pwrite(data, offset)
 
 
+class _Qcow2Writer:
+    """Data segments straight to their place in a qcow2 laid out in advance (qcow2.py), around
+    the page cache where the file system allows it."""
+
+    def __init__(self, fd: int, layout: qcow2.Layout, direct: bool):
+        self.fd, self.layout, self.direct = fd, layout, direct
+
+    def write(self, data: bytes, offset: int, rank: int) -> None:
+        host = self.layout.host_offset(rank)
+        if self.direct:
+            pwrite_direct(self.fd, data, host)
+            return
+        _FileWriter(self.fd).write(data, host, rank)
+
+
 @contextlib.contextmanager
-def _open_target(path: str, fmt: str, size: int, workers: int):
+def _open_target(path: str, fmt: str, m: Manifest, workers: int):
+    size = m.virtual_size
+    if fmt == "qcow2" and qcow2.can_write(m.segment_size):
+        with _qcow2_target(path, m) as factory:
+            yield factory
+        return
     if fmt == "raw":
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -204,6 +232,31 @@ def _open_target(path: str, fmt: str, size: int, workers: int):
         finally:
             for h in handles:
                 close_handle(h)
+
+
+@contextlib.contextmanager
+def _qcow2_target(path: str, m: Manifest):
+    layout = qcow2.plan(m.virtual_size, m.segment_size, (i for i, _ in m.table.data_entries()))
+    fd, direct = _open_new(path)
+    try:
+        yield lambda: _Qcow2Writer(fd, layout, direct)
+        if direct:      # the metadata is small and not block-aligned
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        qcow2.finish(fd, layout, (i for i, _ in m.table.data_entries()))
+    finally:
+        os.close(fd)
+
+
+def _open_new(path: str):
+    """(fd, direct): the new file, opened O_DIRECT where the file system has it."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, flags | os.O_DIRECT, 0o600), True
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+    return os.open(path, flags, 0o600), False
 
 
 # QEMU's NBD server mallocs a bounce buffer per request; at >= 1 MiB glibc serves each from a

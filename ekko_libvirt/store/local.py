@@ -54,9 +54,10 @@ def _write_all(fd: int, view: memoryview) -> None:
         view = view[os.write(fd, view):]
 
 
-def _write_direct(fd: int, data) -> None:
-    """Write `data` to a new O_DIRECT file: CHUNK at a time through the aligned buffer, the last
-    chunk padded to ALIGN with zeros, then the file cut back to the data's length."""
+def pwrite_direct(fd: int, data, offset: int) -> None:
+    """Write `data` at `offset` (a multiple of ALIGN) of an O_DIRECT file: CHUNK at a time through
+    the aligned buffer, the last chunk padded to ALIGN with zeros (the caller cuts the file back
+    if the padding must not stay)."""
     buf = _aligned.get()
     view = memoryview(data).cast("B")
     for off in range(0, len(view), CHUNK):
@@ -66,9 +67,19 @@ def _write_direct(fd: int, data) -> None:
         padded = -(-n // ALIGN) * ALIGN
         buf[n:padded] = _PAD[:padded - n]
         with memoryview(buf) as whole:
-            _write_all(fd, whole[:padded])
-    if len(view) % ALIGN:
-        os.ftruncate(fd, len(view))
+            chunk = whole[:padded]
+            pos = offset + off
+            while chunk:
+                k = os.pwrite(fd, chunk, pos)
+                chunk, pos = chunk[k:], pos + k
+
+
+def _write_direct(fd: int, data) -> None:
+    """Write `data` to a new O_DIRECT file, then cut the file back to the data's length."""
+    pwrite_direct(fd, data, 0)
+    n = memoryview(data).nbytes
+    if n % ALIGN:
+        os.ftruncate(fd, n)
 
 
 def _read_direct(path: str) -> bytes:
