@@ -129,6 +129,16 @@ def run(workdir: str, base_image: str, d1_files, overrides: Dict, convert: bool 
                                       None, None)
         res["convert"]["restore_s"], res["convert"]["full_s"] = conv.wall, None
         res["convert"]["cpu_full_tool_s"] = conv.cpu
+        # Context: convert's default cache mode leaves its output in the page cache (not durable;
+        # `sync` after it took 1.3 s here); ekko's restore output is on disk when it returns.
+        os.sync()
+        durable = procs.run(["qemu-img", "convert", "-t", "none", "-O", "qcow2", "-o", "cluster_size=65536",
+                             image, dst])
+        os.unlink(dst)
+        res["convert-durable"] = peers.result("qemu-img convert -t none -O qcow2 (durable)", durable, None, None,
+                                              None, None, None)
+        res["convert-durable"]["restore_s"], res["convert-durable"]["full_s"] = durable.wall, None
+        res["convert-durable"]["cpu_full_tool_s"] = durable.cpu
     shutil.rmtree(os.path.join(workdir, "store"), ignore_errors=True)
     os.unlink(image)
     return res

@@ -189,8 +189,9 @@ def run_all(a, workdir: str, report: Dict) -> None:
             return r
         r = one("ekko", lambda w: ekko_side.run(w, base, d1, a.overrides, verify=not a.no_verify,
                                                 profile=a.profile if rep == 0 else None))
-        if "convert" in r:
-            runs.setdefault("convert", []).append(r.pop("convert"))
+        for ref in ("convert", "convert-durable"):
+            if ref in r:
+                runs.setdefault(ref, []).append(r.pop(ref))
         if encryption_supported() and not a.no_encryption:
             one("ekko-encrypted", lambda w: ekko_side.run_full(w, base, a.overrides, encrypted=True))
         if "nbdcopy" in available:
@@ -342,7 +343,7 @@ def table(report: Dict) -> str:
     lines = ["| tool | full s | incremental (D1) s | incremental, no change s | restore s | store after full + D1 "
              "| CPU s (full, tool + QEMU) | RSS MiB |", "|---|---|---|---|---|---|---|---|"]
     order = ["ekko", "ekko-encrypted", "virtnbdbackup", "virtnbdbackup-z", "restic", "borg", "nbdcopy",
-             "nbdcopy-flush", "convert"]
+             "nbdcopy-flush", "convert", "convert-durable"]
     for name in order:
         m = med.get(name)
         if not m:
@@ -402,8 +403,11 @@ def targets(report: Dict) -> List[Dict]:
         ratio("restore of D1 to qcow2", "<= 0.5x virtnbdrestore", e["restore_s"],
               peer("virtnbdbackup", "restore_s"), 0.5)
         ratio("restore of D1 to qcow2", "<= 1.5x qemu-img convert", e["restore_s"], peer("convert", "restore_s"), 1.5)
+        if med.get("convert-durable") and "error" not in med["convert-durable"]:
+            ratio("(context) restore of D1 to qcow2", "vs qemu-img convert -t none (durable, as ekko's is)",
+                  e["restore_s"], peer("convert-durable", "restore_s"), None)
         smallest = [(m["store_d1_mib"], m["tool"]) for k, m in med.items()
-                    if k not in ("ekko", "ekko-encrypted", "nbdcopy", "nbdcopy-flush", "convert") and "error" not in m and m.get("store_d1_mib")]
+                    if k not in ("ekko", "ekko-encrypted", "nbdcopy", "nbdcopy-flush", "convert", "convert-durable") and "error" not in m and m.get("store_d1_mib")]
         ref = (min(smallest)[0], "measured: " + min(smallest)[1]) if smallest else \
             (ISSUE["restic"]["store_d1_mib"], "issue figure (restic)") if issue_w else (None, "n/a")
         ratio("store after full + D1", "<= smallest peer", e["store_d1_mib"], ref, 1.0)
