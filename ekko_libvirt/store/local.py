@@ -83,11 +83,11 @@ def _write_direct(fd: int, data) -> None:
 
 
 def _read_direct(path: str) -> bytes:
-    """The whole file, read around the page cache when it is DIRECT_MIN bytes or more (a restore
-    reads each segment once: caching it would evict the guests' pages and cost a page allocation
-    per byte, as writing does). Smaller files are read as usual."""
+    """The whole file, read around the page cache when it is a segment-sized object (DIRECT_MIN
+    to CHUNK bytes: a restore reads each segment once, and caching it would evict the guests'
+    pages and cost a page allocation per byte, as writing does). Others are read as usual."""
     size = os.stat(path).st_size
-    if size < DIRECT_MIN:
+    if not DIRECT_MIN <= size <= CHUNK:     # a big manifest is read whole, without a second copy
         with open(path, "rb") as f:
             return f.read()
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)

@@ -40,9 +40,14 @@ def test_direct_io_is_used_for_large_objects(tmp_path, monkeypatch):
     store = LocalStore(str(tmp_path))
     store.put("big", _data(DIRECT_MIN))
     store.put("small", _data(DIRECT_MIN - 1))
-    assert store.get("big") == _data(DIRECT_MIN)
+    store.put("huge", _data(CHUNK + 1))
     direct = {name.split(TMP_MARK)[0] for name, f in flags if f & os.O_DIRECT}
-    assert direct == {"big"}, flags
+    assert direct == {"big", "huge"}, flags
+    flags.clear()
+    assert store.get("big") == _data(DIRECT_MIN)
+    assert store.get("small") == _data(DIRECT_MIN - 1)
+    assert store.get("huge") == _data(CHUNK + 1)     # read whole, through the page cache
+    assert [name for name, f in flags if f & os.O_DIRECT] == ["big"], flags
 
 
 def test_a_file_system_without_direct_io_gets_buffered_writes(tmp_path, monkeypatch):
