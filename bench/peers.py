@@ -165,24 +165,25 @@ class LibvirtSide:
         scratch = os.path.join(workdir, "vnb-scratch")
         os.makedirs(scratch)
         z = ["-z"] if compress else []
+        env = dict(os.environ, TMPDIR=workdir)      # their qemu-img/qemu-nbd logs go with the workdir
         try:
             dom.create()
             pid = lv.qemu_pid(dom)
             procs.wait_idle(pid)
             base = ["virtnbdbackup", "-d", DOMAIN, "-o", out, "-S", scratch, "-n", *z]
-            full = procs.run(base + ["-l", "full"], qemu_pid=pid)
+            full = procs.run(base + ["-l", "full"], qemu_pid=pid, env=env)
             store_full = procs.tree_bytes(out)
             write_d1(lambda path, off, n: self._guest_write(dom, path, off, n), d1_files)
-            inc = procs.run(base + ["-l", "inc"], qemu_pid=pid)
+            inc = procs.run(base + ["-l", "inc"], qemu_pid=pid, env=env)
             store_d1 = procs.tree_bytes(out)
-            none = procs.run(base + ["-l", "inc"], qemu_pid=pid)
+            none = procs.run(base + ["-l", "inc"], qemu_pid=pid, env=env)
         finally:
             lv.destroy_and_undefine(self.conn, DOMAIN)
             if os.path.exists(lv.domain_log(DOMAIN)):
                 os.unlink(lv.domain_log(DOMAIN))
         rdir = os.path.join(workdir, "vnb-restore")
         rest = procs.run(["virtnbdrestore", "-i", out, "-o", rdir, "-u", "virtnbdbackup.1", "-n",
-                          "-L", os.path.join(workdir, "virtnbdrestore.log")])
+                          "-L", os.path.join(workdir, "virtnbdrestore.log")], env=env)
         version = subprocess.run(["virtnbdbackup", "-V"], capture_output=True, text=True).stdout.strip()
         shutil.rmtree(rdir, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
