@@ -27,6 +27,8 @@ import sys
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, Tuple
 
+from .directio import pwrite_all
+
 CLUSTER_BITS = 16
 C = 1 << CLUSTER_BITS
 L2_ENTRIES = C // 8                 # 8-byte entries per L2 table
@@ -153,10 +155,7 @@ def finish(fd: int, layout: Layout, data_segments: Iterable[int]) -> None:
     """Write the metadata, set the file's length, and make it all durable."""
     os.ftruncate(fd, layout.file_size)
     for offset, data in metadata(layout, data_segments):
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+        pwrite_all(fd, data, offset)
     os.fsync(fd)
 
 

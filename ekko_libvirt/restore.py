@@ -7,9 +7,10 @@ a private qemu-nbd instead.
 
 Every segment is fetched, decoded and re-hashed before a byte of it is written. Zero segments
 are never written (the output is sparse). A segment that repeats (the same digest at several
-offsets) is fetched and verified once while it stays among the last few decoded. Output goes to '<path>.ekko-partial' and is renamed
-into place only when complete; a failed restore leaves nothing behind. With allow_damaged, a
-segment that is missing or does not match its digest becomes a hole (zeros) and is reported.
+offsets) is fetched and verified once while it stays among the last few decoded. Output goes to
+'<path>.ekko-partial' and is renamed into place only when complete; a failed restore leaves
+nothing behind. With allow_damaged, a segment that is missing or does not match its digest
+becomes a hole (zeros) and is reported.
 """
 
 import collections
@@ -29,11 +30,11 @@ from typing import Callable, List, Optional
 import nbd
 
 from . import heap, qcow2, segment
+from .directio import pwrite_all, pwrite_direct
 from .codec import codec_of
 from .errors import EkkoError, IntegrityError, StoreError, UsageError
 from .manifest import Manifest
 from .nbd.reader import close_handle
-from .store.local import pwrite_direct
 
 
 @dataclass(frozen=True)
@@ -176,10 +177,7 @@ class _FileWriter:
         self.fd = fd
 
     def write(self, data: bytes, offset: int, rank: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
+        pwrite_all(self.fd, data, offset)
 
 
 class _NBDWriter:
@@ -200,11 +198,7 @@ class _Qcow2Writer:
         self.fd, self.layout, self.direct = fd, layout, direct
 
     def write(self, data: bytes, offset: int, rank: int) -> None:
-        host = self.layout.host_offset(rank)
-        if self.direct:
-            pwrite_direct(self.fd, data, host)
-            return
-        _FileWriter(self.fd).write(data, host, rank)
+        (pwrite_direct if self.direct else pwrite_all)(self.fd, data, self.layout.host_offset(rank))
 
 
 @contextlib.contextmanager

@@ -16,62 +16,24 @@ gets buffered writes, decided at the first refusal.
 import ctypes
 import errno
 import logging
-import mmap
 import os
 import secrets
 import threading
 from typing import Iterator
 
+from ..directio import ALIGN, CHUNK, pwrite_direct, read_direct
 from ..errors import ObjectNotFound, StoreError
 from .base import ObjectInfo, check_key
 
 TMP_MARK = ".tmp-"
 DIRECT_MIN = 64 << 10
-ALIGN = 4096                # O_DIRECT wants buffer, offset and length aligned to the device block
-CHUNK = 2 << 20             # a default segment + its header in one write
-_PAD = bytes(ALIGN)
 
 log = logging.getLogger(__name__)
-
-
-class _AlignedBuffer(threading.local):
-    """One page-aligned CHUNK-sized bounce buffer per writing thread (anonymous mmap)."""
-
-    def __init__(self):
-        self.buf = None
-
-    def get(self) -> mmap.mmap:
-        if self.buf is None:
-            self.buf = mmap.mmap(-1, CHUNK)
-        return self.buf
-
-
-_aligned = _AlignedBuffer()
 
 
 def _write_all(fd: int, view: memoryview) -> None:
     while view:
         view = view[os.write(fd, view):]
-
-
-def pwrite_direct(fd: int, data, offset: int) -> None:
-    """Write `data` at `offset` (a multiple of ALIGN) of an O_DIRECT file: CHUNK at a time through
-    the aligned buffer, the last chunk padded to ALIGN with zeros (the caller cuts the file back
-    if the padding must not stay)."""
-    buf = _aligned.get()
-    view = memoryview(data).cast("B")
-    for off in range(0, len(view), CHUNK):
-        part = view[off:off + CHUNK]
-        n = len(part)
-        buf[:n] = part
-        padded = -(-n // ALIGN) * ALIGN
-        buf[n:padded] = _PAD[:padded - n]
-        with memoryview(buf) as whole:
-            chunk = whole[:padded]
-            pos = offset + off
-            while chunk:
-                k = os.pwrite(fd, chunk, pos)
-                chunk, pos = chunk[k:], pos + k
 
 
 def _write_direct(fd: int, data) -> None:
@@ -82,29 +44,21 @@ def _write_direct(fd: int, data) -> None:
         os.ftruncate(fd, n)
 
 
-def _read_direct(path: str) -> bytes:
+def _read(path: str) -> bytes:
     """The whole file, read around the page cache when it is a segment-sized object (DIRECT_MIN
     to CHUNK bytes: a restore reads each segment once, and caching it would evict the guests'
     pages and cost a page allocation per byte, as writing does). Others are read as usual."""
     size = os.stat(path).st_size
-    if not DIRECT_MIN <= size <= CHUNK:     # a big manifest is read whole, without a second copy
-        with open(path, "rb") as f:
-            return f.read()
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    if DIRECT_MIN <= size <= CHUNK:
+        return read_direct(path, size)
+    with open(path, "rb") as f:     # a big manifest is read whole, without a second copy
+        return f.read()
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
-        buf = _aligned.get()
-        parts = []
-        pos = 0
-        with memoryview(buf) as view:
-            while pos < size:
-                # the last read asks for whole aligned blocks and gets the file's tail
-                want = min(CHUNK, -(-(size - pos) // ALIGN) * ALIGN)
-                n = min(os.preadv(fd, [view[:want]], pos), size - pos)
-                if n <= 0:
-                    raise OSError(errno.EIO, f"{path}: short read ({pos} of {size} bytes)")
-                parts.append(bytes(view[:n]))
-                pos += n
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -175,18 +129,14 @@ class LocalStore:
 
     @staticmethod
     def _fsync_dir(directory: str) -> None:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(directory)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
         try:
             if self.direct:
                 try:
-                    return _read_direct(path)
+                    return _read(path)
                 except OSError as e:
                     if e.errno != errno.EINVAL:
                         raise
@@ -337,11 +287,7 @@ def _sync_files(root: str, paths) -> None:
             os.close(fd)
         return
     for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_path(p)
 
 
 def _load_syncfs():

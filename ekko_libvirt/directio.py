@@ -1,0 +1,73 @@
+"""Writing and reading files around the page cache (O_DIRECT), and writing whole buffers.
+
+Used by the local store for segment objects and by the restore for its output. O_DIRECT wants
+the buffer, the file offset and the length aligned to the device's block: data goes through one
+page-aligned CHUNK-sized bounce buffer per thread (an anonymous mmap), the last block padded.
+"""
+
+import errno
+import mmap
+import os
+import threading
+
+ALIGN = 4096
+CHUNK = 2 << 20             # a default segment + its header in one write
+_PAD = bytes(ALIGN)
+
+
+class _AlignedBuffer(threading.local):
+    def __init__(self):
+        self.buf = None
+
+    def get(self) -> mmap.mmap:
+        if self.buf is None:
+            self.buf = mmap.mmap(-1, CHUNK)
+        return self.buf
+
+
+_aligned = _AlignedBuffer()
+
+
+def pwrite_all(fd: int, data, offset: int) -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def pwrite_direct(fd: int, data, offset: int) -> None:
+    """Write `data` at `offset` (a multiple of ALIGN) of an O_DIRECT file: CHUNK at a time through
+    the aligned buffer, the last chunk padded to ALIGN with zeros (the caller cuts the file back
+    if the padding must not stay)."""
+    buf = _aligned.get()
+    view = memoryview(data).cast("B")
+    for off in range(0, len(view), CHUNK):
+        part = view[off:off + CHUNK]
+        n = len(part)
+        buf[:n] = part
+        padded = -(-n // ALIGN) * ALIGN
+        buf[n:padded] = _PAD[:padded - n]
+        with memoryview(buf) as whole:
+            pwrite_all(fd, whole[:padded], offset + off)
+
+
+def read_direct(path: str, size: int) -> bytes:
+    """The `size` bytes of the file at `path` (at most CHUNK), read with O_DIRECT."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        buf = _aligned.get()
+        parts = []
+        pos = 0
+        with memoryview(buf) as view:
+            while pos < size:
+                # the last read asks for whole aligned blocks and gets the file's tail
+                want = min(CHUNK, -(-(size - pos) // ALIGN) * ALIGN)
+                n = min(os.preadv(fd, [view[:want]], pos), size - pos)
+                if n <= 0:
+                    raise OSError(errno.EIO, f"{path}: short read ({pos} of {size} bytes)")
+                parts.append(bytes(view[:n]))
+                pos += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+    finally:
+        os.close(fd)
