@@ -347,19 +347,16 @@ class _SegmentCopier:
             if progress:
                 progress(end, size)
 
-    def _one(self, p: SegmentPlan, buf=None):
+    def _one(self, p: SegmentPlan, buf):
         try:
             return self._process(p, buf)
         finally:
-            if buf is not None:
-                buf.release()       # the stream may read the next segment into it
+            buf.release()           # the stream may read the next segment into it
 
     def _process(self, p: SegmentPlan, buf):
+        """A segment with data to read (zero plans are settled in _settle), read into `buf`."""
         self._count(segments_backed_up=1)
-        if p.is_zero:
-            self._count(zero_segments=1)
-            return p.index, None, p.offset + p.length
-        data = buf.data if buf is not None else self._worker().read(p)
+        data = buf.data
         crash_point("during-read")
         self._count(read_bytes=sum(n for _, n in p.reads))
         if segment.is_zero(data):
