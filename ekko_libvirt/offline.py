@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from typing import List
 
+from . import catalog
 from .agent.state import StateDir
 from .engine import domain_xml as dx
 from .engine.qmp import QMPEngine, QMPTarget
@@ -78,6 +79,9 @@ def backup_offline(dom, disks, req, store, base, labels, state_dir, run_dir, pro
     uuid = dom.UUIDString()
     sd = StateDir(state_dir).ensure()
     results = []
+    # One id for all the domain's disks, as an online backup has: `ekko restore ID --define`
+    # finds every disk of the backup by it.
+    backup_id = catalog.new_backup_id()
     with sd.offline_backup(uuid, dom.name()):
         # The marker is in place: from now on the hook refuses a start. Re-check the state, in
         # case the domain started between our first look and the marker.
@@ -91,7 +95,8 @@ def backup_offline(dom, disks, req, store, base, labels, state_dir, run_dir, pro
                                              run_dir, base.bitmap_prefix))
                 try:
                     opts = replace(base, target=target, labels=dict(labels, offline=True),
-                                   force_full=req.force_full, require_incremental=req.require_incremental)
+                                   force_full=req.force_full, require_incremental=req.require_incremental,
+                                   backup_id=backup_id)
                     results.append(run_backup(engine, store, opts, progress))
                 finally:
                     engine.close()

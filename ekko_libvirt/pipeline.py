@@ -49,6 +49,7 @@ class BackupOptions:
     in_flight: int = units.DEFAULT_IN_FLIGHT
     lock_dir: str = "/var/lib/ekko/locks"
     labels: Dict = field(default_factory=dict)
+    backup_id: Optional[str] = None     # given: the id of a multi-disk backup all its disks share
 
 
 @dataclass
@@ -117,7 +118,7 @@ def run_backup(engine, store, opts: BackupOptions, progress: Optional[Callable[[
                                       opts.force_full) if head_entry is not None else None
         notes, broken = engine.recover(head.bitmap if head else None)
         info = engine.inspect()
-        backup_id = catalog.new_backup_id()
+        backup_id = opts.backup_id or catalog.new_backup_id()
         plan = plan_generation(info, head, backup_id=backup_id, prefix=opts.bitmap_prefix,
                                granularity=opts.granularity, segment_size=opts.segment_size,
                                force_full=opts.force_full, require_incremental=opts.require_incremental,

@@ -247,6 +247,8 @@ def test_offline_backup_and_start_is_refused_meanwhile(libvirt_conn, test_domain
     import json
     res = {b["target"].rsplit(".", 1)[1]: b for b in json.loads(out)["backups"]}
     assert res["vda"]["kind"] == "incremental" and res["vda"]["parent"] == b1["vda"]["backup_id"]
+    # one backup of the domain: one id for both disks, as online (restore --define finds them all)
+    assert res["vda"]["backup_id"] == res["vdb"]["backup_id"]
     for dev in ("vda", "vdb"):
         o = os.path.join(lvwork, f"r-{dev}.raw")
         ekko.run("restore", res[dev]["backup_id"], "--disk", dev, "--to", o)
