@@ -107,12 +107,6 @@ def _copy(store, m: Manifest, writer_factory, workers, allow_damaged, result: Re
         offset = index * m.segment_size
         length = min(m.segment_size, m.virtual_size - offset)
         key = segment.segment_key(d)
-        w = getattr(local, "w", None)
-        if w is None:
-            w = local.w = writer_factory()
-        if w.placed(rank):
-            _done(length)       # its clusters are shared with a copy already verified and written
-            return
         try:
             raw = recent.get(d)
             if raw is None:
@@ -125,12 +119,12 @@ def _copy(store, m: Manifest, writer_factory, workers, allow_damaged, result: Re
             if not allow_damaged:
                 stop.set()
             return
+        w = getattr(local, "w", None)
+        if w is None:
+            w = local.w = writer_factory()
         w.write(raw, offset, rank)
-        _done(len(raw))
-
-    def _done(n: int) -> None:
         with lock:
-            result.written_bytes += n
+            result.written_bytes += len(raw)
             result.segments += 1
             if progress:
                 progress(result.segments * m.segment_size, total)
@@ -178,18 +172,7 @@ def _bounded_map(pool, fn, items, depth):
     yield from pending
 
 
-class _Writer:
-    """Puts a restored segment (disk offset, and rank: its number among the data segments) in
-    place. placed(rank): nothing is left to do for that segment (see _Qcow2Writer)."""
-
-    def placed(self, rank: int) -> bool:
-        return False
-
-    def write(self, data: bytes, offset: int, rank: int) -> None:
-        raise NotImplementedError
-
-
-class _FileWriter(_Writer):
+class _FileWriter:
     def __init__(self, fd: int):
         self.fd = fd
 
@@ -197,7 +180,7 @@ class _FileWriter(_Writer):
         pwrite_all(self.fd, data, offset)
 
 
-class _NBDWriter(_Writer):
+class _NBDWriter:
     def __init__(self, sock: str, registry: list):
         self.h = nbd.NBD()
         self.h.connect_unix(sock)
@@ -207,28 +190,15 @@ class _NBDWriter(_Writer):
         self.h.pwrite(data, offset)
 
 
-class _Qcow2Writer(_Writer):
+class _Qcow2Writer:
     """Data segments straight to their place in a qcow2 laid out in advance (qcow2.py), around
-    the page cache where the file system allows it. One for all threads: a slot that several
-    repeated segments share is written by the first of them to arrive with verified data, and
-    the others are placed() from then on (not even fetched)."""
+    the page cache where the file system allows it."""
 
     def __init__(self, fd: int, layout: qcow2.Layout, direct: bool):
         self.fd, self.layout, self.direct = fd, layout, direct
-        self.claimed: set = set()       # shared slots whose data is written or being written
-        self.lock = threading.Lock()
-
-    def placed(self, rank: int) -> bool:
-        return bool(self.claimed) and self.layout.slot(rank) in self.claimed
 
     def write(self, data: bytes, offset: int, rank: int) -> None:
-        slot = self.layout.slot(rank)
-        if self.layout.shared(slot):
-            with self.lock:
-                if slot in self.claimed:
-                    return
-                self.claimed.add(slot)
-        (pwrite_direct if self.direct else pwrite_all)(self.fd, data, self.layout.slot_offset(slot))
+        (pwrite_direct if self.direct else pwrite_all)(self.fd, data, self.layout.host_offset(rank))
 
 
 @contextlib.contextmanager
@@ -260,11 +230,10 @@ def _open_target(path: str, fmt: str, m: Manifest, workers: int):
 
 @contextlib.contextmanager
 def _qcow2_target(path: str, m: Manifest):
-    layout = qcow2.plan(m.virtual_size, m.segment_size, m.table.data_entries())
+    layout = qcow2.plan(m.virtual_size, m.segment_size, (i for i, _ in m.table.data_entries()))
     fd, direct = _open_new(path)
     try:
-        writer = _Qcow2Writer(fd, layout, direct)
-        yield lambda: writer
+        yield lambda: _Qcow2Writer(fd, layout, direct)
         if direct:      # the metadata is small and not block-aligned
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         qcow2.finish(fd, layout, (i for i, _ in m.table.data_entries()))
