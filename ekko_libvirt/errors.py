@@ -61,6 +61,15 @@ class StoreError(EkkoError):
     pass
 
 
+class RestoreTargetError(EkkoError):
+    """The restored image could not be written (its file system is full, read-only, ...)."""
+
+    def __init__(self, path: str, cause: Exception):
+        self.path = path
+        super().__init__(f"cannot write the restored image {path}: {getattr(cause, 'strerror', None) or cause} "
+                         "(nothing restored: the partial image was removed)")
+
+
 class ObjectNotFound(StoreError):
     def __init__(self, key: str):
         self.key = key

@@ -32,7 +32,7 @@ import nbd
 from . import heap, qcow2, segment
 from .directio import pwrite_all, pwrite_direct
 from .codec import codec_of
-from .errors import EkkoError, IntegrityError, StoreError, UsageError
+from .errors import EkkoError, IntegrityError, RestoreTargetError, StoreError, UsageError
 from .manifest import Manifest
 from .nbd.reader import close_handle
 
@@ -78,9 +78,12 @@ def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: i
         if result.holes and not allow_damaged:
             raise _damage_error(m, result.holes)
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(partial)
+        # The store's own errors are StoreErrors: these come from the image being written.
+        if isinstance(e, (OSError, nbd.Error)):
+            raise RestoreTargetError(path, e) from e
         raise
     return result
 

@@ -217,3 +217,47 @@ def test_damaged_and_missing_segments(store_kind, qdisk, ekko_for, workdir):
     for i in (i_flip, i_del):
         exp[i * m.segment_size:(i + 1) * m.segment_size] = bytes(m.segment_size)
     assert got == bytes(exp)
+
+
+def test_store_out_of_space_fails_clearly_leaves_nothing_and_the_chain_goes_on(qdisk, ekko_for, workdir):
+    """A store file system that fills up mid-backup: a clear error naming the store, no
+    manifest, no temp file, and the next backup (space freed) is an incremental with every
+    block written since the last good one."""
+    import subprocess
+    mnt = os.path.join(workdir, "small")
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", mnt], check=True)
+    try:
+        disk = qdisk(32 * MiB)
+        ekko = ekko_for(disk)
+        ekko.cfg["store"]["path"] = os.path.join(mnt, "store")
+        ekko.write_config()
+        rnd = random.Random(11)
+        disk.write(0, rnd.randbytes(2 * MiB))
+        full = ekko.backup()
+        assert full["kind"] == "full"
+        disk.write(4 * MiB, rnd.randbytes(12 * MiB))        # more than the 6 MiB left
+        expected = disk.snapshot()
+        failed = ekko.backup(check=False)
+        assert failed.returncode != 0
+        assert "No space left on device" in failed.stderr and mnt in failed.stderr, failed.stderr
+        assert [k.rsplit("/", 1)[1] for k in catalog.keys(ekko.store(), "t1")] == [full["backup_id"]]
+        left = [f for _, _, fs in os.walk(mnt) for f in fs if ".tmp-" in f]
+        assert left == []
+        assert ours(disk) == [full["generation"]["bitmap"]]     # the failed generation merged back
+        subprocess.run(["mount", "-o", "remount,size=64m", mnt], check=True)
+        inc = ekko.backup()
+        assert inc["kind"] == "incremental" and inc["parent"] == full["backup_id"]
+        assert restore_equals(ekko, inc["backup_id"], expected, workdir)
+        # a restore onto a file system too small: the error says so, no partial image stays
+        st = os.statvfs(mnt)
+        used_mib = (st.f_blocks - st.f_bfree) * st.f_frsize // MiB
+        subprocess.run(["mount", "-o", f"remount,size={used_mib + 4}m", mnt], check=True)   # 4 MiB free
+        for ext in ("raw", "qcow2"):
+            out = os.path.join(mnt, f"r.{ext}")
+            p = ekko.run("restore", inc["backup_id"], "--to", out, check=False)
+            assert p.returncode == 1 and p.stderr.startswith("ekko: error: cannot write the restored image " + out)
+            assert "No space left on device" in p.stderr and "Traceback" not in p.stderr, p.stderr
+            assert not [f for f in os.listdir(mnt) if f.startswith("r.")]
+    finally:
+        subprocess.run(["umount", mnt], check=False)
