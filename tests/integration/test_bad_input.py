@@ -89,6 +89,15 @@ def test_raw_disk_incremental_refused_full_allowed(qdisk, ekko_for, workdir):
     out = os.path.join(workdir, "r.raw")
     ekko.run("restore", b2["backup_id"], "--to", out)
     assert read_raw(out) == expected
+    # bad restore targets: a clear error each, nothing written, the existing file untouched
+    p = ekko.run("restore", b2["backup_id"], "--to", out, check=False)
+    assert p.returncode == 2 and "exists: refusing to overwrite" in p.stderr
+    assert read_raw(out) == expected
+    for bad in (os.path.join(workdir, "no-such-dir", "r.raw"), os.path.join(workdir, "no-such-dir", "r.qcow2")):
+        p = ekko.run("restore", b2["backup_id"], "--to", bad, check=False)
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert f"cannot write the restored image {bad}: No such file or directory" in p.stderr
+    assert not os.path.exists(os.path.join(workdir, "no-such-dir"))
 
 
 def test_qmp_socket_that_does_not_answer(workdir):
