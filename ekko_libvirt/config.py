@@ -57,6 +57,7 @@ class Config:
     in_flight: int
     qmp_timeout: float
     targets: Tuple[TargetConfig, ...] = ()
+    scratch_reserve: int = units.DEFAULT_SCRATCH_RESERVE
     source: str = ""
     extra: Tuple[Tuple[str, Any], ...] = field(default=())
     encryption: EncryptionConfig = EncryptionConfig()
@@ -69,7 +70,7 @@ class Config:
         return os.path.join(self.state_dir, "scratch")
 
 
-_TOP_KEYS = {"store", "state_dir", "run_dir", "segment_size", "bitmap_granularity", "compression",
+_TOP_KEYS = {"store", "state_dir", "run_dir", "scratch_reserve", "segment_size", "bitmap_granularity", "compression",
              "workers", "read", "qmp_timeout", "targets", "encryption", "retention", "schedule",
              "agent", "libvirt", "domains"}
 
@@ -117,6 +118,7 @@ def build(raw: Any, source: str = "") -> Config:
         request_size=_sized(read, "read.request_size", units.DEFAULT_REQUEST_SIZE, "request_size"),
         in_flight=_int(read, "read.in_flight", units.DEFAULT_IN_FLIGHT, 1, 64, key="in_flight"),
         qmp_timeout=float(_int(raw, "qmp_timeout", 30, 1, 3600)),
+        scratch_reserve=_size(raw, "scratch_reserve", units.DEFAULT_SCRATCH_RESERVE),
         targets=_targets(raw.get("targets")),
         source=source,
         encryption=_encryption(raw.get("encryption")),

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import libvirt
 
-from . import catalog
+from . import catalog, scratch
 from .engine import domain_xml as dx
 from .engine.base import BitmapInfo, DiskInfo, Export
 from .engine.bitmaps import INCREMENTAL, generation_name, plan_generation
@@ -108,6 +108,9 @@ def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_d
     specs_xml = [dx.DiskBackupSpec(d.spec.dev, base_cp if d.plan.kind == INCREMENTAL else None,
                                    os.path.join(scratch_dir, f"{dom.UUIDString()}.{d.spec.dev}.scratch.qcow2"),
                                    d.spec.bitmap_capable) for d in disks]
+    guard = scratch.guard_for(scratch_dir, base.scratch_reserve)
+    if guard:
+        guard.check_start()
     state.save_job(JobRecord(dom.UUIDString(), new_cp, base_cp, time.time()))
     try:
         engine.begin(dx.backup_xml(specs_xml, socket), dx.checkpoint_xml(new_cp, bitmap_devs, other_devs))
@@ -127,7 +130,8 @@ def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_d
             export = Export(socket, d.spec.dev, dx.dirty_context(d.spec.dev) if d.plan.kind == INCREMENTAL else None)
             opts = _opts(base, d.target, labels, new_cp if d.spec.bitmap_capable else None)
             table, stats = copy_segments(export, store, d.plan, d.size, d.parent, opts,
-                                         _whole_job(progress, before, total))
+                                         _whole_job(progress, before, total),
+                                         watch=guard.watcher(engine.end_job) if guard else None)
             before += d.size
             info = DiskInfo(d.spec.dev, d.spec.source, d.spec.format, d.size)
             d.manifest = build_manifest(opts, info, d.plan, backup_id, table, stats, started, codec_of(store))

@@ -53,6 +53,15 @@ class IncrementalImpossible(EngineError):
     exit_code = 2
 
 
+class ScratchSpaceLow(EngineError):
+    """Too little room for copy-before-write on the scratch file system (scratch.py)."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        super().__init__(f"scratch space for the backup's point-in-time view is low on {path}: {reason}. "
+                         "Nothing was committed; free space there, or move state_dir, or lower scratch_reserve")
+
+
 class ReaderError(EkkoError):
     pass
 

@@ -12,7 +12,7 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-PAUSE_POINTS = ("after-transaction", "after-segments")
+PAUSE_POINTS = ("after-transaction", "during-read", "after-segments")   # during-read: in a worker thread
 
 
 def pause_point(name: str) -> None:

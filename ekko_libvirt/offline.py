@@ -96,7 +96,7 @@ def backup_offline(dom, disks, req, store, base, labels, state_dir, run_dir, pro
                 try:
                     opts = replace(base, target=target, labels=dict(labels, offline=True),
                                    force_full=req.force_full, require_incremental=req.require_incremental,
-                                   backup_id=backup_id)
+                                   backup_id=backup_id, scratch_reserve=0)   # no guest writes: the fleece stays empty
                     results.append(run_backup(engine, store, opts, progress))
                 finally:
                     engine.close()

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from . import catalog, heap, markers, segment, units
+from . import catalog, heap, markers, scratch, segment, units
 from .codec import PLAIN, chain_key_reason, codec_of
 from .engine.bitmaps import INCREMENTAL, ChainHead, GenerationPlan, plan_generation
 from .errors import EkkoError, LockBusy, ReaderError, StoreError
@@ -50,6 +50,7 @@ class BackupOptions:
     lock_dir: str = "/var/lib/ekko/locks"
     labels: Dict = field(default_factory=dict)
     backup_id: Optional[str] = None     # given: the id of a multi-disk backup all its disks share
+    scratch_reserve: int = units.DEFAULT_SCRATCH_RESERVE     # free room kept for copy-before-write
 
 
 @dataclass
@@ -125,12 +126,16 @@ def run_backup(engine, store, opts: BackupOptions, progress: Optional[Callable[[
                                broken_reason=broken, key_mismatch_reason=key_reason)
         log.info("%s: %s backup %s: %s", opts.target, plan.kind, backup_id, plan.reason)
         parent = catalog.load(store, head_entry.key) if plan.kind == INCREMENTAL else None
+        guard = scratch.guard_for(getattr(engine, "scratch_dir", None), opts.scratch_reserve)
+        if guard:
+            guard.check_start()
         started = time.time()
         session = engine.begin(plan, info.virtual_size)
         try:
             crash_point("after-transaction")
             pause_point("after-transaction")
-            table, stats = copy_segments(session.export, store, plan, info.virtual_size, parent, opts, progress)
+            table, stats = copy_segments(session.export, store, plan, info.virtual_size, parent, opts, progress,
+                                         watch=guard.watcher(session.close_export) if guard else None)
             session.close_export()
             m = build_manifest(opts, info, plan, backup_id, table, stats, started, codec)
             crash_point("before-commit")
@@ -161,7 +166,10 @@ def build_manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: St
 
 
 def copy_segments(export, store, plan: GenerationPlan, size: int, parent: Optional[Manifest],
-                   opts: BackupOptions, progress) -> "tuple[SegmentTable, Stats]":
+                   opts: BackupOptions, progress, watch: Optional[Callable[[], None]] = None
+                   ) -> "tuple[SegmentTable, Stats]":
+    """`watch`: called every scratch.WATCH_INTERVAL while segments are read; it raises to stop
+    the backup (scratch.ScratchGuard.watcher)."""
     heap.keep_buffers_on_heap()     # segment-sized buffers: no mmap + page faults each time
     seg = plan.segment_size
     # An incremental's table starts as its parent's and is TAKEN OVER, not copied (the caller
@@ -186,7 +194,7 @@ def copy_segments(export, store, plan: GenerationPlan, size: int, parent: Option
         plans = reader.plans(seg)
         if heal:
             plans = with_extra_segments(plans, heal, seg, size)
-        copier.run(plans, table, progress, size)
+        copier.run(plans, table, progress, size, watch)
         copier.batch.flush()        # every segment durable and visible before the check and the commit
         pause_point("after-segments")
         _recheck(copier, table, parent, seg, size)
@@ -289,7 +297,8 @@ class _SegmentCopier:
         self._conns = []
         self._lock = threading.Lock()
 
-    def run(self, plans, table: SegmentTable, progress, size: int) -> None:
+    def run(self, plans, table: SegmentTable, progress, size: int,
+            watch: Optional[Callable[[], None]] = None) -> None:
         """The workers take (plan, buffer) pairs from the stream themselves, one at a time, and
         record their segment in the table: no hand-over through a pool, its futures and a
         semaphore for each of a full's thousands of segments (profiled: a tenth of the CPU)."""
@@ -319,7 +328,10 @@ class _SegmentCopier:
             for t in threads:
                 t.start()
             for t in threads:
-                t.join()
+                while t.is_alive():
+                    t.join(scratch.WATCH_INTERVAL)
+                    if watch is not None and not failed:
+                        watch()
         finally:
             stop.set()          # interrupted (SIGTERM) while joining: the workers finish their segment
             stream.close()      # and one waiting for the stream is woken up
@@ -359,6 +371,7 @@ class _SegmentCopier:
         self._count(segments_backed_up=1)
         data = buf.data
         crash_point("during-read")
+        pause_point("during-read")      # a worker waits; the main thread goes on watching (tests)
         self._count(read_bytes=sum(n for _, n in p.reads))
         if segment.is_zero(data):
             self._count(zero_segments=1)

@@ -33,7 +33,7 @@ def backup_options(cfg, target: str, prefix: str = "ekko-", **kw):
     return BackupOptions(target=target, segment_size=cfg.segment_size, granularity=cfg.granularity,
                          bitmap_prefix=prefix, compress=cfg.compress, compression_level=cfg.compression_level,
                          workers=cfg.workers, request_size=cfg.request_size, in_flight=cfg.in_flight,
-                         lock_dir=os.path.join(cfg.state_dir, "locks"), **kw)
+                         lock_dir=os.path.join(cfg.state_dir, "locks"), scratch_reserve=cfg.scratch_reserve, **kw)
 
 
 def request_for_chain(req, st: Optional[DomainState]):

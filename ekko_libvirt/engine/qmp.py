@@ -156,6 +156,11 @@ class QMPEngine:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.names.journal)
 
+    @property
+    def scratch_dir(self) -> str:
+        """Where the fleece file grows (scratch.ScratchGuard watches its file system)."""
+        return self.t.scratch_dir
+
     # -- the backup session -----------------------------------------------------------------
     def begin(self, plan: GenerationPlan, virtual_size: int) -> "QMPSession":
         os.makedirs(self.t.scratch_dir, mode=0o700, exist_ok=True)

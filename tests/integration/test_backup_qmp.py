@@ -2,10 +2,11 @@
 
 import os
 import random
+import sys
 
 import pytest
 
-from conftest import read_raw
+from conftest import ROOT, read_raw
 from ekko_libvirt import catalog, segment
 from ekko_libvirt.engine.qmp import QMPEngine, QMPTarget
 from ekko_libvirt.pipeline import BackupOptions, run_backup
@@ -261,3 +262,71 @@ def test_store_out_of_space_fails_clearly_leaves_nothing_and_the_chain_goes_on(q
             assert not [f for f in os.listdir(mnt) if f.startswith("r.")]
     finally:
         subprocess.run(["umount", mnt], check=False)
+
+
+def test_backup_gives_way_before_copy_before_write_could_fail_a_guest_write(qdisk, ekko_for, workdir):
+    """QEMU 7.2's copy-before-write fails the GUEST's write when the scratch file cannot take the
+    old data. With the scratch file system on a 16 MiB tmpfs and 20 MiB of guest overwrites
+    during an incremental, the backup must give way (filter removed) before that: every guest
+    write succeeds, the backup fails naming the scratch space, nothing is committed, and the next
+    backup has every block."""
+    import subprocess
+    import threading
+    import time
+    mnt = os.path.join(workdir, "scratchfs")
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", mnt], check=True)
+    proc = None
+    try:
+        disk = qdisk(64 * MiB)
+        ekko = ekko_for(disk)
+        ekko.cfg.update(state_dir=os.path.join(mnt, "state"), scratch_reserve="12MiB")
+        ekko.write_config()
+        rnd = random.Random(5)
+        disk.write(0, rnd.randbytes(48 * MiB))
+        full = ekko.backup()
+        disk.write(50 * MiB, rnd.randbytes(1 * MiB))
+        fifo = os.path.join(workdir, "read.fifo")
+        os.mkfifo(fifo)
+        env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"during-read:{fifo}")
+        proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "t1"],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with open(fifo, "wb"):          # a worker holds its segment; the main thread watches
+            for i in range(80):         # 20 MiB of overwrites, 5 MiB/s: each one must succeed
+                disk.write(i * 256 * KiB, rnd.randbytes(256 * KiB))
+                time.sleep(0.05)
+        threading.Thread(target=_release, args=(fifo, proc), daemon=True).start()
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1, err
+        assert "scratch space" in err and "gave way" in err and mnt in err, err
+        assert [k.rsplit("/", 1)[1] for k in catalog.keys(ekko.store(), "t1")] == [full["backup_id"]]
+        assert ours(disk) == [full["generation"]["bitmap"]]
+        assert not os.listdir(os.path.join(mnt, "state", "scratch"))       # fleece file removed
+        expected = disk.snapshot()
+        inc = ekko.backup()
+        assert inc["kind"] == "incremental" and inc["parent"] == full["backup_id"]
+        assert restore_equals(ekko, inc["backup_id"], expected, workdir)
+        # too little room to start: refused before anything changes
+        ekko.cfg["scratch_reserve"] = "64MiB"
+        ekko.write_config()
+        p = ekko.run("backup", "t1", check=False)
+        assert p.returncode == 1 and "the backup needs scratch_reserve = 64.0 MiB to start" in p.stderr, p.stderr
+        assert ours(disk) == [inc["generation"]["bitmap"]]
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()             # our own child, by its PID
+            proc.wait()
+        if subprocess.run(["umount", mnt], check=False).returncode:
+            subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def _release(fifo, proc):
+    """Let every worker that waits at the pause point go, until the backup exits."""
+    import time
+    while proc.poll() is None:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:
+            time.sleep(0.02)
+            continue
+        os.close(fd)
