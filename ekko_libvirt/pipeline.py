@@ -197,7 +197,7 @@ def copy_segments(export, store, plan: GenerationPlan, size: int, parent: Option
         copier.run(plans, table, progress, size, watch)
         copier.batch.flush()        # every segment durable and visible before the check and the commit
         pause_point("after-segments")
-        _recheck(copier, table, parent, seg, size)
+        _recheck(copier, table, parent, seg, size, watch)
         copier.batch.flush()
     except BaseException:
         copier.batch.abort()
@@ -213,7 +213,8 @@ def copy_segments(export, store, plan: GenerationPlan, size: int, parent: Option
     return table, copier.stats
 
 
-def _recheck(copier: "_SegmentCopier", table: SegmentTable, parent: Optional[Manifest], seg: int, size: int) -> None:
+def _recheck(copier: "_SegmentCopier", table: SegmentTable, parent: Optional[Manifest], seg: int, size: int,
+             watch: Optional[Callable[[], None]] = None) -> None:
     """The commit-time check: every segment the manifest will name still exists.
 
     gc deletes unreferenced segments older than its grace period. Segments this backup PUT are
@@ -233,7 +234,7 @@ def _recheck(copier: "_SegmentCopier", table: SegmentTable, parent: Optional[Man
         wanted = copier.touched | late
     else:
         wanted = table.unique_digests()
-    missing = _missing(store, wanted, max(2, copier.opts.workers * 2))
+    missing = _missing(store, wanted, max(2, copier.opts.workers * 2), watch)
     if not missing:
         return
     log.warning("%s: %d segment(s) vanished from the store before the commit (gc?): storing them again "
@@ -261,13 +262,17 @@ def _recheck(copier: "_SegmentCopier", table: SegmentTable, parent: Optional[Man
                 copier.store_segment(data, nd, restored_segments=1)
 
 
-def _missing(store, digests, workers: int) -> set:
-    """The digests whose segment object does not exist; exists() in parallel, in batches."""
+def _missing(store, digests, workers: int, watch: Optional[Callable[[], None]] = None) -> set:
+    """The digests whose segment object does not exist; exists() in parallel, in batches. The
+    export stays open meanwhile (a vanished segment is read again from it), and a full's check
+    on Swift takes a HEAD per segment: `watch` looks at the scratch space between batches."""
     out = set()
     it = iter(digests)
     with cf.ThreadPoolExecutor(workers, thread_name_prefix="ekko-check") as pool:
         while True:
-            batch = list(itertools.islice(it, 1024))
+            if watch is not None:
+                watch()
+            batch = list(itertools.islice(it, 256))
             if not batch:
                 return out
             for d, ok in zip(batch, pool.map(lambda x: store.exists(segment.segment_key(x)), batch)):

@@ -10,11 +10,12 @@ space left on device" (a virtio-blk guest pauses on that error, its default werr
 the backup itself succeeded.
 
 So the backup gives way first. It does not start with less than `scratch_reserve` free on the
-scratch file system, and while it reads it watches the free space: below half the reserve it
-removes the filter (the export is closed, the backup job ended; the guest's writes go straight
-to its disk again) and fails with ScratchSpaceLow. Nothing of it is committed, its bitmap
-generation is merged back: the next backup, with room, has every block. The reserve is the
-guest write burst the watch (every WATCH_INTERVAL) must absorb; 0 turns the guard off.
+scratch file system, and while the view is open (segments read, then the commit-time check,
+which on Swift is a HEAD per segment of a full) it watches the free space: below half the
+reserve it removes the filter (the export is closed, the backup job ended; the guest's writes
+go straight to its disk again) and fails with ScratchSpaceLow. Nothing of it is committed, its
+bitmap generation is merged back: the next backup, with room, has every block. The reserve is
+the guest write burst the watch (every WATCH_INTERVAL) must absorb; 0 turns the guard off.
 """
 
 import os

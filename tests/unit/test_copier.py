@@ -104,3 +104,34 @@ def test_a_failing_store_stops_the_workers_and_ends_the_stream():
     assert c.reader.s.closed.is_set()
     assert c.reader.s.taken < 200              # stopped early, did not read the rest
     assert threading.active_count() == before   # every worker ended
+
+
+def test_a_watch_that_raises_stops_the_copy_and_the_commit_check():
+    """The scratch guard's watch: called while workers run and between exists() batches."""
+    from ekko_libvirt.errors import ScratchSpaceLow
+    from ekko_libvirt.pipeline import _missing
+
+    class SlowStore(MemoryStore):
+        def put(self, key, data):
+            threading.Event().wait(0.01)
+            super().put(key, data)
+
+    items = _items([os.urandom(SEG) for _ in range(400)])
+    c = _copier(items, SlowStore(), workers=2)
+    calls = []
+
+    def watch():
+        calls.append(1)
+        if len(calls) == 2:
+            raise ScratchSpaceLow("/scratch", "low")
+    before = threading.active_count()
+    with pytest.raises(ScratchSpaceLow):
+        c.run(None, SegmentTable(400), None, 400 * SEG, watch)
+    assert c.reader.s.closed.is_set() and c.reader.s.taken < 400
+    assert threading.active_count() == before
+    store = MemoryStore()
+    calls.clear()
+    with pytest.raises(ScratchSpaceLow):
+        _missing(store, [os.urandom(16) for _ in range(1000)], 2, watch)
+    assert len(calls) == 2
+    assert _missing(store, [b"x" * 16] * 3, 2, lambda: None) == {b"x" * 16}
