@@ -202,6 +202,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("ekko: interrupted; nothing was committed\n")
         return 130
+    except OSError as e:
+        # Outside the store and the restored image, which have their own errors: state_dir,
+        # run_dir, lock and scratch files. A message naming the file, not a traceback (-vv has it).
+        logging.getLogger("ekko").debug("I/O error", exc_info=True)
+        where = f" ({e.filename})" if e.filename else ""
+        _fail(args, EkkoError(f"{e.strerror or e}{where}"), 1)
+        return 1
 
 
 def _fail(args, e: Exception, code: int) -> None:

@@ -60,6 +60,21 @@ def test_bad_cli_arguments(workdir):
     assert p.returncode == 2 and "no backup 'nosuchbackup'" in p.stderr
 
 
+def test_unusable_state_dir_is_a_clear_error(qdisk, workdir):
+    disk = qdisk(4 * MiB)
+    blocker = os.path.join(workdir, "a-file")
+    with open(blocker, "w") as f:
+        f.write("not a directory")
+    cfg = make_config(workdir, {"t1": {"engine": "qmp", "qmp_socket": disk.qmp_socket, "node": "disk0"}})
+    cfg["state_dir"] = os.path.join(blocker, "state")
+    ekko = Ekko(workdir, cfg)
+    p = ekko.run("backup", "t1", check=False, json_out=True)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.startswith("ekko: error: Not a directory (") and blocker in p.stderr
+    assert p.data["ok"] is False
+    assert disk.bitmaps() == []
+
+
 def test_unknown_target_and_unknown_disk(qdisk, workdir):
     disk = qdisk(4 * MiB)
     ekko = Ekko(workdir, make_config(workdir, {"t1": {"engine": "qmp", "qmp_socket": disk.qmp_socket,
