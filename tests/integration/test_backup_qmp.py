@@ -330,3 +330,25 @@ def _release(fifo, proc):
             time.sleep(0.02)
             continue
         os.close(fd)
+
+
+def test_disk_grown_between_backups_next_is_a_full_with_the_reason(qdisk, ekko_for, workdir):
+    """block_resize of the live disk (as Nova's resize does): the old generation cannot describe
+    the new size, so the next backup is a full that says why, and both restore exactly."""
+    disk = qdisk(16 * MiB)
+    ekko = ekko_for(disk)
+    rnd = random.Random(17)
+    disk.write(0, rnd.randbytes(1 * MiB))
+    b1, exp1 = ekko.backup(), disk.snapshot()
+    disk.admin.execute("block_resize", {"node-name": "disk0", "size": 24 * MiB})
+    disk.model.extend(bytes(8 * MiB))
+    disk.write(20 * MiB, rnd.randbytes(512 * KiB))
+    disk.write(0, rnd.randbytes(4 * KiB))
+    b2, exp2 = ekko.backup(), disk.snapshot()
+    assert b2["kind"] == "full" and "disk size changed" in b2["reason"], b2
+    assert b2["virtual_size"] == 24 * MiB
+    b3 = ekko.backup()
+    assert b3["kind"] == "incremental" and b3["parent"] == b2["backup_id"]
+    assert restore_equals(ekko, b1["backup_id"], exp1, workdir)
+    assert restore_equals(ekko, b3["backup_id"], exp2, workdir, "qcow2")
+    assert ours(disk) == [b3["generation"]["bitmap"]]
