@@ -525,7 +525,7 @@ def cmd_verify(cfg, args) -> int:
         groups = [(st, catalog.keys(st, args.target)) for st in (_store(cfg, ns) for ns in _namespaces(cfg, args))]
     bar = Progress("verify", enabled=None if not args.json else False)
     try:
-        rep, skipped, marked, cleared = None, [], [], []
+        rep, skipped, marked, cleared, not_recorded = None, [], [], [], []
         for store, keys in groups:
             done = verify_run(store, keys, deep=args.deep, sample=args.sample, since_days=args.since_days,
                               workers=cfg.workers + 1, progress=bar)
@@ -533,6 +533,8 @@ def cmd_verify(cfg, args) -> int:
             skipped += done.skipped
             marked += done.marked
             cleared += done.cleared
+            if done.not_recorded:
+                not_recorded.append(done.not_recorded)
             rep = part if rep is None else rep.merge(part)
     finally:
         bar.finish()
@@ -541,7 +543,8 @@ def cmd_verify(cfg, args) -> int:
                "damaged_segments": [{"key": k, "problem": p, "used_by": sorted(rep.used_by.get(k, ()))}
                                     for k, p in sorted(rep.damaged.items())],
                "bad_manifests": rep.bad_manifests, "damaged_backups": rep.damaged_backups(),
-               "sample": args.sample, "skipped": skipped, "marked": marked, "cleared": cleared})
+               "sample": args.sample, "skipped": skipped, "marked": marked, "cleared": cleared,
+               "not_recorded": not_recorded})
     else:
         what = "deep (re-hashed)" if args.deep else "existence"
         share = "" if args.sample >= 1 else f" (a {args.sample:.1%} sample)"
@@ -558,6 +561,9 @@ def cmd_verify(cfg, args) -> int:
         for k, p in sorted(rep.bad_manifests.items()):
             print(f"  BAD MANIFEST {k}: {p}")
         print("OK" if rep.ok else f"DAMAGE FOUND in backup(s): {', '.join(rep.damaged_backups())}")
+    for why in not_recorded:
+        sys.stderr.write(f"ekko: warning: the results were not recorded in the store ({why}): `ekko list` "
+                         "keeps its old verify state, and damage found is not marked for self-healing\n")
     return EXIT_OK if rep.ok else EXIT_DAMAGED
 
 

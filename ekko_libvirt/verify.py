@@ -130,6 +130,7 @@ class VerifyRun:
     skipped: List[str]                  # manifest keys skipped: verified recently enough
     marked: List[str] = field(default_factory=list)      # damaged/ markers written
     cleared: List[str] = field(default_factory=list)     # damaged/ markers removed (segment intact)
+    not_recorded: str = ""              # why the results could not be written (a read-only replica)
 
 
 def _rel(manifest_key: str) -> "tuple[str, str]":
@@ -171,17 +172,29 @@ def run(store, manifest_keys: List[str], deep: bool = False, sample: float = 1.0
                 if d in damaged:
                     report.used_by.setdefault(damaged[d], set()).add(m.backup_id)
                     bad_of.setdefault(key, []).append(damaged[d])
+    def record(write, *args) -> bool:
+        """Write one result; after the store refused one (a read-only replica, say), write no
+        more: what was found is still reported, and out.not_recorded says why it is not stored."""
+        if out.not_recorded:
+            return False
+        try:
+            write(store, *args)
+            return True
+        except StoreError as e:
+            out.not_recorded = str(e)
+            return False
+
     for d, key in damaged.items():
-        markers.mark_damaged(store, d, key, report.damaged[key], report.used_by.get(key, ()), now)
-        out.marked.append(markers.damaged_key(d))
+        if record(markers.mark_damaged, d, key, report.damaged[key], report.used_by.get(key, ()), now):
+            out.marked.append(markers.damaged_key(d))
     for d in report.watched_ok:
-        markers.clear_damaged(store, d)
-        out.cleared.append(markers.damaged_key(d))
+        if record(markers.clear_damaged, d):
+            out.cleared.append(markers.damaged_key(d))
 
     for key in (set(checked) | set(bad_of)) - set(report.gone):
         target, bid = _rel(key)
         problem = report.bad_manifests.get(key, "")
-        markers.write_verify(store, markers.VerifyState(
+        record(markers.write_verify, markers.VerifyState(
             bid, target, now, deep, sample if key in checked else 0.0, not problem and key not in bad_of,
             tuple(sorted(set(bad_of.get(key, ())))), problem))
     return out

@@ -352,3 +352,33 @@ def test_disk_grown_between_backups_next_is_a_full_with_the_reason(qdisk, ekko_f
     assert restore_equals(ekko, b1["backup_id"], exp1, workdir)
     assert restore_equals(ekko, b3["backup_id"], exp2, workdir, "qcow2")
     assert ours(disk) == [b3["generation"]["bitmap"]]
+
+
+def test_a_read_only_store_still_lists_restores_and_verifies(qdisk, ekko_for, workdir):
+    """A store mounted read-only (a replica at a recovery site): everything that only reads
+    works; verify reports and warns that it could not record; a backup fails clearly and
+    forgets nothing."""
+    import subprocess
+    mnt = os.path.join(workdir, "replica")
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", mnt], check=True)
+    try:
+        disk = qdisk(8 * MiB)
+        ekko = ekko_for(disk)
+        ekko.cfg["store"]["path"] = os.path.join(mnt, "store")
+        ekko.write_config()
+        disk.write(0, os.urandom(1 * MiB))
+        b, exp = ekko.backup(), disk.snapshot()
+        subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+        assert b["backup_id"] in ekko.run("list").stdout
+        assert ekko.run("show", b["backup_id"], json_out=True).data["backup"]["backup_id"] == b["backup_id"]
+        assert restore_equals(ekko, b["backup_id"], exp, workdir)
+        v = ekko.run("verify", "--deep", json_out=True)
+        assert v.returncode == 0 and v.data["ok"] and "Read-only file system" in v.data["not_recorded"][0]
+        assert "the results were not recorded in the store" in v.stderr
+        disk.write(0, os.urandom(4 * KiB))
+        p = ekko.run("backup", "t1", check=False)
+        assert p.returncode == 1 and "Read-only file system" in p.stderr and "Traceback" not in p.stderr
+        assert ours(disk) == [b["generation"]["bitmap"]]
+    finally:
+        subprocess.run(["umount", mnt], check=False)

@@ -271,6 +271,33 @@ def test_verify_run_records_marks_every_user_and_skips_recent_passes():
     assert markers.damaged_digests(store) == set()
 
 
+def test_verify_on_a_store_that_refuses_writes_still_reports_what_it_found():
+    """A read-only replica: the check runs, damage is reported; the results are not stored,
+    and the run says why instead of failing."""
+    from ekko_libvirt.errors import StoreError
+
+    class ReadOnly(MemoryStore):
+        frozen = False
+
+        def put(self, key, data):
+            if self.frozen:
+                raise StoreError(f"cannot write {key}: Read-only file system")
+            super().put(key, data)
+
+    store = ReadOnly()
+    b = blocks("a", "b")
+    k1, m1 = put_backup(store, "t1", [b[0], b[1]])
+    blob = bytearray(store.get(key_of(b[1])))
+    blob[-1] ^= 0x40
+    store.put(key_of(b[1]), bytes(blob))
+    store.frozen = True
+    run = verify.run(store, [k1], deep=True, now=1000.0)
+    assert not run.report.ok and key_of(b[1]) in run.report.damaged
+    assert "Read-only file system" in run.not_recorded
+    assert run.marked == [] and markers.damaged_digests(store) == set()
+    assert markers.read_verify(store, "t1", m1.backup_id) is None
+
+
 def test_verify_sample_checks_a_share_of_the_segments():
     store = MemoryStore()
     raws = [i.to_bytes(4, "little") * (SEG // 4) for i in range(400)]
