@@ -139,8 +139,14 @@ def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_d
         crash_point("before-commit")
         keys = [catalog.commit(store, d.manifest) for d in disks]
     except BaseException:
-        _undo(engine, new_cp, base_cp)
-        state.drop_job(dom.UUIDString())
+        try:
+            _undo(engine, new_cp, base_cp)
+        except Exception as e:  # noqa: BLE001 - the error that stopped the backup is re-raised below
+            # the job record stays: the next run's engine.recover() finishes the undo
+            log.warning("domain %s: could not undo the backup job: %s (the next run finishes the undo)",
+                        dom.name(), e)
+        else:
+            state.drop_job(dom.UUIDString())
         raise
     crash_point("after-commit")
     if base_cp:

@@ -141,11 +141,21 @@ def run_backup(engine, store, opts: BackupOptions, progress: Optional[Callable[[
             crash_point("before-commit")
             key = catalog.commit(store, m)
         except BaseException:
-            session.abort()
+            _abort(session, opts.target)
             raise
         crash_point("after-commit")
         session.commit()
         return BackupResult(m, key, notes)
+
+
+def _abort(session, target: str) -> None:
+    """Undo the backup in QEMU after a failure, without hiding that failure: when the undo fails
+    too (QEMU gone, say), the error that stopped the backup is the one reported. The engine's
+    journal stays until an undo succeeds: the next run finishes it before it decides anything."""
+    try:
+        session.abort()
+    except Exception as e:  # noqa: BLE001 - the original error is re-raised by the caller
+        log.warning("%s: could not undo the backup in QEMU: %s (the next run finishes the undo)", target, e)
 
 
 def build_manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: Stats, started: float,

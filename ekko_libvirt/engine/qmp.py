@@ -22,7 +22,7 @@ import xxhash
 from ..errors import DiskNotFound, EngineError
 from .base import BitmapInfo, DiskInfo, Export
 from .bitmaps import GenerationPlan, plan_recovery
-from .qmp_client import QMPCommandError, QMPConnection
+from .qmp_client import QMPCommandError, QMPConnection, QMPDisconnected
 
 log = logging.getLogger(__name__)
 EXPORT_NAME = "ekko"
@@ -224,6 +224,10 @@ class QMPEngine:
         for step in steps:
             try:
                 step()
+            except QMPDisconnected as e:
+                errors.append(e)
+                log.warning("cannot tear down the backup in QEMU, its QMP connection is gone (did QEMU exit?): %s", e)
+                break           # every later step would fail the same way
             except EngineError as e:
                 errors.append(e)
                 log.warning("teardown step failed: %s", e)

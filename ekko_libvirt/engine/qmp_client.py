@@ -25,6 +25,10 @@ class QMPCommandError(EngineError):
         super().__init__(f"QMP {command} failed: {desc} ({error_class})")
 
 
+class QMPDisconnected(EngineError):
+    """The QMP connection is gone (QEMU exited or closed it): no later command can succeed."""
+
+
 class QMPConnection:
     def __init__(self, socket_path: str, timeout: float = 30.0):
         self.socket_path = socket_path
@@ -59,7 +63,8 @@ class QMPConnection:
         except asyncio.TimeoutError as e:
             raise EngineError(f"QMP {command}: no answer within {timeout or self.timeout:.0f} s") from e
         except QMPError as e:
-            raise EngineError(f"QMP {command}: connection to {self.socket_path} failed: {e}") from e
+            raise QMPDisconnected(f"QMP {command}: lost the connection to {self.socket_path} "
+                                  f"(did QEMU exit?): {e}") from e
 
     def wait_event(self, name: str, match: Callable[[dict], bool], timeout: float = 30.0) -> dict:
         """Wait for event `name` whose data satisfies `match`; events for others are dropped."""

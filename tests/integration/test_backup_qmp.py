@@ -388,3 +388,40 @@ def test_a_read_only_store_still_lists_restores_and_verifies(qdisk, ekko_for, wo
         assert ours(disk) == [b["generation"]["bitmap"]]
     finally:
         subprocess.run(["umount", mnt], check=False)
+
+
+def test_qemu_killed_mid_backup_reports_the_read_error_and_the_next_backup_is_full(qdisk, ekko_for, workdir):
+    """QEMU dies while a backup reads: the error is the read's (not the failed undo's), one
+    warning says QEMU's connection is gone, nothing is committed, and once QEMU runs again the
+    next backup is a full (the bitmap is inconsistent after a kill) that restores exactly."""
+    import subprocess
+    import threading
+    disk = qdisk(16 * MiB)
+    ekko = ekko_for(disk)
+    disk.write(0, os.urandom(8 * MiB))
+    first = ekko.backup()
+    disk.write(0, os.urandom(8 * MiB))     # 32 dirty segments: more than the read-ahead holds
+    fifo = os.path.join(workdir, "read.fifo")
+    os.mkfifo(fifo)
+    env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"during-read:{fifo}")
+    proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "t1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with open(fifo, "wb"):
+            disk.kill9()
+        threading.Thread(target=_release, args=(fifo, proc), daemon=True).start()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert err.strip().splitlines()[-1].startswith("ekko: error: NBD read failed"), err
+    assert err.count("QMP connection is gone") == 1 and "teardown step failed" not in err, err
+    assert [k.rsplit("/", 1)[1] for k in catalog.keys(ekko.store(), "t1")] == [first["backup_id"]]
+    disk.start()
+    expected = disk.snapshot()
+    b = ekko.backup()
+    assert b["kind"] == "full", b
+    assert restore_equals(ekko, b["backup_id"], expected, workdir)
+    assert ours(disk) == [b["generation"]["bitmap"]]
