@@ -17,7 +17,9 @@ import datetime
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any, Dict, List, Optional
 
 from . import catalog, config, units
@@ -189,17 +191,34 @@ def _lifecycle_parsers(sub, common) -> None:
     g.add_argument("--project", help="only this project's namespace")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a `timeout`, a service stop, an operator's kill): the command ends through the
+    same failure path as Ctrl-C, so a backup undoes itself in QEMU right away (the
+    copy-before-write filter, the export, the new bitmap generation) and a restore removes its
+    partial image, instead of leaving them to the next run."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)      # a second SIGTERM ends the process at once
+    raise Terminated()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
                         format="ekko: %(levelname)s: %(message)s")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)     # `ekko agent` installs its own
     try:
         cfg = config.load(args.config)
         return COMMANDS[args.command](cfg, args)
     except EkkoError as e:
         _fail(args, e, e.exit_code)
         return e.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            sys.stderr.write("ekko: terminated (SIGTERM); nothing was committed, nothing left half-done\n")
+            return 128 + signal.SIGTERM
         sys.stderr.write("ekko: interrupted; nothing was committed\n")
         return 130
     except OSError as e:
@@ -828,7 +847,6 @@ def cmd_hook(cfg, args) -> int:
 
 def _reload_libvirtd() -> Optional[int]:
     """SIGHUP the running libvirtd (or virtqemud): hook files are looked for at start and on SIGHUP."""
-    import signal
     for pidfile, comm in (("/run/libvirtd.pid", "libvirtd"), ("/run/virtqemud.pid", "virtqemud")):
         try:
             with open(pidfile) as f:

@@ -12,7 +12,8 @@ def crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-PAUSE_POINTS = ("after-transaction", "during-read", "after-segments")   # during-read: in a worker thread
+PAUSE_POINTS = ("after-transaction", "during-read", "after-segments",   # during-read: in a worker thread
+                "restore-write")
 
 
 def pause_point(name: str) -> None:

@@ -325,7 +325,7 @@ class _SegmentCopier:
         stop = threading.Event()
         failed: List[BaseException] = []
 
-        def work() -> None:
+        def work(done: threading.Event) -> None:
             try:
                 while not stop.is_set():
                     with take:
@@ -336,22 +336,28 @@ class _SegmentCopier:
             except BaseException as e:   # noqa: BLE001 - raised in the caller's thread below
                 failed.append(e)
                 stop.set()
+            finally:
+                done.set()
 
-        threads = [threading.Thread(target=work, name=f"ekko-seg_{i}", daemon=True)
-                   for i in range(self.opts.workers)]
+        # Waited for with events, not Thread.join: on Python 3.11 a join interrupted by a signal
+        # handler's exception (SIGTERM, Ctrl-C) can mark a running thread stopped, and a second
+        # join then returns at once (measured: the batch was aborted while a worker still put a
+        # segment, which left its temp file). An Event.wait has no such state to lose.
+        started: List[threading.Event] = []
         try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                while t.is_alive():
-                    t.join(scratch.WATCH_INTERVAL)
+            for i in range(self.opts.workers):
+                done = threading.Event()
+                threading.Thread(target=work, args=(done,), name=f"ekko-seg_{i}", daemon=True).start()
+                started.append(done)
+            for done in started:
+                while not done.wait(scratch.WATCH_INTERVAL):
                     if watch is not None and not failed:
                         watch()
         finally:
-            stop.set()          # interrupted (SIGTERM) while joining: the workers finish their segment
+            stop.set()          # interrupted (SIGTERM) while waiting: the workers finish their segment
             stream.close()      # and one waiting for the stream is woken up
-            for t in threads:
-                t.join()
+            for done in started:
+                done.wait()
         if failed:
             raise failed[0]
 

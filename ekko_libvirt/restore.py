@@ -33,6 +33,7 @@ from . import heap, qcow2, segment
 from .directio import pwrite_all, pwrite_direct
 from .codec import codec_of
 from .errors import EkkoError, IntegrityError, RestoreTargetError, StoreError, UsageError
+from .faults import pause_point
 from .manifest import Manifest
 from .nbd.reader import close_handle
 
@@ -125,6 +126,7 @@ def _copy(store, m: Manifest, writer_factory, workers, allow_damaged, result: Re
         w = getattr(local, "w", None)
         if w is None:
             w = local.w = writer_factory()
+        pause_point("restore-write")        # tests: a restore caught in the middle
         w.write(raw, offset, rank)
         with lock:
             result.written_bytes += len(raw)

@@ -425,3 +425,63 @@ def test_qemu_killed_mid_backup_reports_the_read_error_and_the_next_backup_is_fu
     assert b["kind"] == "full", b
     assert restore_equals(ekko, b["backup_id"], expected, workdir)
     assert ours(disk) == [b["generation"]["bitmap"]]
+
+
+def test_sigterm_mid_backup_undoes_everything_in_qemu_at_once(qdisk, ekko_for, workdir):
+    """`kill PID` (a timeout, a service stop) while a backup reads: exit 143, nothing committed,
+    and QEMU is left as before the backup - no export, no filter or fleece node, no job, the new
+    generation merged back - not only at the next run. Then the chain goes on."""
+    import signal
+    import subprocess
+    import threading
+    disk = qdisk(16 * MiB)
+    ekko = ekko_for(disk)
+    disk.write(0, os.urandom(4 * MiB))
+    first = ekko.backup()
+    disk.write(0, os.urandom(4 * MiB))
+    expected = disk.snapshot()
+    nodes_before = sorted(n["node-name"] for n in disk.admin.execute("query-named-block-nodes", {"flat": True}))
+    fifo = os.path.join(workdir, "read.fifo")
+    os.mkfifo(fifo)
+    env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"during-read:{fifo}")
+    proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "t1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with open(fifo, "wb"):
+            proc.send_signal(signal.SIGTERM)
+            threading.Event().wait(0.5)      # the main thread takes it while the worker still waits
+        threading.Thread(target=_release, args=(fifo, proc), daemon=True).start()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated (SIGTERM); nothing was committed" in err and "Traceback" not in err, err
+    assert [k.rsplit("/", 1)[1] for k in catalog.keys(ekko.store(), "t1")] == [first["backup_id"]]
+    assert disk.admin.execute("query-block-exports") == [] and disk.admin.execute("query-block-jobs") == []
+    assert sorted(n["node-name"] for n in disk.admin.execute("query-named-block-nodes", {"flat": True})) == nodes_before
+    assert ours(disk) == [first["generation"]["bitmap"]]
+    assert not os.listdir(os.path.join(workdir, "state", "scratch"))
+    assert not [f for _, _, fs in os.walk(ekko.store_dir) for f in fs if ".tmp-" in f], err
+    inc = ekko.backup()
+    assert inc["kind"] == "incremental" and inc["parent"] == first["backup_id"]
+    assert restore_equals(ekko, inc["backup_id"], expected, workdir)
+    # a restore that gets SIGTERM in the middle leaves no partial image
+    out = os.path.join(workdir, "r.qcow2")
+    renv = dict(env, EKKO_TEST_PAUSE=f"restore-write:{fifo}")
+    r = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "restore", inc["backup_id"],
+                          "--to", out], env=renv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with open(fifo, "wb"):               # a restore thread is about to write
+            assert os.path.exists(out + ".ekko-partial")
+            r.send_signal(signal.SIGTERM)
+            threading.Event().wait(0.5)
+        threading.Thread(target=_release, args=(fifo, r), daemon=True).start()
+        _, rerr = r.communicate(timeout=60)
+    finally:
+        if r.poll() is None:
+            r.kill()
+            r.wait()
+    assert r.returncode == 128 + signal.SIGTERM, rerr
+    assert not os.path.exists(out + ".ekko-partial") and not os.path.exists(out)

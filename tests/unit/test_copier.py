@@ -52,6 +52,15 @@ class FakeReader:
         return self.s
 
 
+def _threads_back_to(n, timeout=5.0):
+    """Workers signal they are done just before their thread ends: give them that instant."""
+    import time
+    deadline = time.monotonic() + timeout
+    while threading.active_count() > n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return threading.active_count() == n
+
+
 def _items(contents):
     out = []
     for i, raw in enumerate(contents):
@@ -103,7 +112,7 @@ def test_a_failing_store_stops_the_workers_and_ends_the_stream():
         c.run(None, SegmentTable(200), None, 200 * SEG)
     assert c.reader.s.closed.is_set()
     assert c.reader.s.taken < 200              # stopped early, did not read the rest
-    assert threading.active_count() == before   # every worker ended
+    assert _threads_back_to(before)            # every worker ended
 
 
 def test_a_watch_that_raises_stops_the_copy_and_the_commit_check():
@@ -128,7 +137,7 @@ def test_a_watch_that_raises_stops_the_copy_and_the_commit_check():
     with pytest.raises(ScratchSpaceLow):
         c.run(None, SegmentTable(400), None, 400 * SEG, watch)
     assert c.reader.s.closed.is_set() and c.reader.s.taken < 400
-    assert threading.active_count() == before
+    assert _threads_back_to(before)
     store = MemoryStore()
     calls.clear()
     with pytest.raises(ScratchSpaceLow):
