@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -69,6 +70,7 @@ def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: i
             progress: Optional[Callable[[int, int], None]] = None) -> RestoreResult:
     fmt = output_format(path, fmt)
     heap.keep_buffers_on_heap()     # segment-sized buffers: no mmap + page faults each time
+    _refuse_non_file(path)
     if os.path.exists(path) and not overwrite:
         raise UsageError(f"{path} exists: refusing to overwrite it (choose another path or remove it)")
     partial = path + ".ekko-partial"
@@ -87,6 +89,24 @@ def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: i
             raise RestoreTargetError(path, e) from e
         raise
     return result
+
+
+def _refuse_non_file(path: str) -> None:
+    """A restore writes PATH.ekko-partial and renames it over PATH at the end: onto a block
+    device (an LVM volume, a mapped RBD image) that would replace the device node with a file
+    (and fill /dev, a RAM file system, first). Only new or regular files are restored to."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise RestoreTargetError(path, e) from e
+    if stat.S_ISREG(mode):
+        return
+    kind = ("a block device" if stat.S_ISBLK(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a directory" if stat.S_ISDIR(mode) else "not a regular file")
+    raise UsageError(f"{path} is {kind}: ekko restores to image files (raw or qcow2) only; to put a "
+                     f"backup on a device, restore to a file, then e.g. `qemu-img convert -O raw FILE {path}`")
 
 
 def _damage_error(m: Manifest, holes: List[Hole]) -> IntegrityError:

@@ -76,3 +76,20 @@ def test_recent_segments_keeps_the_last_n():
     assert r.get(b"a") == b"1"          # a is now the most recent
     r.put(b"c", b"3")
     assert r.get(b"b") is None and r.get(b"a") == b"1" and r.get(b"c") == b"3"
+
+
+def test_only_files_are_restored_to_never_devices_or_directories(tmp_path):
+    """The partial image is renamed over the target at the end: over a device node (an LVM
+    volume) that would replace the node. Refused, with --force too, before anything is written."""
+    from ekko_libvirt.errors import UsageError
+    store = MemoryStore()
+    m = _backup(store, [os.urandom(SEG)])
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    # (no real device here: on a broken build the test itself would replace the node)
+    for target, kind in ((fifo, "not a regular file"), (str(tmp_path), "a directory")):
+        with pytest.raises(UsageError, match=f"is {kind}: ekko restores to image files"):
+            restore(store, m, target, "raw", overwrite=True)
+    import stat
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["fifo"]
