@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import shutil
@@ -126,3 +127,21 @@ def read_raw(path: str) -> bytes:
         path = raw
     with open(path, "rb") as f:
         return f.read()
+
+
+@contextlib.contextmanager
+def small_fs(parent: str, name: str, size_mib: int, mode: str = "0700"):
+    """A tmpfs of `size_mib` MiB mounted at parent/name for the block (the tests that fill a
+    file system or make it read-only); unmounted after it, lazily if something still holds it."""
+    mnt = os.path.join(parent, name)
+    os.mkdir(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode={mode}", "tmpfs", mnt], check=True)
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", mnt], check=False).returncode:
+            subprocess.run(["umount", "-l", mnt], check=False)
+
+
+def remount(mnt: str, options: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{options}", mnt], check=True)

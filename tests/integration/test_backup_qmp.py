@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, read_raw
+from conftest import ROOT, read_raw, remount, small_fs
 from ekko_libvirt import catalog, segment
 from ekko_libvirt.engine.qmp import QMPEngine, QMPTarget
 from ekko_libvirt.pipeline import BackupOptions, run_backup
@@ -225,10 +225,7 @@ def test_store_out_of_space_fails_clearly_leaves_nothing_and_the_chain_goes_on(q
     manifest, no temp file, and the next backup (space freed) is an incremental with every
     block written since the last good one."""
     import subprocess
-    mnt = os.path.join(workdir, "small")
-    os.mkdir(mnt)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", mnt], check=True)
-    try:
+    with small_fs(workdir, "small", 8) as mnt:
         disk = qdisk(32 * MiB)
         ekko = ekko_for(disk)
         ekko.cfg["store"]["path"] = os.path.join(mnt, "store")
@@ -246,14 +243,14 @@ def test_store_out_of_space_fails_clearly_leaves_nothing_and_the_chain_goes_on(q
         left = [f for _, _, fs in os.walk(mnt) for f in fs if ".tmp-" in f]
         assert left == []
         assert ours(disk) == [full["generation"]["bitmap"]]     # the failed generation merged back
-        subprocess.run(["mount", "-o", "remount,size=64m", mnt], check=True)
+        remount(mnt, "size=64m")
         inc = ekko.backup()
         assert inc["kind"] == "incremental" and inc["parent"] == full["backup_id"]
         assert restore_equals(ekko, inc["backup_id"], expected, workdir)
         # a restore onto a file system too small: the error says so, no partial image stays
         st = os.statvfs(mnt)
         used_mib = (st.f_blocks - st.f_bfree) * st.f_frsize // MiB
-        subprocess.run(["mount", "-o", f"remount,size={used_mib + 4}m", mnt], check=True)   # 4 MiB free
+        remount(mnt, f"size={used_mib + 4}m")         # 4 MiB free
         for ext in ("raw", "qcow2"):
             out = os.path.join(mnt, f"r.{ext}")
             p = ekko.run("restore", inc["backup_id"], "--to", out, check=False)
@@ -261,13 +258,11 @@ def test_store_out_of_space_fails_clearly_leaves_nothing_and_the_chain_goes_on(q
             assert "No space left on device" in p.stderr and "Traceback" not in p.stderr, p.stderr
             assert not [f for f in os.listdir(mnt) if f.startswith("r.")]
         # with room, the same restore onto tmpfs (no O_DIRECT there: the buffered path) is exact
-        subprocess.run(["mount", "-o", f"remount,size={used_mib + 40}m", mnt], check=True)
+        remount(mnt, f"size={used_mib + 40}m")
         out = os.path.join(mnt, "r.qcow2")
         ekko.run("restore", inc["backup_id"], "--to", out)
         assert subprocess.run(["qemu-img", "check", "-q", out]).returncode == 0
         assert read_raw(out) == expected
-    finally:
-        subprocess.run(["umount", mnt], check=False)
 
 
 def test_backup_gives_way_before_copy_before_write_could_fail_a_guest_write(qdisk, ekko_for, workdir):
@@ -279,51 +274,47 @@ def test_backup_gives_way_before_copy_before_write_could_fail_a_guest_write(qdis
     import subprocess
     import threading
     import time
-    mnt = os.path.join(workdir, "scratchfs")
-    os.mkdir(mnt)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", mnt], check=True)
     proc = None
-    try:
-        disk = qdisk(64 * MiB)
-        ekko = ekko_for(disk)
-        ekko.cfg.update(state_dir=os.path.join(mnt, "state"), scratch_reserve="12MiB")
-        ekko.write_config()
-        rnd = random.Random(5)
-        disk.write(0, rnd.randbytes(48 * MiB))
-        full = ekko.backup()
-        disk.write(50 * MiB, rnd.randbytes(1 * MiB))
-        fifo = os.path.join(workdir, "read.fifo")
-        os.mkfifo(fifo)
-        env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"during-read:{fifo}")
-        proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "t1"],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        with open(fifo, "wb"):          # a worker holds its segment; the main thread watches
-            for i in range(80):         # 20 MiB of overwrites, 5 MiB/s: each one must succeed
-                disk.write(i * 256 * KiB, rnd.randbytes(256 * KiB))
-                time.sleep(0.05)
-        threading.Thread(target=_release, args=(fifo, proc), daemon=True).start()
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 1, err
-        assert "scratch space" in err and "gave way" in err and mnt in err, err
-        assert [k.rsplit("/", 1)[1] for k in catalog.keys(ekko.store(), "t1")] == [full["backup_id"]]
-        assert ours(disk) == [full["generation"]["bitmap"]]
-        assert not os.listdir(os.path.join(mnt, "state", "scratch"))       # fleece file removed
-        expected = disk.snapshot()
-        inc = ekko.backup()
-        assert inc["kind"] == "incremental" and inc["parent"] == full["backup_id"]
-        assert restore_equals(ekko, inc["backup_id"], expected, workdir)
-        # too little room to start: refused before anything changes
-        ekko.cfg["scratch_reserve"] = "64MiB"
-        ekko.write_config()
-        p = ekko.run("backup", "t1", check=False)
-        assert p.returncode == 1 and "the backup needs scratch_reserve = 64.0 MiB to start" in p.stderr, p.stderr
-        assert ours(disk) == [inc["generation"]["bitmap"]]
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()             # our own child, by its PID
-            proc.wait()
-        if subprocess.run(["umount", mnt], check=False).returncode:
-            subprocess.run(["umount", "-l", mnt], check=False)
+    with small_fs(workdir, "scratchfs", 16) as mnt:
+        try:
+            disk = qdisk(64 * MiB)
+            ekko = ekko_for(disk)
+            ekko.cfg.update(state_dir=os.path.join(mnt, "state"), scratch_reserve="12MiB")
+            ekko.write_config()
+            rnd = random.Random(5)
+            disk.write(0, rnd.randbytes(48 * MiB))
+            full = ekko.backup()
+            disk.write(50 * MiB, rnd.randbytes(1 * MiB))
+            fifo = os.path.join(workdir, "read.fifo")
+            os.mkfifo(fifo)
+            env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"during-read:{fifo}")
+            proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "t1"],
+                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            with open(fifo, "wb"):          # a worker holds its segment; the main thread watches
+                for i in range(80):         # 20 MiB of overwrites, 5 MiB/s: each one must succeed
+                    disk.write(i * 256 * KiB, rnd.randbytes(256 * KiB))
+                    time.sleep(0.05)
+            threading.Thread(target=_release, args=(fifo, proc), daemon=True).start()
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 1, err
+            assert "scratch space" in err and "gave way" in err and mnt in err, err
+            assert [k.rsplit("/", 1)[1] for k in catalog.keys(ekko.store(), "t1")] == [full["backup_id"]]
+            assert ours(disk) == [full["generation"]["bitmap"]]
+            assert not os.listdir(os.path.join(mnt, "state", "scratch"))       # fleece file removed
+            expected = disk.snapshot()
+            inc = ekko.backup()
+            assert inc["kind"] == "incremental" and inc["parent"] == full["backup_id"]
+            assert restore_equals(ekko, inc["backup_id"], expected, workdir)
+            # too little room to start: refused before anything changes
+            ekko.cfg["scratch_reserve"] = "64MiB"
+            ekko.write_config()
+            p = ekko.run("backup", "t1", check=False)
+            assert p.returncode == 1 and "the backup needs scratch_reserve = 64.0 MiB to start" in p.stderr, p.stderr
+            assert ours(disk) == [inc["generation"]["bitmap"]]
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()             # our own child, by its PID
+                proc.wait()
 
 
 def _release(fifo, proc):
@@ -364,18 +355,14 @@ def test_a_read_only_store_still_lists_restores_and_verifies(qdisk, ekko_for, wo
     """A store mounted read-only (a replica at a recovery site): everything that only reads
     works; verify reports and warns that it could not record; a backup fails clearly and
     forgets nothing."""
-    import subprocess
-    mnt = os.path.join(workdir, "replica")
-    os.mkdir(mnt)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0700", "tmpfs", mnt], check=True)
-    try:
+    with small_fs(workdir, "replica", 64) as mnt:
         disk = qdisk(8 * MiB)
         ekko = ekko_for(disk)
         ekko.cfg["store"]["path"] = os.path.join(mnt, "store")
         ekko.write_config()
         disk.write(0, os.urandom(1 * MiB))
         b, exp = ekko.backup(), disk.snapshot()
-        subprocess.run(["mount", "-o", "remount,ro", mnt], check=True)
+        remount(mnt, "ro")
         assert b["backup_id"] in ekko.run("list").stdout
         assert ekko.run("show", b["backup_id"], json_out=True).data["backup"]["backup_id"] == b["backup_id"]
         assert restore_equals(ekko, b["backup_id"], exp, workdir)
@@ -386,8 +373,6 @@ def test_a_read_only_store_still_lists_restores_and_verifies(qdisk, ekko_for, wo
         p = ekko.run("backup", "t1", check=False)
         assert p.returncode == 1 and "Read-only file system" in p.stderr and "Traceback" not in p.stderr
         assert ours(disk) == [b["generation"]["bitmap"]]
-    finally:
-        subprocess.run(["umount", mnt], check=False)
 
 
 def test_qemu_killed_mid_backup_reports_the_read_error_and_the_next_backup_is_full(qdisk, ekko_for, workdir):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, Ekko, read_raw
+from conftest import ROOT, Ekko, read_raw, small_fs
 from harness.libvirtd import disk_alias, domain_log, domain_xml, make_workdir, monitor, qemu_pid
 from libvirt_fixtures import ekko_hook, images, libvirt_conn, libvirtd, test_domains  # noqa: F401
 
@@ -264,40 +264,36 @@ def test_domain_backup_gives_way_before_libvirts_scratch_fills(libvirt_conn, tes
     10 MiB tmpfs and 15 MiB of old data overwritten, the job is ended before a guest write can
     fail (without the guard, the write at ~10 MiB fails)."""
     rnd = random.Random(13)
-    mnt = os.path.join(lvwork, "scratchfs")
-    os.mkdir(mnt)
-    # before the domain starts: libvirt gives QEMU its own mount namespace, a copy of ours then
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=10m,mode=0755", "tmpfs", mnt], check=True)
     proc = None
-    try:
-        g, _ = start_guest(test_domains, images, lvwork, "ekko-test-bk9")
-        ekko = make_ekko(lvwork, state_dir=os.path.join(mnt, "state"))
-        ekko.cfg["scratch_reserve"] = "6MiB"
-        ekko.write_config()
-        g.write("vda", 0, rnd.randbytes(15 * MiB))
-        b1 = backups_by_disk(ekko, "ekko-test-bk9")
-        fifo = os.path.join(lvwork, "read.fifo")
-        os.mkfifo(fifo)
-        env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"during-read:{fifo}")
-        proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup",
-                                 "ekko-test-bk9"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        with open(fifo, "wb"):
-            for i in range(30):         # the first 15 MiB of vda, 2.5 MiB/s
-                g.write("vda", i * 512 * KiB, rnd.randbytes(512 * KiB))
-                time.sleep(0.2)
-        release_pauses(fifo, proc)
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 1 and "scratch space" in err and "gave way" in err, err
-        exp = g.snapshot()
-        b2 = backups_by_disk(ekko, "ekko-test-bk9")
-        assert b2["vda"]["kind"] == "incremental" and b2["vda"]["parent"] == b1["vda"]["backup_id"]
-        for dev in ("vda", "vdb"):
-            o = os.path.join(lvwork, f"r-{dev}.raw")
-            ekko.run("restore", b2[dev]["backup_id"], "--disk", dev, "--to", o)
-            assert read_raw(o) == exp[dev], dev
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if subprocess.run(["umount", mnt], check=False).returncode:
-            subprocess.run(["umount", "-l", mnt], check=False)
+    # mounted before the domain starts: libvirt gives QEMU its own mount namespace, a copy of ours
+    with small_fs(lvwork, "scratchfs", 10, mode="0755") as mnt:
+        try:
+            g, _ = start_guest(test_domains, images, lvwork, "ekko-test-bk9")
+            ekko = make_ekko(lvwork, state_dir=os.path.join(mnt, "state"))
+            ekko.cfg["scratch_reserve"] = "6MiB"
+            ekko.write_config()
+            g.write("vda", 0, rnd.randbytes(15 * MiB))
+            b1 = backups_by_disk(ekko, "ekko-test-bk9")
+            fifo = os.path.join(lvwork, "read.fifo")
+            os.mkfifo(fifo)
+            env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"during-read:{fifo}")
+            proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup",
+                                     "ekko-test-bk9"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            with open(fifo, "wb"):
+                for i in range(30):         # the first 15 MiB of vda, 2.5 MiB/s
+                    g.write("vda", i * 512 * KiB, rnd.randbytes(512 * KiB))
+                    time.sleep(0.2)
+            release_pauses(fifo, proc)
+            out, err = proc.communicate(timeout=120)
+            assert proc.returncode == 1 and "scratch space" in err and "gave way" in err, err
+            exp = g.snapshot()
+            b2 = backups_by_disk(ekko, "ekko-test-bk9")
+            assert b2["vda"]["kind"] == "incremental" and b2["vda"]["parent"] == b1["vda"]["backup_id"]
+            for dev in ("vda", "vdb"):
+                o = os.path.join(lvwork, f"r-{dev}.raw")
+                ekko.run("restore", b2[dev]["backup_id"], "--disk", dev, "--to", o)
+                assert read_raw(o) == exp[dev], dev
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
