@@ -5,6 +5,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import pytest
 import yaml
@@ -145,3 +147,17 @@ def small_fs(parent: str, name: str, size_mib: int, mode: str = "0700"):
 
 def remount(mnt: str, options: str) -> None:
     subprocess.run(["mount", "-o", f"remount,{options}", mnt], check=True)
+
+
+def release_pauses(fifo: str, proc) -> None:
+    """Open and close the pause FIFO (EKKO_TEST_PAUSE) whenever a thread of `proc` waits on it,
+    until `proc` exits; in a thread of its own."""
+    def run():
+        while proc.poll() is None:
+            try:
+                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:          # ENXIO: nobody waits at the moment
+                time.sleep(0.02)
+                continue
+            os.close(fd)
+    threading.Thread(target=run, daemon=True).start()

@@ -1,12 +1,15 @@
 """The backup core against a real QEMU: chains, point-in-time semantics, crashes, damage."""
 
+import contextlib
 import os
 import random
+import subprocess
 import sys
+import time
 
 import pytest
 
-from conftest import ROOT, read_raw, remount, small_fs
+from conftest import ROOT, read_raw, release_pauses, remount, small_fs
 from ekko_libvirt import catalog, segment
 from ekko_libvirt.engine.qmp import QMPEngine, QMPTarget
 from ekko_libvirt.pipeline import BackupOptions, run_backup
@@ -224,7 +227,6 @@ def test_store_out_of_space_fails_clearly_leaves_nothing_and_the_chain_goes_on(q
     """A store file system that fills up mid-backup: a clear error naming the store, no
     manifest, no temp file, and the next backup (space freed) is an incremental with every
     block written since the last good one."""
-    import subprocess
     with small_fs(workdir, "small", 8) as mnt:
         disk = qdisk(32 * MiB)
         ekko = ekko_for(disk)
@@ -271,62 +273,58 @@ def test_backup_gives_way_before_copy_before_write_could_fail_a_guest_write(qdis
     during an incremental, the backup must give way (filter removed) before that: every guest
     write succeeds, the backup fails naming the scratch space, nothing is committed, and the next
     backup has every block."""
-    import subprocess
-    import threading
-    import time
-    proc = None
     with small_fs(workdir, "scratchfs", 16) as mnt:
-        try:
-            disk = qdisk(64 * MiB)
-            ekko = ekko_for(disk)
-            ekko.cfg.update(state_dir=os.path.join(mnt, "state"), scratch_reserve="12MiB")
-            ekko.write_config()
-            rnd = random.Random(5)
-            disk.write(0, rnd.randbytes(48 * MiB))
-            full = ekko.backup()
-            disk.write(50 * MiB, rnd.randbytes(1 * MiB))
-            fifo = os.path.join(workdir, "read.fifo")
-            os.mkfifo(fifo)
-            env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"during-read:{fifo}")
-            proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "t1"],
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            with open(fifo, "wb"):          # a worker holds its segment; the main thread watches
-                for i in range(80):         # 20 MiB of overwrites, 5 MiB/s: each one must succeed
-                    disk.write(i * 256 * KiB, rnd.randbytes(256 * KiB))
-                    time.sleep(0.05)
-            threading.Thread(target=_release, args=(fifo, proc), daemon=True).start()
-            out, err = proc.communicate(timeout=120)
-            assert proc.returncode == 1, err
-            assert "scratch space" in err and "gave way" in err and mnt in err, err
-            assert [k.rsplit("/", 1)[1] for k in catalog.keys(ekko.store(), "t1")] == [full["backup_id"]]
-            assert ours(disk) == [full["generation"]["bitmap"]]
-            assert not os.listdir(os.path.join(mnt, "state", "scratch"))       # fleece file removed
-            expected = disk.snapshot()
-            inc = ekko.backup()
-            assert inc["kind"] == "incremental" and inc["parent"] == full["backup_id"]
-            assert restore_equals(ekko, inc["backup_id"], expected, workdir)
-            # too little room to start: refused before anything changes
-            ekko.cfg["scratch_reserve"] = "64MiB"
-            ekko.write_config()
-            p = ekko.run("backup", "t1", check=False)
-            assert p.returncode == 1 and "the backup needs scratch_reserve = 64.0 MiB to start" in p.stderr, p.stderr
-            assert ours(disk) == [inc["generation"]["bitmap"]]
-        finally:
-            if proc is not None and proc.poll() is None:
-                proc.kill()             # our own child, by its PID
-                proc.wait()
+        disk = qdisk(64 * MiB)
+        ekko = ekko_for(disk)
+        ekko.cfg.update(state_dir=os.path.join(mnt, "state"), scratch_reserve="12MiB")
+        ekko.write_config()
+        rnd = random.Random(5)
+        disk.write(0, rnd.randbytes(48 * MiB))
+        full = ekko.backup()
+        disk.write(50 * MiB, rnd.randbytes(1 * MiB))
+        # a worker holds its segment; the main thread watches
+        with paused_at(ekko, workdir, "during-read", "backup", "t1") as proc:
+            for i in range(80):         # 20 MiB of overwrites, 5 MiB/s: each one must succeed
+                disk.write(i * 256 * KiB, rnd.randbytes(256 * KiB))
+                time.sleep(0.05)
+        err = proc.err
+        assert proc.returncode == 1, err
+        assert "scratch space" in err and "gave way" in err and mnt in err, err
+        assert [k.rsplit("/", 1)[1] for k in catalog.keys(ekko.store(), "t1")] == [full["backup_id"]]
+        assert ours(disk) == [full["generation"]["bitmap"]]
+        assert not os.listdir(os.path.join(mnt, "state", "scratch"))       # fleece file removed
+        expected = disk.snapshot()
+        inc = ekko.backup()
+        assert inc["kind"] == "incremental" and inc["parent"] == full["backup_id"]
+        assert restore_equals(ekko, inc["backup_id"], expected, workdir)
+        # too little room to start: refused before anything changes
+        ekko.cfg["scratch_reserve"] = "64MiB"
+        ekko.write_config()
+        p = ekko.run("backup", "t1", check=False)
+        assert p.returncode == 1 and "the backup needs scratch_reserve = 64.0 MiB to start" in p.stderr, p.stderr
+        assert ours(disk) == [inc["generation"]["bitmap"]]
 
 
-def _release(fifo, proc):
-    """Let every worker that waits at the pause point go, until the backup exits."""
-    import time
-    while proc.poll() is None:
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:
-            time.sleep(0.02)
-            continue
-        os.close(fd)
+@contextlib.contextmanager
+def paused_at(ekko, workdir, point, *args):
+    """Run `ekko ARGS` (EKKO_TEST_PAUSE) until a thread of it waits at pause point `point`; the
+    block runs meanwhile, then every waiter is let go and the command runs to its end. Yields
+    the Popen; its stderr is in .err afterwards. Kills it (our child, by PID) if the block fails."""
+    fifo = os.path.join(workdir, f"{point}.fifo")
+    if not os.path.exists(fifo):
+        os.mkfifo(fifo)
+    env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"{point}:{fifo}")
+    proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with open(fifo, "wb"):          # returns once a thread waits at the point
+            yield proc
+        release_pauses(fifo, proc)
+        proc.out, proc.err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_disk_grown_between_backups_next_is_a_full_with_the_reason(qdisk, ekko_for, workdir):
@@ -379,27 +377,14 @@ def test_qemu_killed_mid_backup_reports_the_read_error_and_the_next_backup_is_fu
     """QEMU dies while a backup reads: the error is the read's (not the failed undo's), one
     warning says QEMU's connection is gone, nothing is committed, and once QEMU runs again the
     next backup is a full (the bitmap is inconsistent after a kill) that restores exactly."""
-    import subprocess
-    import threading
     disk = qdisk(16 * MiB)
     ekko = ekko_for(disk)
     disk.write(0, os.urandom(8 * MiB))
     first = ekko.backup()
     disk.write(0, os.urandom(8 * MiB))     # 32 dirty segments: more than the read-ahead holds
-    fifo = os.path.join(workdir, "read.fifo")
-    os.mkfifo(fifo)
-    env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"during-read:{fifo}")
-    proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "t1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        with open(fifo, "wb"):
-            disk.kill9()
-        threading.Thread(target=_release, args=(fifo, proc), daemon=True).start()
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with paused_at(ekko, workdir, "during-read", "backup", "t1") as proc:
+        disk.kill9()
+    err = proc.err
     assert proc.returncode == 1, err
     assert err.strip().splitlines()[-1].startswith("ekko: error: NBD read failed"), err
     assert err.count("QMP connection is gone") == 1 and "teardown step failed" not in err, err
@@ -417,8 +402,6 @@ def test_sigterm_mid_backup_undoes_everything_in_qemu_at_once(qdisk, ekko_for, w
     and QEMU is left as before the backup - no export, no filter or fleece node, no job, the new
     generation merged back - not only at the next run. Then the chain goes on."""
     import signal
-    import subprocess
-    import threading
     disk = qdisk(16 * MiB)
     ekko = ekko_for(disk)
     disk.write(0, os.urandom(4 * MiB))
@@ -426,21 +409,10 @@ def test_sigterm_mid_backup_undoes_everything_in_qemu_at_once(qdisk, ekko_for, w
     disk.write(0, os.urandom(4 * MiB))
     expected = disk.snapshot()
     nodes_before = sorted(n["node-name"] for n in disk.admin.execute("query-named-block-nodes", {"flat": True}))
-    fifo = os.path.join(workdir, "read.fifo")
-    os.mkfifo(fifo)
-    env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"during-read:{fifo}")
-    proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "t1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        with open(fifo, "wb"):
-            proc.send_signal(signal.SIGTERM)
-            threading.Event().wait(0.5)      # the main thread takes it while the worker still waits
-        threading.Thread(target=_release, args=(fifo, proc), daemon=True).start()
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    with paused_at(ekko, workdir, "during-read", "backup", "t1") as proc:
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)                      # the main thread takes it while the worker still waits
+    err = proc.err
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated (SIGTERM); nothing was committed" in err and "Traceback" not in err, err
     assert [k.rsplit("/", 1)[1] for k in catalog.keys(ekko.store(), "t1")] == [first["backup_id"]]
@@ -454,19 +426,9 @@ def test_sigterm_mid_backup_undoes_everything_in_qemu_at_once(qdisk, ekko_for, w
     assert restore_equals(ekko, inc["backup_id"], expected, workdir)
     # a restore that gets SIGTERM in the middle leaves no partial image
     out = os.path.join(workdir, "r.qcow2")
-    renv = dict(env, EKKO_TEST_PAUSE=f"restore-write:{fifo}")
-    r = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "restore", inc["backup_id"],
-                          "--to", out], env=renv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        with open(fifo, "wb"):               # a restore thread is about to write
-            assert os.path.exists(out + ".ekko-partial")
-            r.send_signal(signal.SIGTERM)
-            threading.Event().wait(0.5)
-        threading.Thread(target=_release, args=(fifo, r), daemon=True).start()
-        _, rerr = r.communicate(timeout=60)
-    finally:
-        if r.poll() is None:
-            r.kill()
-            r.wait()
-    assert r.returncode == 128 + signal.SIGTERM, rerr
+    with paused_at(ekko, workdir, "restore-write", "restore", inc["backup_id"], "--to", out) as r:
+        assert os.path.exists(out + ".ekko-partial")        # a restore thread is about to write
+        r.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+    assert r.returncode == 128 + signal.SIGTERM, r.err
     assert not os.path.exists(out + ".ekko-partial") and not os.path.exists(out)

@@ -7,12 +7,11 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
-from conftest import ROOT, Ekko, read_raw, small_fs
+from conftest import ROOT, Ekko, read_raw, release_pauses, small_fs
 from harness.libvirtd import disk_alias, domain_log, domain_xml, make_workdir, monitor, qemu_pid
 from libvirt_fixtures import ekko_hook, images, libvirt_conn, libvirtd, test_domains  # noqa: F401
 
@@ -65,19 +64,6 @@ class Guest:
 
     def snapshot(self):
         return {dev: bytes(m) for dev, m in self.model.items()}
-
-
-def release_pauses(fifo, proc):
-    """Open and close the pause FIFO whenever the backup waits on it, until the backup exits."""
-    def run():
-        while proc.poll() is None:
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:          # ENXIO: nobody waits at the moment
-                time.sleep(0.02)
-                continue
-            os.close(fd)
-    threading.Thread(target=run, daemon=True).start()
 
 
 @pytest.fixture
