@@ -11,6 +11,7 @@ recover() tears down exactly that and merges bitmap generations back.
 """
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from ..errors import DiskNotFound, EngineError
 from .base import BitmapInfo, DiskInfo, Export
 from .bitmaps import GenerationPlan, plan_recovery
 from .qmp_client import QMPCommandError, QMPConnection, QMPDisconnected
+from .reaper import Reaper
 
 log = logging.getLogger(__name__)
 EXPORT_NAME = "ekko"
@@ -126,6 +128,14 @@ class QMPEngine:
         self._drop_journal()
         return notes, rec.broken_reason
 
+    def release_view(self) -> None:
+        """What the reaper (reaper.py) does for a killed run: remove the export, nodes, job and
+        fleece the journal names. The generations and the journal stay for recover()."""
+        journal = self._read_journal()
+        if journal is None and not self._leftovers():
+            return
+        self._teardown(started_server=bool(journal and journal.get("started_server")), quiet=True)
+
     def _leftovers(self) -> bool:
         node_names = {n.get("node-name") for n in self.qmp.execute("query-named-block-nodes", {"flat": True})}
         jobs = {j.get("device") for j in self.qmp.execute("query-block-jobs")}
@@ -168,6 +178,8 @@ class QMPEngine:
         journal = {"target": self.t.name, "plan": plan.__dict__, "started_server": False}
         self._write_journal(journal)
         session = QMPSession(self, plan)
+        session.reaper = Reaper(dataclasses.asdict(self.t), self.names.journal + ".reaper.log").start()
+        journal["reaper_pid"] = session.reaper.pid
         try:
             self._create_fleece(virtual_size)
             self.qmp.drain_events()
@@ -272,6 +284,7 @@ class QMPSession:
         self.started_server = False
         self.export_closed = False
         self.done = False
+        self.reaper = None
         self.export = Export(engine.names.socket, EXPORT_NAME,
                              f"qemu:dirty-bitmap:{plan.export_bitmap}" if plan.export_bitmap else None)
 
@@ -286,6 +299,7 @@ class QMPSession:
         self.engine.transaction(retire_actions(self.plan, self.engine.t.node))
         self.engine._drop_journal()
         self.done = True
+        self._release_reaper()
 
     def abort(self) -> None:
         if self.done:
@@ -298,6 +312,13 @@ class QMPSession:
             self.engine._drop_journal()
         finally:
             self.done = True
+            self._release_reaper()
+
+    def _release_reaper(self) -> None:
+        """Settled (committed, or undone as far as QEMU lets us): the reaper has nothing to do."""
+        if self.reaper is not None:
+            self.reaper.done()
+            self.reaper = None
 
 
 def _disk_info(n: dict) -> DiskInfo:

@@ -432,3 +432,39 @@ def test_sigterm_mid_backup_undoes_everything_in_qemu_at_once(qdisk, ekko_for, w
         time.sleep(0.5)
     assert r.returncode == 128 + signal.SIGTERM, r.err
     assert not os.path.exists(out + ".ekko-partial") and not os.path.exists(out)
+
+
+def test_a_killed_backup_leaves_no_copy_before_write_behind(qdisk, ekko_for, workdir):
+    """SIGKILL (the OOM killer) while a backup reads: the run cannot undo anything, but its
+    reaper removes the export, the nodes, the job (and with it the copy-before-write filter) and
+    the fleece file within seconds, so guest overwrites stop filling the scratch. The generations
+    wait for the next run, whose recovery makes the chain go on exactly."""
+    import json
+    import signal
+    disk = qdisk(16 * MiB)
+    ekko = ekko_for(disk)
+    disk.write(0, os.urandom(4 * MiB))
+    first = ekko.backup()
+    nodes_before = sorted(n["node-name"] for n in disk.admin.execute("query-named-block-nodes", {"flat": True}))
+    disk.write(0, os.urandom(4 * MiB))
+    scratch = os.path.join(workdir, "state", "scratch")
+    with paused_at(ekko, workdir, "during-read", "backup", "t1") as proc:
+        assert os.listdir(scratch)                       # the fleece file exists
+        journal = [f for f in os.listdir(os.path.join(workdir, "run")) if f.endswith(".journal.json")]
+        with open(os.path.join(workdir, "run", journal[0])) as f:
+            reaper_pid = json.load(f)["reaper_pid"]
+        proc.send_signal(signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{reaper_pid}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{reaper_pid}"), "the reaper did not finish"
+    assert disk.admin.execute("query-block-exports") == [] and disk.admin.execute("query-block-jobs") == []
+    assert sorted(n["node-name"] for n in disk.admin.execute("query-named-block-nodes", {"flat": True})) == nodes_before
+    assert not os.listdir(scratch)
+    disk.write(8 * MiB, os.urandom(1 * MiB))        # straight to the disk: nothing copies it aside
+    expected = disk.snapshot()
+    inc = ekko.backup()
+    assert inc["kind"] == "incremental" and inc["parent"] == first["backup_id"]
+    assert restore_equals(ekko, inc["backup_id"], expected, workdir)
+    assert ours(disk) == [inc["generation"]["bitmap"]]
