@@ -17,6 +17,7 @@ import libvirt
 from . import catalog, scratch
 from .engine import domain_xml as dx
 from .engine.base import BitmapInfo, DiskInfo, Export
+from .engine.reaper import Reaper
 from .engine.bitmaps import INCREMENTAL, generation_name, plan_generation
 from .engine.libvirt import (BackupBeginFailed, CheckpointState, JobRecord, LibvirtDomainEngine, disk_sizes,
                              lookup_domain, qemu_accessible_dir)
@@ -111,52 +112,60 @@ def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_d
     guard = scratch.guard_for(scratch_dir, base.scratch_reserve)
     if guard:
         guard.check_start()
-    state.save_job(JobRecord(dom.UUIDString(), new_cp, base_cp, time.time()))
+    # should this process die (SIGKILL, the OOM killer), the reaper ends libvirt's job at once:
+    # its copy-before-write must not go on filling the scratch until the next run
+    reaper = Reaper({"kind": "libvirt", "name": dom.name(), "uri": dom.connect().getURI(),
+                     "uuid": dom.UUIDString()}, os.path.join(state_dir, "libvirt", f"{dom.UUIDString()}.reaper.log"))
+    reaper.start()
     try:
-        engine.begin(dx.backup_xml(specs_xml, socket), dx.checkpoint_xml(new_cp, bitmap_devs, other_devs))
-    except BackupBeginFailed as e:
-        state.drop_job(dom.UUIDString())
-        if base_cp:
-            engine.forget(base_cp)
-        if e.inconsistent and not req.require_incremental:
-            raise _Retry(str(e)) from e
-        raise
-    started = time.time()
-    try:
-        crash_point("after-transaction")
-        pause_point("after-transaction")
-        total, before = sum(d.size for d in disks), 0
-        for d in disks:
-            export = Export(socket, d.spec.dev, dx.dirty_context(d.spec.dev) if d.plan.kind == INCREMENTAL else None)
-            opts = _opts(base, d.target, labels, new_cp if d.spec.bitmap_capable else None)
-            table, stats = copy_segments(export, store, d.plan, d.size, d.parent, opts,
-                                         _whole_job(progress, before, total),
-                                         watch=guard.watcher(engine.end_job) if guard else None)
-            before += d.size
-            info = DiskInfo(d.spec.dev, d.spec.source, d.spec.format, d.size)
-            d.manifest = build_manifest(opts, info, d.plan, backup_id, table, stats, started, codec_of(store))
-        engine.end_job()
-        crash_point("before-commit")
-        keys = [catalog.commit(store, d.manifest) for d in disks]
-    except BaseException:
+        state.save_job(JobRecord(dom.UUIDString(), new_cp, base_cp, time.time(), reaper.pid))
         try:
-            _undo(engine, new_cp, base_cp)
-        except Exception as e:  # noqa: BLE001 - the error that stopped the backup is re-raised below
-            # the job record stays: the next run's engine.recover() finishes the undo
-            log.warning("domain %s: could not undo the backup job: %s (the next run finishes the undo)",
-                        dom.name(), e)
-        else:
+            engine.begin(dx.backup_xml(specs_xml, socket), dx.checkpoint_xml(new_cp, bitmap_devs, other_devs))
+        except BackupBeginFailed as e:
             state.drop_job(dom.UUIDString())
-        raise
-    crash_point("after-commit")
-    if base_cp:
-        note = engine.delete(base_cp)
-        if note:
-            notes.append(note)
-    _drop_stale_generations(engine, new_cp, notes)
-    engine.save_and_forget(new_cp)
-    state.drop_job(dom.UUIDString())
-    return [BackupResult(d.manifest, k, notes) for d, k in zip(disks, keys)]
+            if base_cp:
+                engine.forget(base_cp)
+            if e.inconsistent and not req.require_incremental:
+                raise _Retry(str(e)) from e
+            raise
+        started = time.time()
+        try:
+            crash_point("after-transaction")
+            pause_point("after-transaction")
+            total, before = sum(d.size for d in disks), 0
+            for d in disks:
+                export = Export(socket, d.spec.dev, dx.dirty_context(d.spec.dev) if d.plan.kind == INCREMENTAL else None)
+                opts = _opts(base, d.target, labels, new_cp if d.spec.bitmap_capable else None)
+                table, stats = copy_segments(export, store, d.plan, d.size, d.parent, opts,
+                                             _whole_job(progress, before, total),
+                                             watch=guard.watcher(engine.end_job) if guard else None)
+                before += d.size
+                info = DiskInfo(d.spec.dev, d.spec.source, d.spec.format, d.size)
+                d.manifest = build_manifest(opts, info, d.plan, backup_id, table, stats, started, codec_of(store))
+            engine.end_job()
+            crash_point("before-commit")
+            keys = [catalog.commit(store, d.manifest) for d in disks]
+        except BaseException:
+            try:
+                _undo(engine, new_cp, base_cp)
+            except Exception as e:  # noqa: BLE001 - the error that stopped the backup is re-raised below
+                # the job record stays: the next run's engine.recover() finishes the undo
+                log.warning("domain %s: could not undo the backup job: %s (the next run finishes the undo)",
+                            dom.name(), e)
+            else:
+                state.drop_job(dom.UUIDString())
+            raise
+        crash_point("after-commit")
+        if base_cp:
+            note = engine.delete(base_cp)
+            if note:
+                notes.append(note)
+        _drop_stale_generations(engine, new_cp, notes)
+        engine.save_and_forget(new_cp)
+        state.drop_job(dom.UUIDString())
+        return [BackupResult(d.manifest, k, notes) for d, k in zip(disks, keys)]
+    finally:
+        reaper.done()
 
 
 def _whole_job(progress, before: int, total: int):

@@ -60,6 +60,7 @@ class JobRecord:
     new_checkpoint: str
     base_checkpoint: Optional[str]
     started: float
+    reaper_pid: Optional[int] = None    # the process that ends the job should this run die (reaper.py)
 
 
 class CheckpointState:

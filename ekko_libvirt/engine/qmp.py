@@ -178,7 +178,8 @@ class QMPEngine:
         journal = {"target": self.t.name, "plan": plan.__dict__, "started_server": False}
         self._write_journal(journal)
         session = QMPSession(self, plan)
-        session.reaper = Reaper(dataclasses.asdict(self.t), self.names.journal + ".reaper.log").start()
+        session.reaper = Reaper({"kind": "qmp", "name": self.t.name, "target": dataclasses.asdict(self.t)},
+                                self.names.journal + ".reaper.log").start()
         journal["reaper_pid"] = session.reaper.pid
         try:
             self._create_fleece(virtual_size)

@@ -9,10 +9,12 @@ is full and QEMU fails the guest's writes.
 
 So a backup starts a reaper: a small process in its own session, reading a pipe from the
 backup. The backup says "done" when its session is settled (committed or undone); when the pipe
-closes without it, the backup died, and the reaper removes what the journal names: export,
-snapshot node, job (the filter goes with it), NBD server, fleece file. It leaves the bitmap
-generations and the journal alone: which generation to keep needs the store, and the next run's
-recovery (QMPEngine.recover) decides it as before.
+closes without it, the backup died, and the reaper ends the view:
+    qmp      what the journal names: export, snapshot node, job (the filter goes with it), NBD
+             server, fleece file (QMPEngine.release_view)
+    libvirt  the domain's pull-backup job (abortJob: libvirt removes export and scratch files)
+It leaves the bitmap generations, checkpoints, journal and job record alone: which generation to
+keep needs the store, and the next run's recovery decides it as before.
 """
 
 import json
@@ -27,8 +29,8 @@ DONE = b"done\n"
 class Reaper:
     """The backup's side: start() before anything is changed in QEMU, done() once it is settled."""
 
-    def __init__(self, target_fields: dict, log_path: str):
-        self.fields = target_fields
+    def __init__(self, what: dict, log_path: str):
+        self.fields = what              # {"kind": "qmp", "target": {...}} or {"kind": "libvirt", ...}
         self.log_path = log_path
         self.proc = None
 
@@ -67,16 +69,16 @@ def _log_warning(msg: str) -> None:
 
 def main(argv) -> int:
     log_path = argv[1]
-    fields = json.loads(sys.stdin.buffer.readline())
+    fields = json.loads(sys.stdin.buffer.readline())     # what to end, should the backup die
     rest = sys.stdin.buffer.read()          # until the backup closes the pipe, or dies
     if rest == DONE:
         return 0
     with open(log_path, "a") as log:
         log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} backup of {fields['name']} ended without settling its "
-                  "session: removing its export, nodes, job and fleece file\n")
+                  "session: ending its point-in-time view\n")
         try:
-            _tear_down(fields)
-            log.write("  done; the bitmap generations are left to the next run's recovery\n")
+            (_end_libvirt_job if fields["kind"] == "libvirt" else _tear_down)(fields)
+            log.write("  done; generations and checkpoints are left to the next run's recovery\n")
         except Exception as e:  # noqa: BLE001 - nothing else to tell it to; the next run recovers
             log.write(f"  failed: {e}; the next run recovers\n")
             return 1
@@ -86,7 +88,7 @@ def main(argv) -> int:
 def _tear_down(fields: dict) -> None:
     from ..errors import QMPUnavailable
     from .qmp import QMPEngine, QMPTarget
-    target = QMPTarget(**fields)
+    target = QMPTarget(**fields["target"])
     deadline = time.monotonic() + 60
     while True:     # QEMU's monitor takes one client: the dead run's connection may still be closing
         try:
@@ -100,6 +102,33 @@ def _tear_down(fields: dict) -> None:
         engine.release_view()
     finally:
         engine.close()
+
+
+def _end_libvirt_job(fields: dict) -> None:
+    import libvirt
+    conn = libvirt.open(fields["uri"])
+    try:
+        dom = conn.lookupByUUIDString(fields["uuid"])
+        deadline = time.monotonic() + 60
+        while _libvirt_job_active(dom):
+            try:
+                dom.abortJob()
+            except libvirt.libvirtError:
+                pass                # ended meanwhile, or busy: looked at again below
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the backup job of {fields['name']} is still active 60 s after abortJob")
+            time.sleep(0.1)
+    finally:
+        conn.close()
+
+
+def _libvirt_job_active(dom) -> bool:
+    import libvirt
+    try:
+        dom.backupGetXMLDesc(0)
+        return True
+    except libvirt.libvirtError:
+        return False
 
 
 if __name__ == "__main__":

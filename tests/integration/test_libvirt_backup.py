@@ -174,8 +174,19 @@ def test_agent_killed_during_backup(point, libvirt_conn, test_domains, images, l
     g.write("vda", 3 * MiB, os.urandom(200 * KiB))
     p = ekko.run("backup", g.dom.name(), env={"EKKO_TEST_CRASH": point}, check=False)
     assert p.returncode == -9
+    # its reaper ends libvirt's pull job (and with it copy-before-write) at once...
+    import libvirt
+    from ekko_libvirt.engine.libvirt import CheckpointState
+    reaper = CheckpointState(ekko.cfg["state_dir"]).job(g.dom.UUIDString()).reaper_pid
+    assert reaper
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{reaper}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{reaper}"), "the reaper did not finish"
+    with pytest.raises(libvirt.libvirtError):
+        g.dom.backupGetXMLDesc(0)
     if point != "before-commit":
-        # the dead agent left libvirt's pull job running and its new checkpoint defined
+        # ...and leaves the new checkpoint to the next run, which knows what to keep
         assert [c.getName() for c in g.dom.listAllCheckpoints()]
     g.write("vda", 6 * MiB, os.urandom(100 * KiB))
     exp = g.snapshot()
