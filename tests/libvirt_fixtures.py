@@ -51,7 +51,12 @@ def libvirtd():
     if _SHARED["lv"] is None:
         log_dir = make_workdir("ekko-libvirtd-")
         lv = Libvirtd(log_dir)
-        lv.start()          # a libvirtd we did not start -> AlreadyRunning: an error, not a skip
+        try:
+            lv.start()      # a libvirtd we did not start -> AlreadyRunning: an error, not a skip
+        except BaseException:
+            if not os.environ.get("EKKO_KEEP_LOGS"):     # the error carries the log's last lines
+                shutil.rmtree(log_dir, ignore_errors=True)
+            raise
         _SHARED.update(lv=lv, log_dir=log_dir)
     _SHARED["users"] += 1
     try:
