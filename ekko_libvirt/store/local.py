@@ -21,7 +21,7 @@ import secrets
 import threading
 from typing import Iterator
 
-from ..directio import ALIGN, CHUNK, pwrite_direct, read_direct
+from ..directio import ALIGN, CHUNK, pwrite_all, pwrite_direct, read_direct
 from ..errors import ObjectNotFound, StoreError
 from .base import ObjectInfo, check_key
 
@@ -29,11 +29,6 @@ TMP_MARK = ".tmp-"
 DIRECT_MIN = 64 << 10
 
 log = logging.getLogger(__name__)
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _write_direct(fd: int, data) -> None:
@@ -51,6 +46,10 @@ def _read(path: str) -> bytes:
     size = os.stat(path).st_size
     if DIRECT_MIN <= size <= CHUNK:
         return read_direct(path, size)
+    return _read_buffered(path)
+
+
+def _read_buffered(path: str) -> bytes:
     with open(path, "rb") as f:     # a big manifest is read whole, without a second copy
         return f.read()
 
@@ -92,17 +91,25 @@ class LocalStore:
         """Write `data` to a new temp file next to `path` (fsynced with `sync`) -> its name."""
         self._makedirs(os.path.dirname(path), sync)
         tmp = f"{path}{TMP_MARK}{secrets.token_hex(6)}"
-        if self.direct and len(data) >= DIRECT_MIN:
+        if len(data) >= DIRECT_MIN:
+            self._around_cache(lambda: self._write_file(tmp, data, direct=True, sync=sync),
+                               lambda: self._write_file(tmp, data, direct=False, sync=sync))
+        else:
+            self._write_file(tmp, data, direct=False, sync=sync)
+        return tmp
+
+    def _around_cache(self, direct, buffered):
+        """direct() while the file system takes O_DIRECT; buffered() from its first refusal on
+        (EINVAL: tmpfs before Linux 6.6, some FUSE), for writes and reads alike."""
+        if self.direct:
             try:
-                self._write_file(tmp, data, direct=True, sync=sync)
-                return tmp
+                return direct()
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
-                log.info("%s refuses direct I/O (%s): writing through the page cache", self.root, e.strerror)
+                log.info("%s refuses direct I/O (%s): using the page cache", self.root, e.strerror)
                 self.direct = False
-        self._write_file(tmp, data, direct=False, sync=sync)
-        return tmp
+        return buffered()
 
     @staticmethod
     def _write_file(tmp: str, data, direct: bool, sync: bool) -> None:
@@ -111,7 +118,7 @@ class LocalStore:
             if direct:
                 _write_direct(fd, data)
             else:
-                _write_all(fd, memoryview(data))
+                pwrite_all(fd, data, 0)
             if sync:
                 os.fsync(fd)
         except BaseException:
@@ -134,15 +141,7 @@ class LocalStore:
     def get(self, key: str) -> bytes:
         path = self._path(key)
         try:
-            if self.direct:
-                try:
-                    return _read(path)
-                except OSError as e:
-                    if e.errno != errno.EINVAL:
-                        raise
-                    self.direct = False
-            with open(path, "rb") as f:
-                return f.read()
+            return self._around_cache(lambda: _read(path), lambda: _read_buffered(path))
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
         except OSError as e:
