@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .codec import FINGERPRINT_SIZE, SEALED_MAGIC, sealed_fingerprint
+from .directio import fsync_path, pwrite_all
 from .errors import ConfigError, EkkoError, IntegrityError, KeyMismatch, UsageError
 from .store.base import batch_of
 
@@ -255,18 +256,14 @@ def create_key(path: str) -> str:
                          "could never be read again)") from None
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, key)
+        pwrite_all(fd, key, 0)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
         os.unlink(path)
         raise
     os.close(fd)
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_path(directory)
     return fingerprint(key)
 
 

@@ -1,6 +1,7 @@
-"""Writing and reading files around the page cache (O_DIRECT), and writing whole buffers.
+"""Writing and reading files around the page cache (O_DIRECT), writing whole buffers, and
+making a file or a directory entry durable.
 
-Used by the local store for segment objects and by the restore for its output. O_DIRECT wants
+Used by the local store for segment objects, by the restore for its output, and for key files. O_DIRECT wants
 the buffer, the file offset and the length aligned to the device's block: data goes through one
 page-aligned CHUNK-sized bounce buffer per thread (an anonymous mmap), the last block padded.
 """
@@ -34,6 +35,15 @@ def pwrite_all(fd: int, data, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def fsync_path(path: str) -> None:
+    """fsync a file or a directory by name (a new directory entry is durable once its directory is)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def pwrite_direct(fd: int, data, offset: int) -> None:

@@ -21,7 +21,7 @@ import secrets
 import threading
 from typing import Iterator
 
-from ..directio import ALIGN, CHUNK, pwrite_all, pwrite_direct, read_direct
+from ..directio import ALIGN, CHUNK, fsync_path, pwrite_all, pwrite_direct, read_direct
 from ..errors import ObjectNotFound, StoreError
 from .base import ObjectInfo, check_key
 
@@ -52,14 +52,6 @@ def _read(path: str) -> bytes:
 def _read_buffered(path: str) -> bytes:
     with open(path, "rb") as f:     # a big manifest is read whole, without a second copy
         return f.read()
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalStore:
@@ -136,7 +128,7 @@ class LocalStore:
 
     @staticmethod
     def _fsync_dir(directory: str) -> None:
-        _fsync_path(directory)
+        fsync_path(directory)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -286,7 +278,7 @@ def _sync_files(root: str, paths) -> None:
             os.close(fd)
         return
     for p in paths:
-        _fsync_path(p)
+        fsync_path(p)
 
 
 def _load_syncfs():
