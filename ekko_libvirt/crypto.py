@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .codec import FINGERPRINT_SIZE, SEALED_MAGIC, sealed_fingerprint
-from .directio import fsync_path, pwrite_all
+from .directio import fsync_path, write_new_file
 from .errors import ConfigError, EkkoError, IntegrityError, KeyMismatch, UsageError
 from .store.base import batch_of
 
@@ -250,19 +250,11 @@ def create_key(path: str) -> str:
     os.makedirs(directory, mode=0o700, exist_ok=True)
     key = secrets.token_bytes(KEY_SIZE)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        write_new_file(path, key)
     except FileExistsError:
         raise UsageError(f"key file {path} exists: refusing to overwrite a key (the backups sealed with it "
                          "could never be read again)") from None
-    try:
-        os.fchmod(fd, 0o600)
-        pwrite_all(fd, key, 0)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(path)
-        raise
-    os.close(fd)
+    os.chmod(path, 0o600)           # exactly 0600, whatever the umask left
     fsync_path(directory)
     return fingerprint(key)
 

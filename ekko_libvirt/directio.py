@@ -37,6 +37,29 @@ def pwrite_all(fd: int, data, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+def write_new_file(path: str, data, direct: bool = False, sync: bool = True) -> None:
+    """Create `path` (0600, never over an existing file: FileExistsError) holding `data`, with
+    O_DIRECT if `direct` (the file is cut back to the data's length after the padded last
+    block), fsynced if `sync`. On any failure the file is removed: nothing half-written stays."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags, 0o600)
+    try:
+        if direct:
+            pwrite_direct(fd, data, 0)
+            n = memoryview(data).nbytes
+            if n % ALIGN:
+                os.ftruncate(fd, n)
+        else:
+            pwrite_all(fd, data, 0)
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    os.close(fd)
+
+
 def fsync_path(path: str) -> None:
     """fsync a file or a directory by name (a new directory entry is durable once its directory is)."""
     fd = os.open(path, os.O_RDONLY)

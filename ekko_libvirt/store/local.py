@@ -21,7 +21,7 @@ import secrets
 import threading
 from typing import Iterator
 
-from ..directio import ALIGN, CHUNK, fsync_path, pwrite_all, pwrite_direct, read_direct
+from ..directio import CHUNK, fsync_path, read_direct, write_new_file
 from ..errors import ObjectNotFound, StoreError
 from .base import ObjectInfo, check_key
 
@@ -29,14 +29,6 @@ TMP_MARK = ".tmp-"
 DIRECT_MIN = 64 << 10
 
 log = logging.getLogger(__name__)
-
-
-def _write_direct(fd: int, data) -> None:
-    """Write `data` to a new O_DIRECT file, then cut the file back to the data's length."""
-    pwrite_direct(fd, data, 0)
-    n = memoryview(data).nbytes
-    if n % ALIGN:
-        os.ftruncate(fd, n)
 
 
 def _read(path: str) -> bytes:
@@ -84,10 +76,10 @@ class LocalStore:
         self._makedirs(os.path.dirname(path), sync)
         tmp = f"{path}{TMP_MARK}{secrets.token_hex(6)}"
         if len(data) >= DIRECT_MIN:
-            self._around_cache(lambda: self._write_file(tmp, data, direct=True, sync=sync),
-                               lambda: self._write_file(tmp, data, direct=False, sync=sync))
+            self._around_cache(lambda: write_new_file(tmp, data, direct=True, sync=sync),
+                               lambda: write_new_file(tmp, data, sync=sync))
         else:
-            self._write_file(tmp, data, direct=False, sync=sync)
+            write_new_file(tmp, data, sync=sync)
         return tmp
 
     def _around_cache(self, direct, buffered):
@@ -102,22 +94,6 @@ class LocalStore:
                 log.info("%s refuses direct I/O (%s): using the page cache", self.root, e.strerror)
                 self.direct = False
         return buffered()
-
-    @staticmethod
-    def _write_file(tmp: str, data, direct: bool, sync: bool) -> None:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if direct else 0), 0o600)
-        try:
-            if direct:
-                _write_direct(fd, data)
-            else:
-                pwrite_all(fd, data, 0)
-            if sync:
-                os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
 
     def _makedirs(self, directory: str, sync: bool = True) -> None:
         if os.path.isdir(directory):

@@ -11,7 +11,8 @@ import pytest
 
 from ekko_libvirt.errors import ObjectNotFound
 from ekko_libvirt.store import local
-from ekko_libvirt.store.local import ALIGN, CHUNK, DIRECT_MIN, TMP_MARK, LocalStore
+from ekko_libvirt.directio import ALIGN
+from ekko_libvirt.store.local import CHUNK, DIRECT_MIN, TMP_MARK, LocalStore
 
 SIZES = [0, 1, DIRECT_MIN - 1, DIRECT_MIN, DIRECT_MIN + 1, CHUNK - 1, CHUNK, CHUNK + 1,
          2 * CHUNK + ALIGN + 17]
