@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from harness import in_ci
 from harness.libvirtd import Libvirtd, TestDomains, make_image, make_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +28,7 @@ HOOK_DEST = os.path.join(HOOK_DIR, "ekko")
 
 def missing(reason: str) -> None:
     """Skip -- or fail when CI=true: a CI run must not pass by skipping the real-libvirt tests."""
-    if os.environ.get("CI", "").lower() == "true":
+    if in_ci():
         pytest.fail(f"{reason} (CI=true: failing instead of skipping)", pytrace=False)
     pytest.skip(reason)
 

@@ -11,18 +11,13 @@ Without Swift installed the tests are skipped, except under CI (env CI=true/1/ye
 missing Swift is a failure, so a broken CI image cannot pass by skipping.
 """
 
-import os
 import uuid
 
 import pytest
 
 from ekko_libvirt.store.swift import SwiftConfig, SwiftStore
+from tests.harness import in_ci
 from tests.harness.swift import SwiftServer, missing_prerequisites
-
-
-def in_ci(environ=None) -> bool:
-    env = os.environ if environ is None else environ
-    return env.get("CI", "").strip().lower() in ("1", "true", "yes")
 
 
 def require_swift(missing=None, environ=None) -> None:
