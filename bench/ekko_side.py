@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Tuple
 
 import yaml
 
+import floors
 import peers
 import procs
 from procs import Vm
@@ -118,8 +119,10 @@ def run(workdir: str, base_image: str, d1_files, overrides: Dict, convert: bool 
         # The restored D1 backup must equal the disk as it stood after D1 (unchanged since).
         p = subprocess.run(["qemu-img", "compare", "-q", "-f", "qcow2", "-F", "qcow2", out, image])
         extra["restore_identical"] = p.returncode == 0
+    floor = floors.restore_floor(ekko.store, "w", d1_id, os.stat(out).st_blocks * 512, workdir)
     os.unlink(out)
     res = peers.result("ekko", full, inc, none, rest, store_full, store_d1, extra)
+    res["floor-restore"] = floor
     if convert:
         dst = os.path.join(workdir, "convert.qcow2")
         os.sync()

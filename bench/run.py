@@ -36,12 +36,15 @@ from typing import Dict, List, Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+import floors  # noqa: E402
 import procs  # noqa: E402  (puts the repository root on sys.path)
 import workload  # noqa: E402
 
 from ekko_libvirt import units  # noqa: E402
 
 ALL_PEERS = ["nbdcopy", "nbdcopy-flush", "virtnbdbackup", "virtnbdbackup-z", "restic", "borg"]
+# Not backup tools: the limits ekko's rows are compared with (no store size, no incrementals).
+REFERENCES = ("nbdcopy", "nbdcopy-flush", "floor-full", "convert", "convert-durable", "floor-restore")
 PEER_TOOL = {"nbdcopy": "nbdcopy", "nbdcopy-flush": "nbdcopy", "virtnbdbackup": "virtnbdbackup",
              "virtnbdbackup-z": "virtnbdbackup",
              "restic": "restic", "borg": "borg"}
@@ -189,7 +192,7 @@ def run_all(a, workdir: str, report: Dict) -> None:
             return r
         r = one("ekko", lambda w: ekko_side.run(w, base, d1, a.overrides, verify=not a.no_verify,
                                                 profile=a.profile if rep == 0 else None))
-        for ref in ("convert", "convert-durable"):
+        for ref in ("convert", "convert-durable", "floor-restore"):
             if ref in r:
                 runs.setdefault(ref, []).append(r.pop(ref))
         if encryption_supported() and not a.no_encryption:
@@ -198,6 +201,8 @@ def run_all(a, workdir: str, report: Dict) -> None:
             one("nbdcopy", lambda w: peer_mod.run_nbdcopy(w, _copy(base, w)))
         if "nbdcopy-flush" in available:
             one("nbdcopy-flush", lambda w: peer_mod.run_nbdcopy(w, _copy(base, w), flush=True))
+        if "nbdcopy" in available and "error" not in r:
+            one("floor-full", lambda w: floors.full_floor(w, _copy(base, w), r["segment_size"]))
         vnb = [p for p in ("virtnbdbackup", "virtnbdbackup-z") if p in available]
         if vnb:
             # libvirtd runs only while virtnbdbackup does: other users of the test harness
@@ -330,7 +335,10 @@ def brief(r: Dict) -> str:
             parts.append(f"{label} {r[k]:.2f} s")
     if r.get("store_d1_mib") is not None:
         parts.append(f"store {r['store_d1_mib']:.0f} MiB")
-    parts.append(f"CPU {r['cpu_full_tool_s']:.1f}+{r['cpu_full_qemu_s']:.1f} s, RSS {r['rss_mib']:.0f} MiB")
+    if r.get("cpu_full_tool_s") is not None:
+        parts.append(f"CPU {r['cpu_full_tool_s']:.1f}+{r['cpu_full_qemu_s'] or 0:.1f} s")
+    if r.get("rss_mib") is not None:
+        parts.append(f"RSS {r['rss_mib']:.0f} MiB")
     return ", ".join(parts)
 
 
@@ -342,8 +350,7 @@ def table(report: Dict) -> str:
     med = report.get("medians", {})
     lines = ["| tool | full s | incremental (D1) s | incremental, no change s | restore s | store after full + D1 "
              "| CPU s (full, tool + QEMU) | RSS MiB |", "|---|---|---|---|---|---|---|---|"]
-    order = ["ekko", "ekko-encrypted", "virtnbdbackup", "virtnbdbackup-z", "restic", "borg", "nbdcopy",
-             "nbdcopy-flush", "convert", "convert-durable"]
+    order = ["ekko", "ekko-encrypted", "virtnbdbackup", "virtnbdbackup-z", "restic", "borg", *REFERENCES]
     for name in order:
         m = med.get(name)
         if not m:
@@ -397,6 +404,9 @@ def targets(report: Dict) -> List[Dict]:
         if med.get("nbdcopy-flush") and "error" not in med["nbdcopy-flush"]:
             ratio("(context) full backup of W", "vs nbdcopy --flush (durable, as a backup is)", e["full_s"],
                   peer("nbdcopy-flush", "full_s"), None)
+        if med.get("floor-full") and "error" not in med["floor-full"]:
+            ratio("(context) full backup of W", "vs this machine's floor for it (bench/floors.py)", e["full_s"],
+                  peer("floor-full", "full_s"), None)
         ratio("incremental after D1", "<= 0.7x virtnbdbackup", e["inc_d1_s"], peer("virtnbdbackup", "inc_d1_s"), 0.7)
         ratio("incremental, no change", "<= 0.5x virtnbdbackup", e["inc_none_s"],
               peer("virtnbdbackup", "inc_none_s"), 0.5)
@@ -406,8 +416,11 @@ def targets(report: Dict) -> List[Dict]:
         if med.get("convert-durable") and "error" not in med["convert-durable"]:
             ratio("(context) restore of D1 to qcow2", "vs qemu-img convert -t none (durable, as ekko's is)",
                   e["restore_s"], peer("convert-durable", "restore_s"), None)
+        if med.get("floor-restore") and "error" not in med["floor-restore"]:
+            ratio("(context) restore of D1 to qcow2", "vs the device floor: its reads + writes, no computation",
+                  e["restore_s"], peer("floor-restore", "restore_s"), None)
         smallest = [(m["store_d1_mib"], m["tool"]) for k, m in med.items()
-                    if k not in ("ekko", "ekko-encrypted", "nbdcopy", "nbdcopy-flush", "convert", "convert-durable") and "error" not in m and m.get("store_d1_mib")]
+                    if k not in ("ekko", "ekko-encrypted", *REFERENCES) and "error" not in m and m.get("store_d1_mib")]
         ref = (min(smallest)[0], "measured: " + min(smallest)[1]) if smallest else \
             (ISSUE["restic"]["store_d1_mib"], "issue figure (restic)") if issue_w else (None, "n/a")
         ratio("store after full + D1", "<= smallest peer", e["store_d1_mib"], ref, 1.0)
