@@ -1,7 +1,13 @@
 """Offline backups of shut-off domains: the images are opened by a qemu-storage-daemon under our
 control and backed up by the QMP engine, with the same bitmap generations libvirt uses, so the
 chain carries on across stop and start. While it runs, the agent's marker makes the libvirt
-hook refuse to start the domain (two writers on one qcow2 would corrupt it)."""
+hook refuse to start the domain (two writers on one qcow2 would corrupt it).
+
+The daemon runs in its own session (a Ctrl-C of ours must not kill it before it wrote the
+bitmaps back), so it would outlive a SIGKILLed ekko and hold the images, write locks included:
+the domain could not start until someone found and stopped it. A reaper (engine/reaper.py)
+stops it then, cleanly; the next backup's recovery settles the generations as after any
+interrupted backup."""
 
 import contextlib
 import logging
@@ -14,8 +20,10 @@ from typing import List
 
 from . import catalog
 from .agent.state import StateDir
+from .agent.state import process_start_ticks
 from .engine import domain_xml as dx
-from .engine.qmp import QMPEngine, QMPTarget
+from .engine.qmp import Names, QMPEngine, QMPTarget
+from .engine.reaper import Reaper
 from .errors import EngineError
 from .pipeline import BackupResult, run_backup
 
@@ -30,7 +38,9 @@ class StorageDaemon:
         self.qmp_socket = os.path.join(run_dir, f"qsd-{tag}.qmp")
         self.log_path = os.path.join(run_dir, f"qsd-{tag}.log")
         self.disks = disks
+        self.leftovers: List[str] = []      # files to remove should we die with the daemon running
         self.proc = None
+        self.reaper = None
 
     def __enter__(self) -> "StorageDaemon":
         with contextlib.suppress(FileNotFoundError):
@@ -44,9 +54,14 @@ class StorageDaemon:
         args += ["--chardev", f"socket,id=m0,path={self.qmp_socket},server=on,wait=off", "--monitor", "chardev=m0"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(self.log_path, "ab"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        self.reaper = Reaper({"kind": "process", "name": f"qemu-storage-daemon {self.qmp_socket}",
+                              "pid": self.proc.pid, "pid_start": process_start_ticks(self.proc.pid),
+                              "remove": self.leftovers},
+                             self.log_path + ".reaper.log").start()
         deadline = time.monotonic() + 20
         while True:
             if self.proc.poll() is not None:
+                self._stop()
                 with open(self.log_path, errors="replace") as f:
                     raise EngineError(f"qemu-storage-daemon could not open the images: {f.read()[-500:].strip()}")
             with socket.socket(socket.AF_UNIX) as s:
@@ -65,14 +80,16 @@ class StorageDaemon:
 
     def _stop(self) -> None:
         """SIGTERM is a clean shutdown: persistent bitmaps are written into the qcow2 images."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.reaper is not None:
+            self.reaper.done()
+            self.reaper = None
 
 
 def backup_offline(dom, disks, req, store, base, labels, state_dir, run_dir, progress) -> List[BackupResult]:
@@ -88,13 +105,16 @@ def backup_offline(dom, disks, req, store, base, labels, state_dir, run_dir, pro
         if dom.isActive():
             raise EngineError(f"domain {dom.name()} started while its offline backup was being prepared; "
                               "nothing was done: run the backup again")
-        with StorageDaemon(disks, run_dir, uuid[:8]) as qsd:
-            for d in disks:
-                target = dx.target_name(dom.name(), d.dev)
-                engine = QMPEngine(QMPTarget(target, qsd.qmp_socket, d.dev, os.path.join(state_dir, "scratch"),
-                                             run_dir, base.bitmap_prefix))
+        qsd = StorageDaemon(disks, run_dir, uuid[:8])
+        targets = [QMPTarget(dx.target_name(dom.name(), d.dev), qsd.qmp_socket, d.dev,
+                             os.path.join(state_dir, "scratch"), run_dir, base.bitmap_prefix) for d in disks]
+        qsd.leftovers = [Names.for_target(t).fleece_file for t in targets]
+        with qsd:
+            for t in targets:
+                # no reaper per disk: should we die, the daemon's reaper ends it, views and all
+                engine = QMPEngine(t, reaper=False)
                 try:
-                    opts = replace(base, target=target, labels=dict(labels, offline=True),
+                    opts = replace(base, target=t.name, labels=dict(labels, offline=True),
                                    force_full=req.force_full, require_incremental=req.require_incremental,
                                    backup_id=backup_id, scratch_reserve=0)   # no guest writes: the fleece stays empty
                     results.append(run_backup(engine, store, opts, progress))

@@ -94,8 +94,11 @@ def retire_actions(plan: GenerationPlan, node: str) -> List[dict]:
 
 
 class QMPEngine:
-    def __init__(self, target: QMPTarget):
+    def __init__(self, target: QMPTarget, reaper: bool = True):
+        """`reaper`: start one per backup (reaper.py). Off where a reaper of the whole QEMU ends
+        the view anyway: an offline backup's qemu-storage-daemon (offline.py)."""
         self.t = target
+        self.use_reaper = reaper
         self.names = Names.for_target(target)
         self.qmp = QMPConnection(target.socket, target.timeout).connect(timeout=min(10.0, target.timeout))
 
@@ -178,9 +181,10 @@ class QMPEngine:
         journal = {"target": self.t.name, "plan": plan.__dict__, "started_server": False}
         self._write_journal(journal)
         session = QMPSession(self, plan)
-        session.reaper = Reaper({"kind": "qmp", "name": self.t.name, "target": dataclasses.asdict(self.t)},
-                                self.names.journal + ".reaper.log").start()
-        journal["reaper_pid"] = session.reaper.pid
+        if self.use_reaper:
+            session.reaper = Reaper({"kind": "qmp", "name": self.t.name, "target": dataclasses.asdict(self.t)},
+                                    self.names.journal + ".reaper.log").start()
+            journal["reaper_pid"] = session.reaper.pid
         try:
             self._create_fleece(virtual_size)
             self.qmp.drain_events()

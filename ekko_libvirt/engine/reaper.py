@@ -13,12 +13,18 @@ closes without it, the backup died, and the reaper ends the view:
     qmp      what the journal names: export, snapshot node, job (the filter goes with it), NBD
              server, fleece file (QMPEngine.release_view)
     libvirt  the domain's pull-backup job (abortJob: libvirt removes export and scratch files)
+    process  a helper the backup started, by PID and start time: an offline backup's
+             qemu-storage-daemon, which holds the shut-off domain's images and their write locks
+             (a domain whose images it holds cannot start). SIGTERM: it closes the images
+             cleanly, persistent bitmaps included; SIGKILL if it has not ended within 60 s.
+             Then the files it leaves behind are removed (the fleece files)
 It leaves the bitmap generations, checkpoints, journal and job record alone: which generation to
 keep needs the store, and the next run's recovery decides it as before.
 """
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,7 +83,7 @@ def main(argv) -> int:
         log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} backup of {fields['name']} ended without settling its "
                   "session: ending its point-in-time view\n")
         try:
-            (_end_libvirt_job if fields["kind"] == "libvirt" else _tear_down)(fields)
+            _ENDS[fields["kind"]](fields)
             log.write("  done; generations and checkpoints are left to the next run's recovery\n")
         except Exception as e:  # noqa: BLE001 - nothing else to tell it to; the next run recovers
             log.write(f"  failed: {e}; the next run recovers\n")
@@ -122,6 +128,25 @@ def _end_libvirt_job(fields: dict) -> None:
         conn.close()
 
 
+def _stop_process(fields: dict) -> None:
+    from ..agent.state import process_running
+    pid, start = fields["pid"], fields["pid_start"]
+    if process_running(pid, start):     # else ended already (its PID may be another's by now)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while process_running(pid, start):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                time.sleep(0.5)     # the kernel closes its files
+                break
+            time.sleep(0.05)
+    for path in fields.get("remove", ()):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
 def _libvirt_job_active(dom) -> bool:
     import libvirt
     try:
@@ -130,6 +155,8 @@ def _libvirt_job_active(dom) -> bool:
     except libvirt.libvirtError:
         return False
 
+
+_ENDS = {"qmp": _tear_down, "libvirt": _end_libvirt_job, "process": _stop_process}
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))

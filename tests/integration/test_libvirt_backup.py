@@ -256,6 +256,77 @@ def test_offline_backup_and_start_is_refused_meanwhile(libvirt_conn, test_domain
     assert b3["vda"]["kind"] == "incremental" and b3["vda"]["parent"] == res["vda"]["backup_id"]
 
 
+def _storage_daemons_of(pid):
+    """PIDs of the qemu-storage-daemon processes whose parent is `pid`."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                comm, rest = f.read().rsplit(b")", 1)
+        except OSError:
+            continue
+        if b"(qemu-storage-d" in comm and int(rest.split()[1]) == pid:
+            out.append(int(name))
+    return out
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_killed_offline_backup_does_not_keep_the_images(libvirt_conn, test_domains, images, lvwork, ekko_hook):
+    """SIGKILL (the OOM killer) in the middle of an offline backup: the qemu-storage-daemon that
+    holds the shut-off domain's images, write locks included, is stopped by the backup's reaper,
+    so the domain starts again, and the next backup carries the chain on and restores exactly.
+    (Before: the daemon ran on in its own session and the domain could not start.)"""
+    g, _ = start_guest(test_domains, images, lvwork, "ekko-test-bk10")
+    ekko = make_ekko(lvwork, state_dir=ekko_hook.state_dir)
+    g.write("vda", 0, os.urandom(256 * KiB))
+    b1 = backups_by_disk(ekko, "ekko-test-bk10")
+    g.write("vda", 1 * MiB, os.urandom(256 * KiB))
+    g.dom.destroy()
+    fifo = os.path.join(lvwork, "read.fifo")
+    os.mkfifo(fifo)
+    env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"during-read:{fifo}")
+    proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "ekko-test-bk10"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with open(fifo, "wb"):              # a worker waits in the middle of the read
+            daemons = _storage_daemons_of(proc.pid)
+            assert len(daemons) == 1, daemons
+            proc.kill()
+            proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    deadline = time.monotonic() + 30
+    while not _gone(daemons[0]):
+        assert time.monotonic() < deadline, "qemu-storage-daemon still holds the images 30 s after the kill"
+        time.sleep(0.05)
+    g.dom.create()                          # the images are free again (and the hook's marker is stale)
+    g.write("vda", 2 * MiB, os.urandom(128 * KiB))
+    g.write("vdb", 0, os.urandom(64 * KiB))
+    exp = g.snapshot()
+    b2 = backups_by_disk(ekko, "ekko-test-bk10")
+    # The killed run had disabled the checkpoint's bitmap in its transaction, and which generation
+    # to keep is decided with the store, by the next run: libvirt calls the checkpoint
+    # inconsistent, so the next backup is a full, as it should be (nothing trusted blindly).
+    assert b2["vda"]["kind"] == "full" and "inconsistent" in b2["vda"]["reason"], b2["vda"].get("reason")
+    assert b1["vda"]["kind"] == "full"
+    for dev in ("vda", "vdb"):
+        o = os.path.join(lvwork, f"r-{dev}.raw")
+        ekko.run("restore", b2[dev]["backup_id"], "--disk", dev, "--to", o)
+        assert read_raw(o) == exp[dev], dev
+    assert not os.listdir(os.path.join(ekko_hook.state_dir, "scratch"))     # no fleece file left
+
+
 def test_domain_backup_gives_way_before_libvirts_scratch_fills(libvirt_conn, test_domains, images, lvwork):
     """libvirt's pull backup has the same copy-before-write filter: with its scratch files on a
     10 MiB tmpfs and 15 MiB of old data overwritten, the job is ended before a guest write can
