@@ -73,11 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--project", help="only look in this project's namespace")
 
     r = sub.add_parser("restore", parents=[common],
-                       help="restore a backup to a raw or qcow2 file, or a domain backup's disks to a directory "
-                            "(--define: as a new libvirt domain)")
+                       help="restore a backup to a raw or qcow2 file or onto a block device, or a domain backup's "
+                            "disks to a directory (--define: as a new libvirt domain)")
     r.add_argument("backup")
-    r.add_argument("--to", help="output file (.qcow2 -> qcow2, else raw); or an existing directory, or with "
-                                "--define a directory (default STATE_DIR/restore/NEWNAME): one file per disk")
+    r.add_argument("--to", help="output file (.qcow2 -> qcow2, else raw), or a block device (raw, in place, "
+                                "with --force); or an existing directory, or with --define a directory (default "
+                                "STATE_DIR/restore/NEWNAME): one file per disk")
     r.add_argument("--format", choices=("raw", "qcow2"), help="output format (default: from the file name; "
                                                                 "per disk: the backed-up disk's format)")
     r.add_argument("--disk", action="append", help="which disk of a domain backup (repeatable with a directory)")
@@ -86,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the backup (new UUID, no Nova metadata); refused if NEWNAME exists")
     r.add_argument("--project", help="only look in this project's namespace")
     r.add_argument("--allow-damaged", action="store_true", help="restore what is intact; report the holes")
-    r.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    r.add_argument("--force", action="store_true", help="overwrite an existing output file or block device")
 
     v = sub.add_parser("verify", parents=[common], help="check backups: segments exist (--deep: re-hash)")
     v.add_argument("backup", nargs="?", help="one backup (default: all)")

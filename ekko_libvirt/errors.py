@@ -73,10 +73,11 @@ class StoreError(EkkoError):
 class RestoreTargetError(EkkoError):
     """The restored image could not be written (its file system is full, read-only, ...)."""
 
-    def __init__(self, path: str, cause: Exception):
+    def __init__(self, path: str, cause: Exception,
+                 outcome: str = "nothing restored: the partial image was removed"):
         self.path = path
         super().__init__(f"cannot write the restored image {path}: {getattr(cause, 'strerror', None) or cause} "
-                         "(nothing restored: the partial image was removed)")
+                         f"({outcome})")
 
 
 class ObjectNotFound(StoreError):

@@ -81,6 +81,19 @@ class SegmentTable:
             yield i, bytes(self.digests[i * DIGEST_SIZE:(i + 1) * DIGEST_SIZE])
             start = i + 1
 
+    def zero_runs(self) -> Iterator[Tuple[int, int]]:
+        """(first index, count) of every run of zero segments, in disk order."""
+        start = 0
+        flags = self.flags
+        while True:
+            i = flags.find(FLAG_ZERO, start)
+            if i < 0:
+                return
+            j = flags.find(FLAG_DATA, i)
+            j = self.count if j < 0 else j
+            yield i, j - i
+            start = j
+
     def data_count(self) -> int:
         return self.count - self.flags.count(FLAG_ZERO)
 

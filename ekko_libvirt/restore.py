@@ -1,4 +1,4 @@
-"""Restore one backup (one manifest) to a raw file or a qcow2 image.
+"""Restore one backup (one manifest) to a raw file, a qcow2 image or a block device.
 
 A qcow2 is written by ekko itself (qcow2.py): laid out from the manifest in advance, each data
 segment written straight to its place by any thread, the metadata at the end. A segment size
@@ -10,7 +10,7 @@ are never written (the output is sparse). A segment that repeats (the same diges
 offsets) is fetched and verified once while it stays among the last few decoded. Output goes to
 '<path>.ekko-partial' and is renamed into place only when complete; a failed restore leaves
 nothing behind. With allow_damaged, a segment that is missing or does not match its digest
-becomes a hole (zeros) and is reported.
+becomes a hole (zeros) and is reported. A block device is written in place (blockdev.py).
 """
 
 import collections
@@ -18,6 +18,7 @@ import concurrent.futures as cf
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import socket
 import stat
@@ -30,13 +31,15 @@ from typing import Callable, List, Optional
 
 import nbd
 
-from . import heap, qcow2, segment
+from . import blockdev, heap, qcow2, segment
 from .directio import pwrite_all, pwrite_direct
 from .codec import codec_of
 from .errors import EkkoError, IntegrityError, RestoreTargetError, StoreError, UsageError
 from .faults import pause_point
 from .manifest import Manifest
 from .nbd.reader import close_handle
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: i
             progress: Optional[Callable[[int, int], None]] = None) -> RestoreResult:
     fmt = output_format(path, fmt)
     heap.keep_buffers_on_heap()     # segment-sized buffers: no mmap + page faults each time
+    if _is_block_device(path):
+        return _restore_to_device(store, m, path, fmt, workers, allow_damaged, overwrite, progress)
     _refuse_non_file(path)
     if os.path.exists(path) and not overwrite:
         raise UsageError(f"{path} exists: refusing to overwrite it (choose another path or remove it)")
@@ -91,10 +96,18 @@ def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: i
     return result
 
 
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise RestoreTargetError(path, e) from e
+
+
 def _refuse_non_file(path: str) -> None:
-    """A restore writes PATH.ekko-partial and renames it over PATH at the end: onto a block
-    device (an LVM volume, a mapped RBD image) that would replace the device node with a file
-    (and fill /dev, a RAM file system, first). Only new or regular files are restored to."""
+    """A restore writes PATH.ekko-partial and renames it over PATH at the end: only new or
+    regular files are restored to that way (block devices are written in place, above)."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -103,17 +116,57 @@ def _refuse_non_file(path: str) -> None:
         raise RestoreTargetError(path, e) from e
     if stat.S_ISREG(mode):
         return
-    kind = ("a block device" if stat.S_ISBLK(mode) else "a character device" if stat.S_ISCHR(mode)
-            else "a directory" if stat.S_ISDIR(mode) else "not a regular file")
-    raise UsageError(f"{path} is {kind}: ekko restores to image files (raw or qcow2) only; to put a "
-                     f"backup on a device, restore to a file, then e.g. `qemu-img convert -O raw FILE {path}`")
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a directory" if stat.S_ISDIR(mode)
+            else "not a regular file")
+    raise UsageError(f"{path} is {kind}: ekko restores to image files (raw or qcow2) and block devices only")
 
 
-def _damage_error(m: Manifest, holes: List[Hole]) -> IntegrityError:
+def _damage_error(m: Manifest, holes: List[Hole], outcome: str = "nothing restored") -> IntegrityError:
     lines = [f"  segment {h.index} at offset {h.offset} ({h.key}): {h.problem}" for h in holes[:20]]
     more = f"\n  ... and {len(holes) - 20} more" if len(holes) > 20 else ""
-    return IntegrityError(f"backup {m.backup_id}: {len(holes)} damaged or missing segment(s); nothing restored:\n"
+    return IntegrityError(f"backup {m.backup_id}: {len(holes)} damaged or missing segment(s); {outcome}:\n"
                           + "\n".join(lines) + more + "\n(--allow-damaged restores the rest and reports the holes)")
+
+
+# -- onto a block device ------------------------------------------------------------------------
+DEVICE_PARTIAL = "the device holds a partial restore: its earlier content is partly overwritten"
+
+
+def _restore_to_device(store, m: Manifest, path: str, fmt: str, workers: int, allow_damaged: bool,
+                       overwrite: bool, progress) -> RestoreResult:
+    """In place (a device cannot be renamed into place): the checks of blockdev.open_for_restore
+    come first, then the zero runs are zeroed, then the data segments written, each verified
+    before it is; holes (--allow-damaged) are zeroed too. A restore that fails half-way leaves
+    the device partly overwritten, and says so: `ekko verify --deep BACKUP` first proves every
+    segment is there and intact."""
+    if fmt != "raw":
+        raise UsageError(f"{path} is a block device: it gets the disk as raw data, not {fmt} (--format raw)")
+    if not overwrite:
+        raise UsageError(f"{path} is a block device: --force replaces everything on it with the backup")
+    result = RestoreResult(path, "raw")
+    try:
+        dev = blockdev.open_for_restore(path, m.virtual_size)
+    except OSError as e:
+        raise RestoreTargetError(path, e, "nothing was written") from e
+    try:
+        for first, count in m.table.zero_runs():
+            offset = first * m.segment_size
+            dev.zero(offset, min(count * m.segment_size, m.virtual_size - offset))
+        _copy(store, m, lambda: _DeviceWriter(dev), workers, allow_damaged, result, progress)
+        if allow_damaged:
+            for h in result.holes:
+                dev.zero(h.offset, h.length)
+        dev.sync()
+    except OSError as e:
+        raise RestoreTargetError(path, e, DEVICE_PARTIAL) from e
+    except BaseException:       # interrupted, or the store failed: the error says why, this what
+        log.warning("%s: %s", path, DEVICE_PARTIAL)
+        raise
+    finally:
+        dev.close()
+    if result.holes and not allow_damaged:
+        raise _damage_error(m, result.holes, DEVICE_PARTIAL)
+    return result
 
 
 def _copy(store, m: Manifest, writer_factory, workers, allow_damaged, result: RestoreResult, progress) -> None:
@@ -203,6 +256,14 @@ class _FileWriter:
 
     def write(self, data: bytes, offset: int, rank: int) -> None:
         pwrite_all(self.fd, data, offset)
+
+
+class _DeviceWriter:
+    def __init__(self, dev: "blockdev.Device"):
+        self.dev = dev
+
+    def write(self, data: bytes, offset: int, rank: int) -> None:
+        self.dev.write(data, offset)
 
 
 class _NBDWriter:

@@ -122,6 +122,23 @@ def ekko_for(workdir, request):
     return make
 
 
+def manifest_of(store, contents, segment_size: int, virtual_size=None):
+    """A full backup's manifest whose segment i holds contents[i] (None: a zero segment), its
+    segments put in `store`: for restore tests that need no QEMU."""
+    from ekko_libvirt import manifest as mf
+    from ekko_libvirt import segment
+    t = mf.SegmentTable(len(contents))
+    for i, raw in enumerate(contents):
+        if raw is None:
+            t.set_zero(i)
+            continue
+        enc = segment.encode(raw)
+        store.put(enc.key, enc.blob)
+        t.set_data(i, enc.digest)
+    return mf.Manifest("20260101T000000000Z-abcdef", "t1", virtual_size or len(contents) * segment_size,
+                       segment_size, t, kind="full")
+
+
 def read_raw(path: str) -> bytes:
     if path.endswith(".qcow2"):
         raw = path + ".raw"

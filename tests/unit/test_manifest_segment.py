@@ -69,3 +69,14 @@ def test_segment_damage_detected():
 
 def test_zero_detection():
     assert segment.is_zero(bytearray(4096)) and not segment.is_zero(b"\0" * 4095 + b"\1")
+
+
+def test_zero_runs_are_the_gaps_between_data_segments():
+    t = mf.SegmentTable(10)
+    for i in (2, 3, 6, 8):
+        t.set_data(i, bytes(range(16)))
+    assert list(t.zero_runs()) == [(0, 2), (4, 2), (7, 1), (9, 1)]
+    full = mf.SegmentTable(3)
+    for i in range(3):
+        full.set_data(i, bytes(range(16)))
+    assert list(full.zero_runs()) == [] and list(mf.SegmentTable(4).zero_runs()) == [(0, 4)]

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from ekko_libvirt import manifest as mf
+from conftest import manifest_of
 from ekko_libvirt import segment
 from ekko_libvirt.errors import IntegrityError
 from ekko_libvirt.restore import RecentSegments, restore
@@ -25,16 +25,7 @@ class CountingStore(MemoryStore):
 
 
 def _backup(store, contents):
-    """A manifest whose segment i holds contents[i] (None: a zero segment)."""
-    t = mf.SegmentTable(len(contents))
-    for i, raw in enumerate(contents):
-        if raw is None:
-            t.set_zero(i)
-            continue
-        enc = segment.encode(raw)
-        store.put(enc.key, enc.blob)
-        t.set_data(i, enc.digest)
-    return mf.Manifest("20260101T000000000Z-abcdef", "t1", len(contents) * SEG, SEG, t, kind="full")
+    return manifest_of(store, contents, SEG)
 
 
 def test_repeated_segments_are_fetched_once_and_restored_everywhere(tmp_path):

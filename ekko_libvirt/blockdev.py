@@ -1,0 +1,106 @@
+"""A block device as a restore target (an LVM volume, a mapped RBD image, a loop device).
+
+A restore into a file writes '<path>.ekko-partial' and renames it; a device can only be
+written in place, so everything that can refuse is checked before the first byte:
+    - opened O_EXCL: the kernel refuses (EBUSY) a device that is mounted, or held by
+      device-mapper, md or another exclusive opener
+    - no other process holds a lock on it: QEMU locks the images it has open (an LV a running
+      or paused domain uses), and two writers on one disk would corrupt it
+    - at least as large as the backed-up disk (a larger device keeps its tail)
+Zero segments are zeroed on the device (BLKZEROOUT: the kernel uses the device's write-zeroes
+or discard-with-zeroes where it has them, else writes zeros): what the device held before must
+not show through where the disk held zeros.
+"""
+
+import fcntl
+import os
+import struct
+from .directio import ALIGN, pwrite_all, pwrite_direct
+from .errors import UsageError
+
+BLKZEROOUT = 0x127F                 # _IO(0x12, 127): zero a byte range, 512-aligned
+ZERO_STEP = 1 << 30                 # one ioctl per GiB: an interrupt is seen between them
+# struct flock on Linux x86_64/arm64: l_type, l_whence (shorts), l_start, l_len (off_t), l_pid
+_FLOCK = struct.Struct("hh4xqqi4x")
+
+
+class Device:
+    """An open block device: direct writes of whole blocks, buffered for a short tail."""
+
+    def __init__(self, path: str, size: int, needed: int):
+        self.path = path
+        self.size = size            # the device's
+        self.needed = needed        # the backed-up disk's
+        self.fd = -1
+        self.buffered_fd = -1
+
+    def open(self) -> "Device":
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT)
+        # a disk whose size is not a multiple of the block ends in a short write, which O_DIRECT
+        # refuses: it goes through the same device opened without it
+        self.buffered_fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+        return self
+
+    def write(self, data, offset: int) -> None:
+        if offset % ALIGN == 0 and len(data) % ALIGN == 0:
+            pwrite_direct(self.fd, data, offset)
+        else:
+            pwrite_all(self.buffered_fd, data, offset)
+
+    def zero(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(ZERO_STEP, end - offset)
+            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, n))
+            offset += n
+
+    def sync(self) -> None:
+        os.fsync(self.buffered_fd)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        for fd in (self.buffered_fd, self.fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.buffered_fd = -1
+
+
+def open_for_restore(path: str, needed: int) -> Device:
+    """The device at `path`, checked and opened for a restore of a `needed`-byte disk. Refusals
+    are UsageError (exit 2, nothing written); OSError from the kernel is left to the caller."""
+    if needed % 512:
+        raise UsageError(f"{path}: the backed-up disk is {needed} bytes, not a whole number of 512-byte "
+                         "sectors: restore it to a file")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        holder = _lock_holder(fd)
+    finally:
+        os.close(fd)
+    if holder is not None:
+        raise UsageError(f"{path} is in use: {holder} holds a lock on it (QEMU locks the disks of a running or "
+                         "paused domain); stop whatever uses it, then restore. Nothing was written")
+    if size < needed:
+        raise UsageError(f"{path} is {size} bytes, the backed-up disk {needed}: the device is too small")
+    dev = Device(path, size, needed)
+    try:
+        return dev.open()
+    except OSError as e:
+        dev.close()
+        if e.errno == 16:       # EBUSY, from O_EXCL
+            raise UsageError(f"{path} is in use (mounted, or held by device-mapper or another exclusive "
+                             "user): nothing was written") from e
+        raise
+
+
+def _lock_holder(fd: int):
+    """Who holds a lock that a write lock over the device would conflict with (QEMU takes its
+    image locks as open file description locks, which have no owner PID), or None."""
+    query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+    for cmd in (getattr(fcntl, "F_OFD_GETLK", None), fcntl.F_GETLK):
+        if cmd is None:
+            continue
+        l_type, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, cmd, query))
+        if l_type != fcntl.F_UNLCK:
+            return f"process {pid}" if pid > 0 else "another process"
+    return None

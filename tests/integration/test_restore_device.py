@@ -1,0 +1,176 @@
+"""Restore onto a block device (an LVM volume, a mapped RBD image): in place, on real loop
+devices; what the device held before never shows through, and a device in use is refused."""
+
+import contextlib
+import os
+import random
+import subprocess
+import time
+
+import pytest
+
+from conftest import manifest_of
+from harness import in_ci
+from ekko_libvirt import catalog
+from ekko_libvirt import segment
+from ekko_libvirt.errors import IntegrityError, UsageError
+from ekko_libvirt.restore import restore
+from ekko_libvirt.store.memory import MemoryStore
+
+KiB, MiB = 1024, 1024 * 1024
+SEG = 256 * KiB
+OLD = b"\xa5"           # what the device held before the restore
+
+
+@contextlib.contextmanager
+def loop_device(workdir, size, fill=OLD):
+    """A loop device over a file of `size` bytes of `fill`; detached (that device only) at the end."""
+    backing = os.path.join(workdir, f"loop-{os.urandom(3).hex()}.img")
+    with open(backing, "wb") as f:
+        f.write(fill * size)
+    p = subprocess.run(["losetup", "--find", "--show", backing], capture_output=True, text=True)
+    if p.returncode != 0:
+        os.unlink(backing)
+        msg = f"no loop device here: {p.stderr.strip()}"
+        if in_ci():
+            pytest.fail(msg)
+        pytest.skip(msg)
+    dev = p.stdout.strip()
+    try:
+        yield dev, backing
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+        os.unlink(backing)
+
+
+def differs(got, want):
+    """None when equal, else where they first differ (pytest's diff of megabytes takes minutes)."""
+    if got == want:
+        return None
+    i = next((k for k, (x, y) in enumerate(zip(got, want)) if x != y), min(len(got), len(want)))
+    return f"first difference at byte {i} (segment {i // SEG}); lengths {len(got)}, {len(want)}"
+
+
+def _device_bytes(dev, n):
+    with open(dev, "rb") as f:
+        return f.read(n)
+
+
+def _backup(store, contents, size=None):
+    return manifest_of(store, contents, SEG, size)
+
+
+def _disk(rnd, pattern):
+    """Segments for a pattern string: D data, Z zeros."""
+    return [rnd.randbytes(SEG) if c == "D" else None for c in pattern]
+
+
+def test_restore_onto_a_device_replaces_everything_and_keeps_its_tail(workdir):
+    rnd = random.Random(3)
+    contents = _disk(rnd, "ZDDZZZDZDZ")     # zero runs at the start, middle and end
+    store = MemoryStore()
+    m = _backup(store, contents)
+    with loop_device(workdir, m.virtual_size + 1 * MiB) as (dev, _):
+        res = restore(store, m, dev, overwrite=True, workers=3)
+        got = _device_bytes(dev, m.virtual_size + 1 * MiB)
+    assert differs(got[:m.virtual_size], b"".join(c or bytes(SEG) for c in contents)) is None
+    assert differs(got[m.virtual_size:], OLD * MiB) is None        # beyond the disk: left as it was
+    assert res.segments == 4 and not res.holes
+
+
+def test_a_disk_size_that_is_not_a_whole_block(workdir):
+    """The last segment is short (not a multiple of 4 KiB): written without O_DIRECT."""
+    rnd = random.Random(4)
+    contents = _disk(rnd, "DZD")
+    size = 2 * SEG + 3 * 512
+    contents[-1] = contents[-1][:3 * 512]
+    store = MemoryStore()
+    m = _backup(store, contents, size)
+    with loop_device(workdir, 1 * MiB) as (dev, _):
+        restore(store, m, dev, "raw", overwrite=True)
+        got = _device_bytes(dev, 1 * MiB)
+    assert differs(got[:size], contents[0] + bytes(SEG) + contents[2]) is None
+    assert differs(got[size:], OLD * (1 * MiB - size)) is None
+
+
+def test_refusals_write_nothing(workdir):
+    rnd = random.Random(5)
+    store = MemoryStore()
+    m = _backup(store, _disk(rnd, "DDDD"))
+    with loop_device(workdir, m.virtual_size - 4096) as (small, _), loop_device(workdir, m.virtual_size) as (dev, _):
+        for target, kw, msg in (
+                (dev, {}, "is a block device: --force replaces everything on it"),
+                (dev, {"fmt": "qcow2", "overwrite": True}, "gets the disk as raw data, not qcow2"),
+                (small, {"overwrite": True}, "the device is too small")):
+            with pytest.raises(UsageError, match=msg):
+                restore(store, m, target, **kw)
+        # held open exclusively (as a mounted file system or device-mapper holds its device)
+        fd = os.open(dev, os.O_RDONLY | os.O_EXCL)
+        try:
+            with pytest.raises(UsageError, match="is in use .*nothing was written"):
+                restore(store, m, dev, overwrite=True)
+        finally:
+            os.close(fd)
+        assert differs(_device_bytes(dev, m.virtual_size), OLD * m.virtual_size) is None
+        assert differs(_device_bytes(small, m.virtual_size - 4096), OLD * (m.virtual_size - 4096)) is None
+
+
+def test_a_device_qemu_has_open_is_refused(workdir):
+    """QEMU locks the disks it has open: a restore over a running domain's volume is refused."""
+    contents = _disk(random.Random(6), "DD")
+    store = MemoryStore()
+    m = _backup(store, contents)
+    with loop_device(workdir, m.virtual_size) as (dev, _):
+        sock = os.path.join(workdir, "qsd.nbd")
+        qsd = subprocess.Popen(["qemu-storage-daemon", "--blockdev", f"driver=host_device,node-name=d0,filename={dev}",
+                                "--nbd-server", f"addr.type=unix,addr.path={sock}",
+                                "--export", "type=nbd,id=e0,node-name=d0,writable=on"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 20
+            while not os.path.exists(sock):
+                assert qsd.poll() is None and time.monotonic() < deadline, qsd.stderr.read()
+                time.sleep(0.02)
+            with pytest.raises(UsageError, match="is in use: another process holds a lock on it"):
+                restore(store, m, dev, overwrite=True)
+        finally:
+            qsd.terminate()
+            qsd.wait(timeout=30)
+        assert differs(_device_bytes(dev, m.virtual_size), OLD * m.virtual_size) is None
+        restore(store, m, dev, overwrite=True)          # free again
+        assert differs(_device_bytes(dev, m.virtual_size), b"".join(contents)) is None
+
+
+def test_damage_stops_the_restore_and_says_the_device_is_partial(workdir):
+    rnd = random.Random(7)
+    contents = _disk(rnd, "DDZD")
+    store = MemoryStore()
+    m = _backup(store, contents)
+    key = segment.segment_key(segment.digest(contents[1]))
+    blob = bytearray(store.get(key))
+    blob[-1] ^= 1
+    store.put(key, bytes(blob))
+    with loop_device(workdir, m.virtual_size) as (dev, _):
+        with pytest.raises(IntegrityError, match="the device holds a partial restore"):
+            restore(store, m, dev, overwrite=True, workers=1)
+        res = restore(store, m, dev, overwrite=True, allow_damaged=True)
+        got = _device_bytes(dev, m.virtual_size)
+    assert [h.index for h in res.holes] == [1]
+    assert differs(got, contents[0] + bytes(SEG) + bytes(SEG) + contents[3]) is None    # the hole: zeros, not old data
+
+
+def test_cli_backup_of_a_live_disk_restored_onto_a_device(qdisk, ekko_for, workdir):
+    rnd = random.Random(8)
+    disk = qdisk(8 * MiB)
+    ekko = ekko_for(disk)
+    disk.write(0, rnd.randbytes(1 * MiB))
+    disk.write(5 * MiB, rnd.randbytes(300 * KiB))
+    expected = disk.snapshot()
+    b = ekko.backup()
+    with loop_device(workdir, 8 * MiB) as (dev, _):
+        p = ekko.run("restore", b["backup_id"], "--to", dev, check=False)
+        assert p.returncode == 2 and "--force replaces everything" in p.stderr, p.stderr
+        ekko.run("restore", b["backup_id"], "--to", dev, "--force")
+        assert differs(_device_bytes(dev, 8 * MiB), expected) is None
+    m = catalog.load(ekko.store(), catalog.find(ekko.store(), b["backup_id"]))
+    assert m.table.data_count() < m.table.count       # it had zero runs: zeroed on the device, not skipped
