@@ -7,11 +7,15 @@ written in place, so everything that can refuse is checked before the first byte
     - no other process holds a lock on it: QEMU locks the images it has open (an LV a running
       or paused domain uses), and two writers on one disk would corrupt it
     - at least as large as the backed-up disk (a larger device keeps its tail)
-Zero segments are zeroed on the device (BLKZEROOUT: the kernel uses the device's write-zeroes
-or discard-with-zeroes where it has them, else writes zeros): what the device held before must
-not show through where the disk held zeros.
+Zero segments are zeroed on the device: what the device held before must not show through where
+the disk held zeros. First with fallocate(PUNCH_HOLE), which the kernel turns into a write-zeroes
+that may unmap (a thin LV or a sparse loop file stays thin; the kernel guarantees zeros read
+back, and refuses when the device cannot promise that), else with BLKZEROOUT (write-zeroes
+without unmapping, or zeros written by the kernel).
 """
 
+import ctypes
+import errno
 import fcntl
 import os
 import struct
@@ -19,6 +23,7 @@ from .directio import ALIGN, pwrite_all, pwrite_direct
 from .errors import UsageError
 
 BLKZEROOUT = 0x127F                 # _IO(0x12, 127): zero a byte range, 512-aligned
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 ZERO_STEP = 1 << 30                 # one ioctl per GiB: an interrupt is seen between them
 # struct flock on Linux x86_64/arm64: l_type, l_whence (shorts), l_start, l_len (off_t), l_pid
 _FLOCK = struct.Struct("hh4xqqi4x")
@@ -33,6 +38,7 @@ class Device:
         self.needed = needed        # the backed-up disk's
         self.fd = -1
         self.buffered_fd = -1
+        self.punch = True           # until the device refuses fallocate(PUNCH_HOLE)
 
     def open(self) -> "Device":
         self.fd = os.open(self.path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT)
@@ -51,8 +57,20 @@ class Device:
         end = offset + length
         while offset < end:
             n = min(ZERO_STEP, end - offset)
-            fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, n))
+            if not (self.punch and self._punch(offset, n)):
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, n))
             offset += n
+
+    def _punch(self, offset: int, n: int) -> bool:
+        """Zero by unmapping where the device promises zeros after it; False where it cannot."""
+        if _libc.fallocate(self.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                           ctypes.c_int64(offset), ctypes.c_int64(n)) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENODEV):
+            self.punch = False          # this device: BLKZEROOUT from now on
+            return False
+        raise OSError(err, os.strerror(err))
 
     def sync(self) -> None:
         os.fsync(self.buffered_fd)
@@ -63,6 +81,10 @@ class Device:
             if fd >= 0:
                 os.close(fd)
         self.fd = self.buffered_fd = -1
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def open_for_restore(path: str, needed: int) -> Device:

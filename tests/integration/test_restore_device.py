@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import manifest_of
-from ekko_libvirt import catalog
+from ekko_libvirt import blockdev, catalog
 from ekko_libvirt import segment
 from ekko_libvirt.errors import IntegrityError, UsageError
 from ekko_libvirt.restore import restore
@@ -63,7 +63,10 @@ def _disk(rnd, pattern):
     return [rnd.randbytes(SEG) if c == "D" else None for c in pattern]
 
 
-def test_restore_onto_a_device_replaces_everything_and_keeps_its_tail(workdir):
+@pytest.mark.parametrize("zeroing", ["unmap", "write-zeroes"])
+def test_restore_onto_a_device_replaces_everything_and_keeps_its_tail(workdir, zeroing, monkeypatch):
+    if zeroing == "write-zeroes":       # a device that cannot promise zeros after an unmap
+        monkeypatch.setattr(blockdev.Device, "_punch", lambda self, offset, n: False)
     rnd = random.Random(3)
     contents = _disk(rnd, "ZDDZZZDZDZ")     # zero runs at the start, middle and end
     store = MemoryStore()
@@ -74,6 +77,22 @@ def test_restore_onto_a_device_replaces_everything_and_keeps_its_tail(workdir):
     assert differs(got[:m.virtual_size], b"".join(c or bytes(SEG) for c in contents)) is None
     assert differs(got[m.virtual_size:], OLD * MiB) is None        # beyond the disk: left as it was
     assert res.segments == 4 and not res.holes
+
+
+def test_zero_runs_keep_a_thin_device_thin(workdir):
+    """Zeroing unmaps where the device can promise zeros (a loop device's backing file, a thin
+    LV): the old content's blocks are given back, not overwritten with zeros."""
+    rnd = random.Random(9)
+    contents = _disk(rnd, "D" + "Z" * 30 + "D")
+    store = MemoryStore()
+    m = _backup(store, contents)
+    with loop_device(workdir, m.virtual_size) as (dev, backing):
+        before = os.stat(backing).st_blocks * 512
+        restore(store, m, dev, overwrite=True)
+        got = _device_bytes(dev, m.virtual_size)
+        after = os.stat(backing).st_blocks * 512
+    assert differs(got, b"".join(c or bytes(SEG) for c in contents)) is None
+    assert before >= m.virtual_size and after <= 4 * SEG, (before, after)
 
 
 def test_a_disk_size_that_is_not_a_whole_block(workdir):
