@@ -4,8 +4,10 @@ A restore into a file writes '<path>.ekko-partial' and renames it; a device can 
 written in place, so everything that can refuse is checked before the first byte:
     - opened O_EXCL: the kernel refuses (EBUSY) a device that is mounted, or held by
       device-mapper, md or another exclusive opener
-    - no other process holds a lock on it: QEMU locks the images it has open (an LV a running
-      or paused domain uses), and two writers on one disk would corrupt it
+    - a write lock over all of it (an open file description lock, as QEMU takes them): refused
+      when QEMU has it open (an LV a running or paused domain uses: two writers would corrupt
+      it), and, held until the restore ends, it makes a QEMU that tries to open it meanwhile
+      fail instead of starting a domain on a half-restored disk
     - at least as large as the backed-up disk (a larger device keeps its tail)
 Zero segments are zeroed on the device: what the device held before must not show through where
 the disk held zeros. First with fallocate(PUNCH_HOLE), which the kernel turns into a write-zeroes
@@ -27,21 +29,22 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 ZERO_STEP = 1 << 30                 # one ioctl per GiB: an interrupt is seen between them
 # struct flock on Linux x86_64/arm64: l_type, l_whence (shorts), l_start, l_len (off_t), l_pid
 _FLOCK = struct.Struct("hh4xqqi4x")
+F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 
 
 class Device:
     """An open block device: direct writes of whole blocks, buffered for a short tail."""
 
-    def __init__(self, path: str, size: int, needed: int):
+    def __init__(self, path: str):
         self.path = path
-        self.size = size            # the device's
-        self.needed = needed        # the backed-up disk's
         self.fd = -1
         self.buffered_fd = -1
         self.punch = True           # until the device refuses fallocate(PUNCH_HOLE)
 
     def open(self) -> "Device":
         self.fd = os.open(self.path, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC | os.O_DIRECT)
+        # whole device, until close: F_OFD_SETLK, F_WRLCK, from 0 to the end
+        fcntl.fcntl(self.fd, F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
         # a disk whose size is not a multiple of the block ends in a short write, which O_DIRECT
         # refuses: it goes through the same device opened without it
         self.buffered_fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
@@ -88,41 +91,28 @@ _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 
 
 def open_for_restore(path: str, needed: int) -> Device:
-    """The device at `path`, checked and opened for a restore of a `needed`-byte disk. Refusals
-    are UsageError (exit 2, nothing written); OSError from the kernel is left to the caller."""
+    """The device at `path`, checked, opened and locked for a restore of a `needed`-byte disk.
+    Refusals are UsageError (exit 2, nothing written); other OSErrors are left to the caller."""
     if needed % 512:
         raise UsageError(f"{path}: the backed-up disk is {needed} bytes, not a whole number of 512-byte "
                          "sectors: restore it to a file")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         size = os.lseek(fd, 0, os.SEEK_END)
-        holder = _lock_holder(fd)
     finally:
         os.close(fd)
-    if holder is not None:
-        raise UsageError(f"{path} is in use: {holder} holds a lock on it (QEMU locks the disks of a running or "
-                         "paused domain); stop whatever uses it, then restore. Nothing was written")
     if size < needed:
         raise UsageError(f"{path} is {size} bytes, the backed-up disk {needed}: the device is too small")
-    dev = Device(path, size, needed)
+    dev = Device(path)
     try:
         return dev.open()
     except OSError as e:
         dev.close()
-        if e.errno == 16:       # EBUSY, from O_EXCL
+        if e.errno == errno.EBUSY:          # from O_EXCL
             raise UsageError(f"{path} is in use (mounted, or held by device-mapper or another exclusive "
                              "user): nothing was written") from e
+        if e.errno in (errno.EAGAIN, errno.EACCES):     # from the lock
+            raise UsageError(f"{path} is in use: another process holds a lock on it (QEMU locks the disks of "
+                             "a running or paused domain); stop whatever uses it, then restore. Nothing was "
+                             "written") from e
         raise
-
-
-def _lock_holder(fd: int):
-    """Who holds a lock that a write lock over the device would conflict with (QEMU takes its
-    image locks as open file description locks, which have no owner PID), or None."""
-    query = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-    for cmd in (getattr(fcntl, "F_OFD_GETLK", None), fcntl.F_GETLK):
-        if cmd is None:
-            continue
-        l_type, _, _, _, pid = _FLOCK.unpack(fcntl.fcntl(fd, cmd, query))
-        if l_type != fcntl.F_UNLCK:
-            return f"process {pid}" if pid > 0 else "another process"
-    return None

@@ -5,6 +5,7 @@ import contextlib
 import os
 import random
 import subprocess
+import threading
 import time
 
 import pytest
@@ -155,6 +156,52 @@ def test_a_device_qemu_has_open_is_refused(workdir):
             qsd.wait(timeout=30)
         assert differs(_device_bytes(dev, m.virtual_size), OLD * m.virtual_size) is None
         restore(store, m, dev, overwrite=True)          # free again
+        assert differs(_device_bytes(dev, m.virtual_size), b"".join(contents)) is None
+
+
+def test_qemu_cannot_open_a_device_while_it_is_restored(workdir, monkeypatch):
+    """The restore holds a write lock over the whole device: a domain started on it meanwhile
+    (here a qemu-storage-daemon) fails to open it instead of running on a half-written disk."""
+    contents = _disk(random.Random(10), "DDD")
+    store = MemoryStore()
+    m = _backup(store, contents)
+    fifo = os.path.join(workdir, "pause.fifo")
+    os.mkfifo(fifo)
+    monkeypatch.setenv("EKKO_TEST_PAUSE", f"restore-write:{fifo}")
+    with loop_device(workdir, m.virtual_size) as (dev, _):
+        result = {}
+
+        def run():
+            try:
+                result["r"] = restore(store, m, dev, overwrite=True, workers=1)
+            except BaseException as e:  # noqa: BLE001 - shown by the assertion below
+                result["error"] = e
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        try:
+            with open(fifo, "wb"):          # the restore waits at its first write
+                # a guest's disk: the node with a writer attached (a writable export here)
+                qsd = subprocess.Popen(["qemu-storage-daemon",
+                                        "--blockdev", f"driver=host_device,node-name=d0,filename={dev}",
+                                        "--nbd-server", f"addr.type=unix,addr.path={workdir}/q.nbd",
+                                        "--export", "type=nbd,id=e0,node-name=d0,writable=on"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                try:
+                    rc = qsd.wait(timeout=20)
+                except subprocess.TimeoutExpired:   # it opened the device: the lock did not stop it
+                    qsd.kill()
+                    rc = qsd.wait()
+                err = qsd.stderr.read()
+        finally:
+            deadline = time.monotonic() + 60
+            while t.is_alive() and time.monotonic() < deadline:    # let the other writes pass
+                try:
+                    os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+                except OSError:         # ENXIO: nobody waits at the moment
+                    time.sleep(0.01)
+            t.join(timeout=1)
+        assert rc == 1 and "lock" in err, (rc, err)
+        assert "r" in result and result["r"].segments == 3, result
         assert differs(_device_bytes(dev, m.virtual_size), b"".join(contents)) is None
 
 
