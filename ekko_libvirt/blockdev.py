@@ -96,16 +96,9 @@ def open_for_restore(path: str, needed: int) -> Device:
     if needed % 512:
         raise UsageError(f"{path}: the backed-up disk is {needed} bytes, not a whole number of 512-byte "
                          "sectors: restore it to a file")
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-    finally:
-        os.close(fd)
-    if size < needed:
-        raise UsageError(f"{path} is {size} bytes, the backed-up disk {needed}: the device is too small")
     dev = Device(path)
     try:
-        return dev.open()
+        dev.open()
     except OSError as e:
         dev.close()
         if e.errno == errno.EBUSY:          # from O_EXCL
@@ -116,3 +109,8 @@ def open_for_restore(path: str, needed: int) -> Device:
                              "a running or paused domain); stop whatever uses it, then restore. Nothing was "
                              "written") from e
         raise
+    size = os.lseek(dev.fd, 0, os.SEEK_END)
+    if size < needed:
+        dev.close()
+        raise UsageError(f"{path} is {size} bytes, the backed-up disk {needed}: the device is too small")
+    return dev

@@ -73,10 +73,10 @@ def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: i
             progress: Optional[Callable[[int, int], None]] = None) -> RestoreResult:
     fmt = output_format(path, fmt)
     heap.keep_buffers_on_heap()     # segment-sized buffers: no mmap + page faults each time
-    if _is_block_device(path):
+    kind = _target_kind(path)
+    if kind == "device":
         return _restore_to_device(store, m, path, fmt, workers, allow_damaged, overwrite, progress)
-    _refuse_non_file(path)
-    if os.path.exists(path) and not overwrite:
+    if kind == "file" and not overwrite:
         raise UsageError(f"{path} exists: refusing to overwrite it (choose another path or remove it)")
     partial = path + ".ekko-partial"
     result = RestoreResult(path, fmt)
@@ -96,26 +96,19 @@ def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: i
     return result
 
 
-def _is_block_device(path: str) -> bool:
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return False
-    except OSError as e:
-        raise RestoreTargetError(path, e) from e
-
-
-def _refuse_non_file(path: str) -> None:
-    """A restore writes PATH.ekko-partial and renames it over PATH at the end: only new or
-    regular files are restored to that way (block devices are written in place, above)."""
+def _target_kind(path: str) -> str:
+    """"new", "file" or "device" (one stat). A file is restored to '<path>.ekko-partial' and renamed
+    over PATH at the end, a block device written in place; nothing else is restored to."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        return
+        return "new"
     except OSError as e:
         raise RestoreTargetError(path, e) from e
     if stat.S_ISREG(mode):
-        return
+        return "file"
+    if stat.S_ISBLK(mode):
+        return "device"
     kind = ("a character device" if stat.S_ISCHR(mode) else "a directory" if stat.S_ISDIR(mode)
             else "not a regular file")
     raise UsageError(f"{path} is {kind}: ekko restores to image files (raw or qcow2) and block devices only")
