@@ -21,8 +21,7 @@ import threading
 import time
 from typing import Dict
 
-import procs
-from procs import Vm
+import peers
 
 from ekko_libvirt import catalog, segment
 from ekko_libvirt.directio import read_direct
@@ -42,14 +41,8 @@ def full_floor(workdir: str, image: str, segment_size: int) -> Dict:
 
 
 def _read_to_null(workdir: str, image: str) -> Dict:
-    vm = Vm(workdir, image).start()
-    try:
-        uri = vm.export(os.path.join(workdir, "floor.nbd"))
-        r = procs.run(["nbdcopy", uri, "null:"], qemu_pid=vm.pid)
-        vm.unexport()
-    finally:
-        vm.stop()
-    return {"read_s": r.wall, "read_tool_cpu_s": r.cpu, "read_qemu_cpu_s": r.qemu_cpu}
+    r = peers.run_nbdcopy(workdir, image, to_null=True)
+    return {"read_s": r["full_s"], "read_tool_cpu_s": r["cpu_full_tool_s"], "read_qemu_cpu_s": r["cpu_full_qemu_s"]}
 
 
 def _compute_seconds(workdir: str, image: str, segment_size: int) -> float:

@@ -68,18 +68,20 @@ def result(tool: str, full: Run, inc: Optional[Run], none: Optional[Run], restor
 
 
 # -- nbdcopy: the read + write limit ---------------------------------------------------------------
-def run_nbdcopy(workdir: str, image: str, flush: bool = False) -> Dict:
+def run_nbdcopy(workdir: str, image: str, flush: bool = False, to_null: bool = False) -> Dict:
     """The issue's reference is plain nbdcopy: its 3 GiB reach the page cache only. With
-    --flush the file is durable when it returns, as every object of a backup is."""
+    --flush the file is durable when it returns, as every object of a backup is; `to_null`:
+    nothing is written (nbdcopy's null:), the read alone (bench/floors.py)."""
     vm = Vm(workdir, image).start()
+    out = "null:" if to_null else os.path.join(workdir, "nbdcopy.raw")
     try:
         uri = vm.export(os.path.join(workdir, "e.nbd"))
-        out = os.path.join(workdir, "nbdcopy.raw")
         r = procs.run(["nbdcopy", *(["--flush"] if flush else []), uri, out], qemu_pid=vm.pid)
         vm.unexport()
     finally:
         vm.stop()
-    os.unlink(out)
+    if not to_null:
+        os.unlink(out)
     return result("nbdcopy of the export -> local raw file" + (", --flush (durable)" if flush else ""),
                   r, None, None, None, None, None)
 
