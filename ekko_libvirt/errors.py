@@ -8,6 +8,8 @@
      |    +-- DiskNotFound         the node/disk is not there (exit 2)
      |    +-- IncrementalImpossible  an incremental was demanded but cannot be done (exit 2)
      +-- ReaderError               NBD export unusable (e.g. no dirty-bitmap context negotiated)
+     +-- EncodeMismatch            verify-before-store: a segment changed while it was encoded (a
+     |                             fault in this process, not in the store): nothing is committed
      +-- StoreError                the object store failed
      |    +-- ObjectNotFound
      +-- IntegrityError            data in the store does not match its hash / checksum (exit 3)
@@ -64,6 +66,16 @@ class ScratchSpaceLow(EngineError):
 
 class ReaderError(EkkoError):
     pass
+
+
+class EncodeMismatch(EkkoError):
+    """What was about to be stored does not decode to the bytes it was named after. The store is
+    fine (exit 1, not 3): the bytes changed in memory between hashing and encoding."""
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        super().__init__(f"segment {key}: verify-before-store failed ({problem}): the data changed in memory "
+                         "while it was encoded; nothing was stored or committed")
 
 
 class StoreError(EkkoError):

@@ -22,7 +22,7 @@ import xxhash
 import zstandard
 
 from .codec import PLAIN
-from .errors import IntegrityError
+from .errors import EncodeMismatch, IntegrityError
 
 MAGIC = b"EKS1"
 HEADER = struct.Struct("<4sBBHI16s")
@@ -121,10 +121,13 @@ def encode(raw, level: int = 1, compress: bool = True, known_digest: "bytes | No
     # One copy of the payload into the object (header + bytes(payload) made two: profiled).
     blob = b"".join((HEADER.pack(MAGIC, comp, HASH_XXH3_128, 0, len(raw), d), payload))
     if comp == COMP_ZSTD:
-        decode(blob, name, codec=codec)
+        try:
+            decode(blob, name, codec=codec)
+        except IntegrityError as e:
+            raise EncodeMismatch(segment_key(name), str(e)) from e
     elif len(blob) != HEADER.size + len(raw) or digest(memoryview(blob)[HEADER.size:]) != d:
         # Stored as is: decoding is taking the payload, so re-hash it in place (no copy).
-        raise IntegrityError(f"segment {segment_key(name)}: object does not match its digest after encoding")
+        raise EncodeMismatch(segment_key(name), "object does not match its digest after encoding")
     return EncodedSegment(name, blob, len(raw))
 
 

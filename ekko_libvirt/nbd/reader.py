@@ -11,7 +11,7 @@ import collections
 import logging
 import queue
 import threading
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import nbd
 
@@ -193,8 +193,11 @@ class SegmentStream:
     QEMU's NBD server less CPU per GiB than the same bytes spread over one connection per
     worker, and requests under 1 MiB avoid its page faults (see bench/, README "Benchmark")."""
 
-    def __init__(self, export: Export, plans, request_size: int, in_flight: int, buffers: int):
+    def __init__(self, export: Export, plans, request_size: int, in_flight: int, buffers: int,
+                 connect: Callable[[Export], "nbd.NBD"] = None):
+        """`connect`: opens the read connection (libnbd; a fake handle in the schedule tests)."""
         self.export = export
+        self.connect = connect or _connect
         self.plans = plans
         self.request_size = request_size
         self.in_flight = max(1, in_flight)
@@ -254,25 +257,28 @@ class SegmentStream:
     # -- the reading thread ----------------------------------------------------------------------
     def _read(self) -> None:
         h = None
-        pending: dict = {}                   # cookie -> entry of `order`
-        order: collections.deque = collections.deque()   # [plan, buffer, outstanding] in disk order
+        pending: dict = {}                   # cookie -> the _Slot its read fills
+        order: collections.deque = collections.deque()   # _Slots in disk order
         try:
-            h = _connect(self.export)
+            h = self.connect(self.export)
             while not self.stop.is_set():
                 batch = self._next_batch(h, pending, order)
                 if batch is _END:
                     break
                 for plan in batch:
                     if plan.is_zero:
-                        order.append([plan, None, 0])
+                        order.append(_Slot(plan, None, sealed=True))
                         continue
-                    entry = [plan, self._buffer(plan.length, h, pending, order), 0]
-                    order.append(entry)
-                    for view, off in entry[1].requests(plan, self.request_size):
+                    slot = _Slot(plan, self._buffer(plan.length, h, pending, order))
+                    order.append(slot)
+                    for view, off in slot.buf.requests(plan, self.request_size):
                         while len(pending) >= self.in_flight:
                             self._progress(h, pending, order)
-                        pending[h.aio_pread(view, off)] = entry
-                        entry[2] += 1
+                        pending[h.aio_pread(view, off)] = slot
+                        slot.outstanding += 1
+                    # Only now may the slot be handed over: until its last read was issued, a
+                    # count of 0 outstanding meant "reads still to come", not "done".
+                    slot.sealed = True
                 self._emit(order)
             while pending:
                 self._progress(h, pending, order)
@@ -286,9 +292,7 @@ class SegmentStream:
             if h is not None:
                 try:
                     while pending:           # libnbd still writes into our buffers: let it finish
-                        h.poll(-1)
-                        for c in [c for c in pending if h.aio_command_completed(c)]:
-                            del pending[c]
+                        self._reap(h, pending)
                 except nbd.Error:
                     pass
                 close_handle(h)
@@ -327,18 +331,42 @@ class SegmentStream:
 
     def _progress(self, h, pending: dict, order) -> None:
         """Wait for at least one outstanding read; emit the segments that are complete."""
-        h.poll(-1)
-        for cookie in [c for c in pending if h.aio_command_completed(c)]:
-            pending.pop(cookie)[2] -= 1
+        for slot in self._reap(h, pending):
+            slot.outstanding -= 1
         self._emit(order)
 
+    @staticmethod
+    def _reap(h, pending: dict) -> list:
+        """Retire the reads that completed, waiting for one only if none has: libnbd may have
+        completed them all already (it reads replies while it issues requests), and a poll
+        with nothing in flight would wait for ever. -> the slots of the retired reads."""
+        done = [c for c in pending if h.aio_command_completed(c)]
+        while not done:
+            h.poll(-1)
+            done = [c for c in pending if h.aio_command_completed(c)]
+        return [pending.pop(c) for c in done]
+
     def _emit(self, order) -> None:
+        """Hand over the complete segments at the head of `order`, in disk order."""
         ready = []
-        while order and order[0][2] == 0:
-            plan, buf, _ = order.popleft()
-            ready.append((plan, buf))
+        while order and order[0].sealed and order[0].outstanding == 0:
+            slot = order.popleft()
+            ready.append((slot.plan, slot.buf))
         if ready:
             self.out.put(ready)
+
+
+class _Slot:
+    """A segment on its way through the reading thread: its buffer, how many of its reads are
+    in flight, and whether all of them were issued (sealed). Handed over when sealed and 0."""
+
+    __slots__ = ("plan", "buf", "outstanding", "sealed")
+
+    def __init__(self, plan: SegmentPlan, buf: Optional[SegmentBuffer], sealed: bool = False):
+        self.plan = plan
+        self.buf = buf
+        self.outstanding = 0
+        self.sealed = sealed
 
 
 class SegmentReader:
