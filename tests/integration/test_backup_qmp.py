@@ -327,6 +327,23 @@ def paused_at(ekko, workdir, point, *args):
             proc.wait()
 
 
+def sigterm_taken(proc, timeout=30):
+    """Wait until ekko's SIGTERM handler has run in its main thread: the handler's first act is to
+    restore SIGTERM's default action ("a second SIGTERM ends the process at once"), which clears
+    SIGTERM from SigCgt in /proc/PID/status; its next is to raise Terminated there."""
+    import signal
+    bit = 1 << (signal.SIGTERM - 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(f"/proc/{proc.pid}/status") as f:
+            caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+        if not caught & bit:
+            return
+        assert proc.poll() is None, "ekko exited before its SIGTERM handler ran"
+        assert time.monotonic() < deadline, f"ekko's SIGTERM handler did not run within {timeout} s"
+        time.sleep(0.01)
+
+
 def test_disk_grown_between_backups_next_is_a_full_with_the_reason(qdisk, ekko_for, workdir):
     """block_resize of the live disk (as Nova's resize does): the old generation cannot describe
     the new size, so the next backup is a full that says why, and both restore exactly."""
@@ -411,7 +428,7 @@ def test_sigterm_mid_backup_undoes_everything_in_qemu_at_once(qdisk, ekko_for, w
     nodes_before = sorted(n["node-name"] for n in disk.admin.execute("query-named-block-nodes", {"flat": True}))
     with paused_at(ekko, workdir, "during-read", "backup", "t1") as proc:
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)                      # the main thread takes it while the worker still waits
+        sigterm_taken(proc)                  # the main thread took it while the worker still waits
     err = proc.err
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "terminated (SIGTERM); nothing was committed" in err and "Traceback" not in err, err
@@ -429,7 +446,7 @@ def test_sigterm_mid_backup_undoes_everything_in_qemu_at_once(qdisk, ekko_for, w
     with paused_at(ekko, workdir, "restore-write", "restore", inc["backup_id"], "--to", out) as r:
         assert os.path.exists(out + ".ekko-partial")        # a restore thread is about to write
         r.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        sigterm_taken(r)                                    # before the write is let go
     assert r.returncode == 128 + signal.SIGTERM, r.err
     assert not os.path.exists(out + ".ekko-partial") and not os.path.exists(out)
 

@@ -52,13 +52,24 @@ def key_of(raw):
 # -- store stat -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["memory", "local"])
 def test_stat_reports_size_and_put_time(kind, tmp_path):
-    store = MemoryStore() if kind == "memory" else LocalStore(str(tmp_path))
-    before = time.time()
+    """The put time comes from the store's own clock: the memory store's (a fake one here), the
+    file system's for the local store, bracketed by two files written on the same file system."""
+    def stamp(name):
+        if kind == "memory":
+            return clock()
+        with open(tmp_path / name, "wb"):
+            pass
+        return os.stat(tmp_path / name).st_mtime
+
+    clock = Clock()
+    store = MemoryStore(clock) if kind == "memory" else LocalStore(str(tmp_path / "store"))
+    before = stamp("before")
     store.put("a/b", b"12345")
+    after = stamp("after")
     info = store.stat("a/b")
     assert info.key == "a/b" and info.size == 5
-    assert before - 2 <= info.mtime <= time.time() + 2
-    with pytest.raises(ObjectNotFound):
+    assert before <= info.mtime <= after, (before, info.mtime, after)
+    with pytest.raises(ObjectNotFound, match="a/none"):
         store.stat("a/none")
 
 

@@ -51,8 +51,11 @@ def test_a_settled_backup_leaves_the_helper_alone(tmp_path):
     p = _helper()
     try:
         r = _reaper(tmp_path, p)
+        proc = r.proc
         r.done()
-        time.sleep(0.3)
+        # The reaper has exited. Had it taken the "died" path, it would have logged, signalled the
+        # helper and waited for it to end before exiting: so the helper runs now or never will be hit.
+        assert proc.wait(timeout=10) == 0
         assert p.poll() is None
         assert not (tmp_path / "reaper.log").exists() and (tmp_path / "helper.fleece").exists()
     finally:
