@@ -216,6 +216,7 @@ def test_scheduled_backups_and_status(libvirtd, ekko_hook, test_domains, images,
     first = wait_for(lambda: status_of(ekko, name)["chain"]["last_backup_id"], 60, "a scheduled backup")
     ids = wait_for(lambda: len(b := backups_of(ekko, name)) >= 2 and b, 60, "a second scheduled backup")
     assert agent.terminate() == 0
+    stopped = time.time()                  # no backup of it starts after this
     (b1, d1), (b2, d2) = list(ids.items())[:2]
     assert b1 == first
     assert (d1["vda"]["kind"], d1["vdb"]["kind"]) == ("full", "full")
@@ -226,11 +227,14 @@ def test_scheduled_backups_and_status(libvirtd, ekko_hook, test_domains, images,
         ekko.run("restore", b1, "--disk", dev, "--to", out)
         assert read_raw(out) == exp[dev], dev
 
+    # 2 s (the interval; +1 for a time kept in whole seconds) after the agent stopped, the
+    # newest backup is surely older than the interval: the next one is due, whenever this runs
+    time.sleep(max(0.0, stopped + 3 - time.time()))
     row = status_of(ekko, name)
     newest = list(backups_of(ekko, name))[-1]
     assert row["chain"]["status"] == "ok" and row["chain"]["last_backup_id"] == newest
     assert set(row["last_backup"]) == {"vda", "vdb"} and row["last_backup"]["vda"]["backup_id"] == newest
-    assert row["next"]["interval_s"] == 2 and row["next"]["why"] in ("not-due", "interval-elapsed")
+    assert (row["next"]["interval_s"], row["next"]["why"], row["next"]["due"]) == (2, "interval-elapsed", True)
     assert row["job"] is None
     last = row["last_job"]
     assert last["status"] == "succeeded" and last["backup_id"] == newest

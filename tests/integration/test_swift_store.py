@@ -10,6 +10,7 @@ the container database and lists them through the proxy.
 import hashlib
 import os
 import random
+import re
 import sys
 import threading
 import time
@@ -74,7 +75,7 @@ def test_delete_is_idempotent(store):
     store.delete("x/y")
     store.delete("never/was/there")
     assert not store.exists("x/y")
-    with pytest.raises(ObjectNotFound):
+    with pytest.raises(ObjectNotFound, match="object not found in store: x/y"):
         store.get("x/y")
 
 
@@ -111,7 +112,7 @@ def test_keys_with_slashes(store):
 
 def test_invalid_keys_are_refused(store):
     for bad in ["", "/abs", "a//b", "../x", "a/./b", "sp ace", "a/"]:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=f"^invalid store key: {re.escape(repr(bad))}$"):
             store.put(bad, b"x")
 
 
@@ -151,9 +152,9 @@ def test_config_from_env_v1_and_v3():
                                            "OS_APPLICATION_CREDENTIAL_ID": "i",
                                            "OS_APPLICATION_CREDENTIAL_SECRET": "s"})
     assert c.application_credential_id == "i"
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"store\.auth_url: set ST_AUTH \(tempauth\) or OS_AUTH_URL \(keystone\)"):
         SwiftConfig.from_env("c", environ={})
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="store.container: pass a container or set EKKO_SWIFT_CONTAINER"):
         SwiftConfig.from_env(environ={"ST_AUTH": "http://h/auth/v1.0", "ST_USER": "a", "ST_KEY": "b"})
 
 
@@ -165,7 +166,7 @@ def test_config_from_env_v1_and_v3():
 def test_config_validation(bad):
     values = dict(auth_url="http://h:8080/auth/v1.0", user="u:v", key="k", container="c")
     values.update(bad)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=rf"^config: store\.{next(iter(bad))}: "):     # names the bad option
         SwiftConfig(**values)
 
 
@@ -173,7 +174,7 @@ def test_config_from_mapping():
     c = SwiftConfig.from_mapping({"type": "swift", "auth_url": "http://h/auth/v1.0", "user": "a:b",
                                   "key": "k", "container": "ekko-p", "threads": 4, "retries": 2})
     assert (c.threads, c.retries) == (4, 2)
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="store.colour: unknown key for a swift store"):
         SwiftConfig.from_mapping({"auth_url": "http://h/auth/v1.0", "container": "c", "colour": 1})
 
 
@@ -187,11 +188,11 @@ def test_store_section_to_config_and_containers():
     v1 = {"auth_url": "http://h/auth/v1.0", "user": "a:b", "key": "k"}
     assert swift_module.container_for(v1, "proj") == "ekko-proj"
     assert swift_module.swift_config(v1, environ={}).auth_version == "1"
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="store.container: give container or container_prefix, not both"):
         swift_module.swift_config(dict(v1, container="a", container_prefix="b"), environ={})
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match="store.unknown_option: unknown key for a swift store"):
         swift_module.swift_config(dict(v1, unknown_option=1), environ={})
-    with pytest.raises(ConfigError):  # no credentials in the file nor in the environment
+    with pytest.raises(ConfigError, match="store.user: auth_version 1 needs user and key"):  # none in file or env
         swift_module.swift_config({"auth_url": "http://h/auth/v1.0"}, environ={})
 
 
@@ -413,7 +414,7 @@ def test_other_account_is_refused(make_swift_store, swift_server):
     # test2's own account is a separate namespace: same container name, nothing in it
     own = make_swift_store(container=owner.container, account="test2")
     assert list(own.list()) == []
-    with pytest.raises(ObjectNotFound):
+    with pytest.raises(ObjectNotFound, match="object not found in store: seg/secret"):
         own.get("seg/secret")
     assert owner.get("seg/secret") == b"tenant data"
     assert list(owner.list()) == ["seg/secret"]

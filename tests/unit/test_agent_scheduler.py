@@ -1,3 +1,4 @@
+import re
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -41,7 +42,7 @@ def test_window_next_open():
 @pytest.mark.parametrize("bad", ["22-06", "25:00-01:00", "10:60-11:00", "10:00-10:00", "24:00-01:00",
                                  "00:00-24:30", "", "x"])
 def test_window_parse_rejects(bad):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=rf"time window: {re.escape(repr(bad))} \("):
         TimeWindow.parse(bad)
 
 
@@ -84,9 +85,9 @@ def test_disabled_job_running_stopped():
 
 
 def test_naive_datetimes_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^now must be timezone-aware"):
         decide(datetime(2024, 6, 10, 12), dom("a"), Policy())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^last_backup of a must be timezone-aware"):
         decide(at(12), dom("a", datetime(2024, 6, 9)), Policy())
 
 
@@ -123,7 +124,7 @@ def test_plan_per_domain_override_merged_over_default():
 def test_plan_nothing_due():
     p = plan(at(12), [], max_concurrent=1)
     assert p == plan(at(12), [], max_concurrent=3) and p.start == () and p.next_wakeup is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="max_concurrent must be at least 1, got 0"):
         plan(at(12), [], max_concurrent=0)
 
 
@@ -144,7 +145,8 @@ def test_parse_interval(text, seconds):
 
 @pytest.mark.parametrize("bad", ["0h", "-1h", "1y", "h", True, 0, ""])
 def test_parse_interval_rejects(bad):
-    with pytest.raises(ValueError):
+    why = "interval must be positive" if bad in ("0h", 0) else "not an interval"
+    with pytest.raises(ValueError, match=f"^{why}: {re.escape(repr(bad))}"):
         parse_interval(bad)
 
 

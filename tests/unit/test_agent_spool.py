@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 import pytest
 
@@ -116,12 +117,13 @@ def test_render_hook_bakes_both_dirs():
 
 @pytest.mark.parametrize("spool_dir", ["relative", '/a"b', "/a\\b", "/a\nb"])
 def test_render_hook_refuses_bad_paths(spool_dir):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="SPOOL_DIR must be an absolute path without quotes or backslashes: "
+                                         + re.escape(repr(spool_dir))):
         render_hook(open(HOOK).read(), spool_dir, "/srv/state")
 
 
 def test_render_hook_needs_the_lines():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"hook source has 0 lines `SPOOL_DIR = .*` \(expected exactly one\)"):
         render_hook("print('no config')\n", "/a", "/b")
 
 

@@ -69,7 +69,7 @@ def test_ignore_changes_nothing_and_uuid_must_match():
     st = DomainState(UUID)
     assert apply_reactions(st, ev("frobnicate"), [Reaction(Action.IGNORE, "x")]) is st
     other = DomainState("00000000-0000-0000-0000-000000000000")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"event for {UUID} applied to the state of {other.uuid}"):
         apply_reactions(other, ev("started"), [Reaction(Action.MARK_RUNNING, "x")])
 
 
@@ -92,7 +92,7 @@ def test_job_record_transitions():
     assert (p.bytes_done, p.bytes_total, p.updated_ns, p.status) == (50, 100, 2, JobStatus.RUNNING)
     d = p.finished(JobStatus.SUCCEEDED, 3, backup_id="b1")
     assert (d.status, d.backup_id, d.updated_ns) == (JobStatus.SUCCEEDED, "b1", 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a job cannot finish as running"):
         p.finished(JobStatus.RUNNING, 4)
 
 
@@ -111,7 +111,7 @@ def test_domain_roundtrip_atomic_and_private(sd):
     assert [n for n in os.listdir(sd.domains_dir) if n.startswith(".")] == []
     assert sd.load_domain("00000000-0000-0000-0000-000000000000") is None
     assert sd.list_domains() == [saved]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"not a domain UUID: '\.\./\.\./etc/passwd'"):
         sd.domain_path("../../etc/passwd")
 
 
@@ -183,7 +183,7 @@ def test_offline_marker_format_matches_the_hook(sd):
 
 
 def test_offline_backup_context_clears_on_error(sd):
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="^boom$"):
         with sd.offline_backup(UUID, "vm1"):
             assert os.path.exists(sd.offline_marker_path(UUID))
             raise RuntimeError("boom")

@@ -239,7 +239,7 @@ def test_sampler_picks_about_the_fraction_and_is_stable_per_salt():
     other = verify.sampler(0.05, salt=2)
     assert [other(d) for d in digests] != [pick(d) for d in digests]          # another run, another sample
     assert all(map(verify.sampler(1.0), digests[:10]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"sample must be in \(0, 1\], not 0"):
         verify.sampler(0)
 
 

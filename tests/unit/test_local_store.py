@@ -87,7 +87,7 @@ def test_other_write_errors_are_store_errors_and_leave_no_temp_file(tmp_path, mo
         store.put("segments/abc/x", _data(DIRECT_MIN + 1))
     assert store.direct is True          # not a refusal of direct I/O: no silent fallback
     assert os.listdir(tmp_path / "segments" / "abc") == []
-    with pytest.raises(ObjectNotFound):
+    with pytest.raises(ObjectNotFound, match="object not found in store: segments/abc/x"):
         store.get("segments/abc/x")
 
 
@@ -100,7 +100,7 @@ def test_batch_objects_are_invisible_until_flushed_then_whole(tmp_path):
         b.put(k, v)
     for k in objs:
         assert not store.exists(k)
-        with pytest.raises(ObjectNotFound):
+        with pytest.raises(ObjectNotFound, match=f"object not found in store: {k}$"):
             store.get(k)
     assert list(store.list("segments/")) == []
     b.flush()

@@ -1,4 +1,5 @@
 import os
+import random
 
 import pytest
 
@@ -28,7 +29,8 @@ def test_manifest_damage_detected():
     for pos in (3, 20, len(blob) // 2, len(blob) - 1):
         bad = bytearray(blob)
         bad[pos] ^= 0x40
-        with pytest.raises(ManifestError):
+        why = r"not an ekko manifest \(bad magic\)" if pos < 4 else r"checksum mismatch \(damaged or truncated\)"
+        with pytest.raises(ManifestError, match=f"^manifest k: {why}$"):
             mf.decode(bytes(bad), "k")
     with pytest.raises(ManifestError, match="truncated|checksum|magic"):
         mf.decode(bytes(blob[:-30]), "k")
@@ -57,11 +59,13 @@ def test_segment_roundtrip_and_compression_choice():
 
 
 def test_segment_damage_detected():
-    enc = segment.encode(b"x" * 5000 + os.urandom(5000))
-    for pos in (0, 5, 12, 40, len(enc.blob) - 1):
+    enc = segment.encode(b"x" * 5000 + random.Random(1).randbytes(5000))
+    assert enc.blob[4] == segment.COMP_ZSTD
+    for pos, why in ((0, "not an ekko segment"), (5, "not an ekko segment"), (12, "header digest .* does not match"),
+                     (40, "cannot decompress"), (len(enc.blob) - 1, "content does not match its digest")):
         bad = bytearray(enc.blob)
         bad[pos] ^= 1
-        with pytest.raises(IntegrityError):
+        with pytest.raises(IntegrityError, match=f"^segment {segment.segment_key(enc.digest)}: {why}"):
             segment.decode(bytes(bad), enc.digest)
     with pytest.raises(IntegrityError, match="does not match its name"):
         segment.decode(enc.blob, segment.digest(b"other"))

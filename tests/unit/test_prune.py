@@ -150,7 +150,7 @@ def test_periods_follow_the_given_time_zone():
 
 
 def test_policy_rejects_negative_counts():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="keep-last must be an integer >= 0, not -1"):
         Policy(last=-1)
 
 

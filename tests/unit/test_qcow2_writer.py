@@ -79,5 +79,5 @@ def test_a_huge_sparse_disk_has_small_metadata(tmp_path):
 
 def test_segment_sizes_that_are_not_whole_clusters_are_refused():
     assert not qcow2.can_write(32 << 10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="segment size 32768 is not a multiple of the 65536-byte cluster"):
         qcow2.plan(MiB, 32 << 10, [0])
