@@ -24,5 +24,11 @@ unit: deps-core
 bench: deps
 	$(PY) bench/run.py $(BENCH_ARGS)
 
+# make mutate [MODULE=segment] [MUTATE_ARGS="--rev HEAD --jobs 2"]: mutation testing (mutmut) of the
+# core modules against the unit tests, one module at a time (scripts/mutate.py; docs/mutation.md).
+.PHONY: mutate
+mutate: deps-core
+	nice -n 19 $(PY) scripts/mutate.py $(MODULE) $(MUTATE_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info demo-work
