@@ -824,10 +824,11 @@ def cmd_hook(cfg, args) -> int:
     dest = args.dest or settings.hook_path
     if args.hook_command == "install":
         try:
-            install_hook(dest, settings.spool_dir, cfg.state_dir)
+            install_hook(dest, settings.spool_dir, cfg.state_dir, spool_max=settings.spool_max_events)
         except (OSError, ValueError) as e:
             raise EkkoError(f"cannot install the hook as {dest}: {e}") from e
-        done = f"installed {dest} (spool {settings.spool_dir}, state {cfg.state_dir})"
+        done = (f"installed {dest} (spool {settings.spool_dir}, coalesced above {settings.spool_max_events} events, "
+                f"state {cfg.state_dir})")
     else:
         try:
             removed = uninstall_hook(dest)

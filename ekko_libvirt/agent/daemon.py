@@ -9,6 +9,9 @@
                 wakes it:
                   connection    (re)connect to libvirt; after libvirtd restarted: reconcile
                   spool         hook events, in order, through events.decide / state.apply_event
+                                (an event older than the state changes only what it is newer than);
+                                at start, events an older agent quarantined that the current rule
+                                accepts are moved back from bad/ first
                   libvirt       lifecycle events (events.lifecycle_reactions): QEMU died -> full
                   reconcile     domains whose libvirtd reconnected, or that have a libvirt job
                                 record no live job owns: the engine's recovery
@@ -145,6 +148,11 @@ class Agent:
         self._single_instance()
         self.spool.ensure()
         self.spool.cleanup_tmp()
+        back = self.spool.requeue_bad()
+        if back:
+            log.warning("%d hook event(s) quarantined by an earlier agent are valid events: moved back from %s "
+                        "and processed in time order (an event older than the state changes only what it "
+                        "is newer than)", len(back), self.spool.bad_dir)
         for job in self.sd.recover_stale_jobs():
             log.warning("job %s of domain %s was running when its process %d ended: marked abandoned; "
                         "settling what it left in libvirt", job.job_id, job.uuid, job.pid)
@@ -331,6 +339,8 @@ class Agent:
             log.error("hook event %s not processed (kept, tried again): %s", res.stopped_at, res.error)
 
     def handle_event(self, ev) -> None:
+        for note in ev.notes:
+            log.warning("hook event %s %s %s (%s): %s", ev.domain, ev.op, ev.subop, ev.wall_ns, note)
         st, reactions = self.sd.apply_event(ev, shared_storage=self.settings.shared_storage)
         log.debug("hook event %s %s %s: %s", ev.domain, ev.op, ev.subop, ", ".join(r.action.value for r in reactions))
         for r in reactions:

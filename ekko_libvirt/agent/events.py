@@ -21,12 +21,12 @@ agent may refine "clean" with the reason of libvirt's own lifecycle event.
 """
 
 import enum
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
 
 from ..errors import EkkoError
-
-FORMAT_VERSION = 1
+from . import hookformat
+from .hookformat import FORMAT_VERSION  # noqa: F401 -- re-exported
 
 
 class EventKind(enum.Enum):
@@ -73,80 +73,35 @@ class HookEvent:
     kind: EventKind
     op: str
     subop: str
-    domain: str                 # name from argv (validated by the hook)
+    domain: str                 # name from argv (hookformat.check_name)
     uuid: Optional[str]         # from the XML; None when the XML was missing or unusable
     wall_ns: int
     mono_ns: int
     pid: int
     boot_id: Optional[str] = None
     extra: Optional[str] = None
-    xml_status: str = "ok"      # ok | empty | oversize | unreadable | malformed | name-mismatch
+    xml_status: str = "ok"      # hookformat.XML_STATUSES, or "unknown"
     vetoed: bool = False        # prepare refused by the hook: the domain did not start
     nova: Optional[NovaInfo] = None
-
-
-def _uuid(value: Any, field: str) -> Optional[str]:
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) != 36:
-        raise MalformedEvent(f"{field} is not a UUID: {value!r}")
-    v = value.lower()
-    for i, c in enumerate(v):
-        if (c != "-") if i in (8, 13, 18, 23) else (c not in "0123456789abcdef"):
-            raise MalformedEvent(f"{field} is not a UUID: {value!r}")
-    return v
-
-
-def _str(raw: Mapping[str, Any], key: str, *, optional: bool = False, max_len: int = 255) -> Optional[str]:
-    value = raw.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, str) or not value or len(value) > max_len or not value.isprintable():
-        raise MalformedEvent(f"{key}: expected a printable string of at most {max_len} characters, got {value!r}")
-    return value
-
-
-def _int(raw: Mapping[str, Any], key: str) -> int:
-    value = raw.get(key)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise MalformedEvent(f"{key}: expected a non-negative integer, got {value!r}")
-    return value
+    notes: Tuple[str, ...] = field(default=(), compare=False)   # fields kept as unknown (hookformat)
 
 
 def parse_event(raw: Any, source: str = "") -> HookEvent:
-    """The decoded JSON of one event file -> HookEvent. Raises MalformedEvent."""
+    """The decoded JSON of one event file -> HookEvent. Raises MalformedEvent.
+
+    The rule is hookformat.check_event, the one the hook applies before it writes: the agent
+    refuses exactly what the hook would not have written. Unusable informational fields (a bad
+    extra, UUID, nova member, ...) are kept as unknown and listed in `notes`."""
     try:
-        if not isinstance(raw, dict):
-            raise MalformedEvent(f"expected a JSON object, got {type(raw).__name__}")
-        if raw.get("v") != FORMAT_VERSION:
-            raise MalformedEvent(f"unsupported format version {raw.get('v')!r} (this agent reads {FORMAT_VERSION})")
-        op = _str(raw, "op", max_len=16)
-        subop = _str(raw, "subop", max_len=16)
-        nova_raw = raw.get("nova")
-        nova = None
-        if nova_raw is not None:
-            if not isinstance(nova_raw, dict):
-                raise MalformedEvent("nova: expected an object")
-            nova = NovaInfo(name=_str(nova_raw, "name", optional=True),
-                            project_uuid=_uuid(nova_raw.get("project_uuid"), "nova.project_uuid"),
-                            user_uuid=_uuid(nova_raw.get("user_uuid"), "nova.user_uuid"),
-                            flavor=_str(nova_raw, "flavor", optional=True))
-        vetoed = raw.get("vetoed", False)
-        if not isinstance(vetoed, bool):
-            raise MalformedEvent(f"vetoed: expected true/false, got {vetoed!r}")
-        return HookEvent(
-            kind=classify(op, subop), op=op, subop=subop,
-            domain=_str(raw, "domain", max_len=128),
-            uuid=_uuid(raw.get("uuid"), "uuid"),
-            wall_ns=_int(raw, "wall_ns"), mono_ns=_int(raw, "mono_ns"), pid=_int(raw, "pid"),
-            boot_id=_uuid(raw.get("boot_id"), "boot_id"),
-            extra=_str(raw, "extra", optional=True, max_len=64),
-            xml_status=_str(raw, "xml", max_len=32),
-            vetoed=vetoed, nova=nova)
-    except MalformedEvent as e:
-        if source and not e.source:
-            raise MalformedEvent(e.reason, source) from e
-        raise
+        ev, notes = hookformat.check_event(raw)
+    except hookformat.Refused as e:
+        raise MalformedEvent(e.reason, source) from e
+    nova = ev["nova"]
+    return HookEvent(
+        kind=classify(ev["op"], ev["subop"]), op=ev["op"], subop=ev["subop"], domain=ev["domain"],
+        uuid=ev["uuid"], wall_ns=ev["wall_ns"], mono_ns=ev["mono_ns"], pid=ev["pid"], boot_id=ev["boot_id"],
+        extra=ev["extra"], xml_status=ev["xml"], vetoed=ev["vetoed"],
+        nova=NovaInfo(**nova) if nova else None, notes=notes)
 
 
 # --- reactions -----------------------------------------------------------------------------------

@@ -33,7 +33,8 @@ def backup_options(cfg, target: str, prefix: str = "ekko-", **kw):
     return BackupOptions(target=target, segment_size=cfg.segment_size, granularity=cfg.granularity,
                          bitmap_prefix=prefix, compress=cfg.compress, compression_level=cfg.compression_level,
                          workers=cfg.workers, request_size=cfg.request_size, in_flight=cfg.in_flight,
-                         lock_dir=os.path.join(cfg.state_dir, "locks"), scratch_reserve=cfg.scratch_reserve, **kw)
+                         lock_dir=os.path.join(cfg.state_dir, "locks"), scratch_reserve=cfg.scratch_reserve,
+                         state_dir=cfg.state_dir, read_back=cfg.read_back, **kw)
 
 
 def request_for_chain(req, st: Optional[DomainState]):
@@ -99,6 +100,7 @@ def run_recorded_backup(sd: StateDir, conn, req, run: Callable, *, progress=None
         backup_id = results[0].manifest.backup_id if results else None
         checkpoint = next((r.manifest.generation["bitmap"] for r in results if r.manifest.generation), None)
         sd.end_job(tracker.job, JobStatus.SUCCEEDED, backup_id=backup_id)
+        full = bool(results) and all(r.manifest.kind == "full" for r in results)
         if backup_id:
-            sd.update_domain(uuid, lambda s: record_backup(s, backup_id, checkpoint, job.started_ns))
+            sd.update_domain(uuid, lambda s: record_backup(s, backup_id, checkpoint, job.started_ns, full))
         return results

@@ -229,6 +229,15 @@ def parse_interval(value: Any) -> int:
     return seconds
 
 
+def format_interval(seconds: int) -> str:
+    """Seconds -> the largest unit of parse_interval that divides them: 21600 -> '6h', 90 -> '90s'.
+    parse_interval(format_interval(s)) == s."""
+    for unit in "wdhm":
+        if seconds % _UNITS[unit] == 0:
+            return f"{seconds // _UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
 def _field(raw: Mapping[str, Any], key: str, label: str) -> Any:
     value = raw[key]
     try:

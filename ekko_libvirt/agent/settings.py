@@ -1,6 +1,8 @@
 """The agent's part of ekko.yaml, typed: `agent:`, `schedule:`, `domains:` (and `retention:`). Pure.
 
-    agent:      spool_dir, max_concurrent, poll_interval, shared_storage, hook_path, keep_jobs_days;
+    agent:      spool_dir, max_concurrent, poll_interval, shared_storage, hook_path, keep_jobs_days,
+                spool_max_events (events waiting before the hook coalesces; baked into the hook by
+                `ekko hook install`);
                 lifecycle work: prune_after_backup, gc_interval, verify: {interval, sample, deep,
                 since_days} (absent: the agent runs no gc / no verify)
     schedule:   the default backup policy of every domain (scheduler.policy_from_mapping)
@@ -19,11 +21,12 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 from ..errors import ConfigError
 from ..prune import Policy as RetentionPolicy
 from ..prune import RetentionConfig
+from . import hookformat
 from .scheduler import Policy, PolicyOverride, override_from_mapping, parse_interval, policy_from_mapping
 from .spool import DEFAULT_HOOK_PATH, DEFAULT_SPOOL_DIR
 
 _AGENT_KEYS = ("spool_dir", "max_concurrent", "poll_interval", "shared_storage", "hook_path", "keep_jobs_days",
-               "prune_after_backup", "gc_interval", "verify")
+               "prune_after_backup", "gc_interval", "verify", "spool_max_events")
 _VERIFY_KEYS = ("interval", "sample", "deep", "since_days")
 _DOMAIN_KEYS = ("schedule", "retention")
 
@@ -45,6 +48,7 @@ class AgentSettings:
     shared_storage: bool = False     # instance disks are on storage shared between hosts (migration)
     hook_path: str = DEFAULT_HOOK_PATH
     keep_jobs_days: int = 14         # finished job records are deleted after this many days
+    spool_max_events: int = hookformat.DEFAULT_BOUND    # the hook coalesces the spool above this
     schedule: Policy = Policy()
     domains: Tuple[Tuple[str, PolicyOverride], ...] = ()    # (name or UUID, override)
     prune_after_backup: bool = True  # apply the domain's retention policy after each scheduled backup
@@ -75,6 +79,7 @@ class AgentSettings:
             shared_storage=_bool(agent, "shared_storage", False),
             hook_path=_path(agent, "hook_path", DEFAULT_HOOK_PATH),
             keep_jobs_days=_int(agent, "keep_jobs_days", 14, 1, 3650),
+            spool_max_events=_int(agent, "spool_max_events", hookformat.DEFAULT_BOUND, 10, 10_000_000),
             schedule=policy_from_mapping(raw.get("schedule"), "schedule"),
             domains=_domains(raw.get("domains")),
             prune_after_backup=_bool(agent, "prune_after_backup", True),

@@ -80,7 +80,8 @@ class ChainState:
     reason: str = ""
     last_backup_id: Optional[str] = None
     last_checkpoint: Optional[str] = None
-    last_backup_ns: Optional[int] = None
+    last_backup_ns: Optional[int] = None     # start of the last committed backup
+    last_full_ns: Optional[int] = None       # start of the last committed FULL backup (None: not known)
 
 
 @dataclass(frozen=True)
@@ -137,33 +138,68 @@ class JobRecord:
 
 # --- pure transitions ----------------------------------------------------------------------------
 
+def is_stale(st: DomainState, event: HookEvent) -> bool:
+    """The event is older than the last one the state took in (a replay, a file moved back from
+    bad/, a clock stepped back): it must not override what newer events said."""
+    return st.last_event_ns is not None and event.wall_ns < st.last_event_ns
+
+
 def apply_reactions(st: DomainState, event: HookEvent, reactions: Sequence[Reaction]) -> DomainState:
-    """The state after `event` and the reactions `events.decide` chose for it."""
+    """The state after `event` and the reactions `events.decide` chose for it.
+
+    An event changes only what it is newer than:
+
+        running, clean shutdown, last event    only if not older than the last event taken in
+        check required (CHECK_CHAIN)           only if newer than the start of the last backup:
+                                               that backup validated the chain after the event
+        full required (REQUIRE_FULL)           only if newer than the start of the last FULL
+                                               backup (an incremental taken after the event
+                                               did not know it: the full is still due)
+    """
     if event.uuid != st.uuid:
         raise ValueError(f"event for {event.uuid} applied to the state of {st.uuid}")
     actions = {r.action for r in reactions}
     if not actions or actions == {Action.IGNORE}:
         return st
     chain = st.chain
+    current = not is_stale(st, event)
     changes: Dict[str, Any] = dict(name=event.domain, last_event=event.kind.value, last_event_ns=event.wall_ns,
-                                   boot_id=event.boot_id)
+                                   boot_id=event.boot_id) if current else {}
     for r in reactions:
-        if r.action is Action.MARK_RUNNING:
+        if r.action is Action.MARK_RUNNING and current:
             changes.update(running=True, clean_shutdown=None)
-        elif r.action is Action.MARK_STOPPED:
+        elif r.action is Action.MARK_STOPPED and current:
             changes.update(running=False, clean_shutdown=True)
-        elif r.action is Action.MARK_UNCLEAN:
+        elif r.action is Action.MARK_UNCLEAN and current:
             changes.update(running=False, clean_shutdown=False)
-        elif r.action is Action.REQUIRE_FULL:
+        elif r.action is Action.REQUIRE_FULL and not _before(event, chain.last_full_ns):
             chain = dataclasses.replace(chain, status=ChainStatus.FULL_REQUIRED, reason=r.reason)
-        elif r.action is Action.CHECK_CHAIN and chain.status is ChainStatus.OK:
+        elif (r.action is Action.CHECK_CHAIN and chain.status is ChainStatus.OK
+              and not _before(event, chain.last_backup_ns)):
             chain = dataclasses.replace(chain, status=ChainStatus.CHECK_REQUIRED, reason=r.reason)
     return dataclasses.replace(st, chain=chain, **changes)
 
 
-def record_backup(st: DomainState, backup_id: str, checkpoint: Optional[str], now_ns: int) -> DomainState:
-    """A backup was committed: the chain continues from it."""
-    return dataclasses.replace(st, chain=ChainState(ChainStatus.OK, "", backup_id, checkpoint, now_ns))
+def _before(event: HookEvent, ns: Optional[int]) -> bool:
+    return ns is not None and event.wall_ns < ns
+
+
+def react(st: DomainState, event: HookEvent, shared_storage: bool = False) -> Tuple[DomainState, Tuple[Reaction, ...]]:
+    """decide + apply_reactions. For a stale event (`is_stale`) the state cannot tell whether the
+    domain was running before it, so no unclean shutdown is inferred from it."""
+    ctx = st.context(shared_storage)
+    if is_stale(st, event):
+        ctx = dataclasses.replace(ctx, was_running=False)
+    reactions = decide(event, ctx)
+    return apply_reactions(st, event, reactions), reactions
+
+
+def record_backup(st: DomainState, backup_id: str, checkpoint: Optional[str], now_ns: int,
+                  full: bool = False) -> DomainState:
+    """A backup was committed (`now_ns`: when it started; `full`: it was a full): the chain
+    continues from it."""
+    last_full = now_ns if full else st.chain.last_full_ns
+    return dataclasses.replace(st, chain=ChainState(ChainStatus.OK, "", backup_id, checkpoint, now_ns, last_full))
 
 
 def require_full(st: DomainState, reason: str) -> DomainState:
@@ -222,7 +258,7 @@ def domain_from_dict(d: Dict[str, Any]) -> DomainState:
         job_id=d.get("job_id"), job_kind=d.get("job_kind"), updated_ns=int(d.get("updated_ns", 0)),
         chain=ChainState(status=ChainStatus(chain.get("status", "none")), reason=chain.get("reason", ""),
                          last_backup_id=chain.get("last_backup_id"), last_checkpoint=chain.get("last_checkpoint"),
-                         last_backup_ns=chain.get("last_backup_ns")))
+                         last_backup_ns=chain.get("last_backup_ns"), last_full_ns=chain.get("last_full_ns")))
 
 
 def job_from_dict(d: Dict[str, Any]) -> JobRecord:
@@ -411,8 +447,9 @@ class StateDir:
         out: List[Tuple[Reaction, ...]] = []
 
         def change(st: DomainState) -> DomainState:
-            out.append(decide(event, st.context(shared_storage)))
-            return apply_reactions(st, event, out[-1])
+            new, reactions = react(st, event, shared_storage)
+            out.append(reactions)
+            return new
         return self.update_domain(event.uuid, change), out[-1]
 
     def list_domains(self) -> List[DomainState]:

@@ -20,7 +20,7 @@ from .. import catalog
 from ..units import human
 from ..engine import domain_xml as dx
 from ..errors import EkkoError
-from .scheduler import Decision, DomainStatus, Policy, PolicyOverride, TaskRun, decide, task_due
+from .scheduler import Decision, DomainStatus, Policy, PolicyOverride, TaskRun, decide, format_interval, task_due
 from .state import DomainState, JobRecord, JobStatus, StateDir, StateError, process_alive, read_json, seed_chain
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,8 @@ def row(uuid: str, name: Optional[str], active: Optional[bool], st: Optional[Dom
         "next": None if decision is None else {
             "why": decision.why.value, "due": decision.due,
             "at": decision.next_due.isoformat(timespec="seconds") if decision.next_due else None,
-            "interval_s": decision.policy.interval_s, "window": str(decision.policy.window or "any"),
+            "interval_s": decision.policy.interval_s, "interval": format_interval(decision.policy.interval_s),
+            "window": str(decision.policy.window or "any"),
             "disks": list(decision.policy.disks) if decision.policy.disks else "all"},
         "job": job_dict(*running[-1]) if running else None,
         "last_job": job_dict(finished[-1], False) if finished else None,
@@ -107,6 +108,7 @@ def lifecycle_info(record: Dict, gc_interval_s: Optional[int], verify, now: date
         rec = record.get(name) if isinstance(record.get(name), dict) else None
         dec = task_due(now, name, interval, runs.get(name))
         info = {"enabled": interval is not None, "interval_s": interval,
+                "interval": format_interval(interval) if interval is not None else None,
                 "last": None if rec is None else {k: rec.get(k) for k in (
                     "started", "finished", "seconds", "ok", "error", "summary")},
                 "due": dec.due, "next": dec.next_due.isoformat(timespec="seconds") if dec.next_due else None}
@@ -129,7 +131,7 @@ def describe_lifecycle(info: Dict) -> str:
             continue
         last = t["last"]
         what = "never run" if last is None else             f"last {last['started']} {'ok' if last['ok'] else 'FAILED'}: {last['error'] or last['summary']}"
-        lines.append(f"{name + ':':<8}{what}; next {'now' if t['due'] else t['next']} (every {t['interval_s']} s)")
+        lines.append(f"{name + ':':<8}{what}; next {'now' if t['due'] else t['next']} (every {t['interval']})")
     return "\n".join(lines)
 
 
@@ -218,7 +220,7 @@ def describe(r: Dict) -> str:
     nx = r["next"]
     if nx is not None:
         when = "now" if nx["due"] else (nx["at"] or "-")
-        lines.append(f"  next    {when} ({nx['why']}; every {nx['interval_s']} s, window {nx['window']}, "
+        lines.append(f"  next    {when} ({nx['why']}; every {nx['interval']}, window {nx['window']}, "
                      f"disks {nx['disks'] if isinstance(nx['disks'], str) else ','.join(nx['disks'])})")
     job = r["job"]
     if job is not None:

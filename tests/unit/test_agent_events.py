@@ -40,19 +40,33 @@ def test_parse_event_fields():
 
 
 @pytest.mark.parametrize("bad", [
-    [], "x", {"v": 2}, raw(v=None), raw(op=None), raw(op=""), raw(op="x" * 17), raw(domain="a\nb"),
-    raw(uuid="not-a-uuid"), raw(uuid="6f1c2e4a-1b2c-4d5e-8f90-123456789abz"), raw(wall_ns=-1), raw(wall_ns="1"),
-    raw(pid=True), raw(vetoed="yes"), raw(nova=[]), raw(nova={"project_uuid": "x"}), raw(xml=None),
+    [], "x", {"v": 2}, raw(v=None), raw(v=True), raw(op=None), raw(op=""), raw(op="x" * 17), raw(op="Started"),
+    raw(domain="a\nb"), raw(domain="a/b"), raw(domain=""), raw(domain=".."), raw(subop=None), raw(wall_ns=-1),
+    raw(wall_ns="1"), raw(wall_ns=1.0), raw(pid=True), raw(mono_ns=None),
 ])
 def test_parse_event_rejects(bad):
     with pytest.raises(MalformedEvent):
         parse_event(bad, "f.json")
 
 
+@pytest.mark.parametrize("field,value,kept", [
+    ("extra", "", None), ("extra", "x y", None), ("extra", 5, None), ("uuid", "not-a-uuid", None),
+    ("uuid", "6f1c2e4a-1b2c-4d5e-8f90-123456789abz", None), ("vetoed", "yes", False), ("nova", [], None),
+    ("nova", {"project_uuid": "x"}, None), ("xml", None, "unknown"), ("xml", "weird", "unknown"),
+    ("boot_id", "b", None),
+])
+def test_unusable_informational_fields_are_kept_as_unknown(field, value, kept):
+    """The field's 34 events lost to an empty `extra`: an informational field never costs the event."""
+    e = parse_event(raw(**{field: value}), "f.json")
+    attr = {"xml": "xml_status"}.get(field, field)
+    assert getattr(e, attr) == kept and e.kind is EventKind.STARTED and e.domain == "instance-0000000a"
+    assert bool(e.notes) == (value not in ("", None))
+
+
 def test_malformed_event_keeps_source():
     with pytest.raises(MalformedEvent) as e:
-        parse_event(raw(uuid="nope"), "0001.json")
-    assert e.value.source == "0001.json" and "uuid" in e.value.reason
+        parse_event(raw(domain="a/b"), "0001.json")
+    assert e.value.source == "0001.json" and "domain" in e.value.reason
 
 
 # --- the reaction table ------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from ekko_libvirt.agent import hookformat
 from ekko_libvirt.agent.events import parse_event
 
 HOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "hooks", "qemu")
@@ -22,14 +23,31 @@ def hook():
     return mod
 
 
-def test_parse_argv(hook):
-    call, problem = hook.parse_argv(["instance-0000000a", "started", "begin", "-"])
-    assert problem is None and call == {"domain": "instance-0000000a", "op": "started", "subop": "begin",
-                                        "extra": "-", "known": True}
-    call, _ = hook.parse_argv(["vm", "frobnicate", "begin", "x y"])
+def test_the_hook_loads_the_package_rule(hook):
+    rule = hook.load_rule(hook.rule_path())
+    assert os.path.samefile(hook.rule_path(), hookformat.__file__)
+    assert rule.call_from_argv(["vm", "started", "begin", ""])["extra"] is None
+
+
+def test_call_from_argv():
+    call = hookformat.call_from_argv(["instance-0000000a", "started", "begin", "-"])
+    assert call == {"domain": "instance-0000000a", "op": "started", "subop": "begin", "extra": "-", "known": True}
+    call = hookformat.call_from_argv(["vm", "frobnicate", "begin", "x y"])
     assert call["known"] is False and call["extra"] is None          # bad extra: dropped, call kept
+    assert hookformat.call_from_argv(["vm", "stopped", "end", ""])["extra"] is None
     for bad in (["vm"], ["../x", "start", "begin", "-"], ["vm", "Start", "begin", "-"], ["vm", "s", "b" * 17, "-"]):
-        assert hook.parse_argv(bad)[0] is None
+        with pytest.raises(hookformat.Refused):
+            hookformat.call_from_argv(bad)
+
+
+def test_load_rule_refuses_a_file_others_may_write(hook, tmp_path):
+    f = tmp_path / "rule.py"
+    f.write_text(open(hookformat.__file__).read())
+    os.chmod(f, 0o666)
+    with pytest.raises(ValueError):
+        hook.load_rule(str(f))
+    os.chmod(f, 0o644)
+    assert hook.load_rule(str(f)).FORMAT_VERSION == hookformat.FORMAT_VERSION
 
 
 def test_parse_domain_xml_takes_only_top_level_name_and_uuid(hook):
@@ -38,7 +56,7 @@ def test_parse_domain_xml_takes_only_top_level_name_and_uuid(hook):
            "<metadata><nova:instance xmlns:nova='http://openstack.org/xmlns/libvirt/nova/1.1'>"
            "<nova:name>  web  </nova:name><nova:owner><nova:project uuid='bad'/></nova:owner>"
            "</nova:instance><other:name xmlns:other='urn:x'>not nova</other:name></metadata></domain>").encode()
-    r = hook.parse_domain_xml(xml)
+    r = hook.parse_domain_xml(xml, hookformat)
     assert r == {"status": "ok", "uuid": UUID, "name": "vm1", "nova": {"name": "web"}}
 
 
@@ -46,7 +64,7 @@ def test_parse_domain_xml_takes_only_top_level_name_and_uuid(hook):
                                  b"<x:domain xmlns:x='urn:y'><uuid>" + UUID.encode() + b"</uuid></x:domain>",
                                  b"<!DOCTYPE domain [<!ENTITY e 'x'>]><domain/>"])
 def test_parse_domain_xml_refuses(hook, xml):
-    r = hook.parse_domain_xml(xml)
+    r = hook.parse_domain_xml(xml, hookformat)
     assert r["uuid"] is None and r["status"] in ("empty", "malformed")
 
 
@@ -59,7 +77,7 @@ def test_encode_is_json_and_parses_as_an_event(hook):
     assert parse_event(json.loads(text)).nova.name == "w\u00e9b"
 
 
-def test_valid_uuid(hook):
-    assert hook.valid_uuid(UUID.upper()) == UUID
+def test_valid_uuid():
+    assert hookformat.valid_uuid(UUID.upper()) == UUID
     for bad in (None, 5, "", UUID[:-1], UUID.replace("-", "x"), "g" * 36):
-        assert hook.valid_uuid(bad) is None
+        assert hookformat.valid_uuid(bad) is None

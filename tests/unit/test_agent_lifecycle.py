@@ -241,7 +241,7 @@ def test_lifecycle_status_info_and_text():
     assert not off["gc"]["enabled"] and off["gc"]["next"] is None and off["verify"]["last"] is None
     assert describe_lifecycle(off) == "gc:     off (no agent.gc_interval)\nverify: off (no agent.verify)"
     never = describe_lifecycle(lifecycle_info({}, 3600, None, NOW))
-    assert never.startswith("gc:     never run; next now (every 3600 s)")
+    assert never.startswith("gc:     never run; next now (every 1h)")
 
 
 def test_status_row_shows_the_last_prune():

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from ekko_libvirt.agent.events import EventKind
-from ekko_libvirt.agent.spool import Spool, install_hook, render_hook
+from ekko_libvirt.agent.spool import Spool, install_hook, render_hook, rule_file
 
 UUID = "6f1c2e4a-1b2c-4d5e-8f90-123456789abc"
 HOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "hooks", "qemu")
@@ -108,11 +108,15 @@ def test_pending_on_missing_dir(tmp_path):
 
 # --- baking the hook -----------------------------------------------------------------------------
 
-def test_render_hook_bakes_both_dirs():
+def test_render_hook_bakes_dirs_rule_and_bound():
     src = open(HOOK).read()
-    out = render_hook(src, "/srv/spool", "/srv/state")
+    out = render_hook(src, "/srv/spool", "/srv/state", "/srv/rule.py", 77)
     assert 'SPOOL_DIR = "/srv/spool"' in out and 'STATE_DIR = "/srv/state"' in out
-    assert out.replace('"/srv/spool"', '"/var/spool/ekko/events"').replace('"/srv/state"', '"/var/lib/ekko"') == src
+    assert out.replace('"/srv/spool"', '"/var/spool/ekko/events"').replace('"/srv/state"', '"/var/lib/ekko"').replace(
+        '"/srv/rule.py"', '""').replace("SPOOL_MAX = 77", "SPOOL_MAX = 1000") == src
+    assert f'RULE_FILE = "{rule_file()}"' in render_hook(src, "/a", "/b")         # default: this package's rule
+    with pytest.raises(ValueError, match="SPOOL_MAX must be a positive integer: 0"):
+        render_hook(src, "/a", "/b", spool_max=0)
 
 
 @pytest.mark.parametrize("spool_dir", ["relative", '/a"b', "/a\\b", "/a\nb"])
