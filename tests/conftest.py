@@ -10,6 +10,20 @@ import time
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, settings
+
+# Hypothesis profiles for the property tests (tests/unit/test_prop_*.py). "default" (make test):
+# few examples, derandomized, so every run tries the same inputs and stays fast. "torture"
+# (make torture, HYPOTHESIS_PROFILE=torture): HYPOTHESIS_EXAMPLES examples per test (2000), random
+# inputs from --hypothesis-seed. Both: no deadline (no test asserts a duration), no example
+# database in the working tree, and a failure prints its falsifying example and the
+# @reproduce_failure blob that replays it.
+settings.register_profile("default", max_examples=60, derandomize=True, deadline=None, database=None,
+                          print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("torture", max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "2000")),
+                          deadline=None, database=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
