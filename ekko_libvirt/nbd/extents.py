@@ -133,6 +133,8 @@ def with_extra_segments(plans: Iterable[SegmentPlan], extra: Sequence[int], seg:
 
 def split_reads(reads: Sequence[Range], max_request: int) -> List[Range]:
     """Cut read ranges into requests the server accepts."""
+    if max_request <= 0:
+        raise ValueError(f"request size must be positive, not {max_request}")
     out = []
     for off, length in reads:
         while length > 0:
