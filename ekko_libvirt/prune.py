@@ -23,6 +23,7 @@ the host's local time zone; UTC by default).
 """
 
 import datetime
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
@@ -95,17 +96,21 @@ class Decision:
     reasons: Tuple[str, ...]            # why it is kept, or why it goes
 
 
+_STAMP = re.compile(r"[0-9]{8}T[0-9]{9}Z", re.ASCII)
+
+
 def backup_time(backup_id: str) -> Optional[datetime.datetime]:
     """The UTC time in a backup id ('YYYYMMDDTHHMMSSmmmZ-<hex>', see catalog.new_backup_id)."""
     stamp = backup_id.split("-", 1)[0]
+    # ASCII digits only: int() and strptime() also take ' 12', '+12', '1_2' and non-ASCII digits,
+    # which would give an id ekko never wrote a time (and make it prunable)
+    if not _STAMP.fullmatch(stamp):
+        return None
     try:
         t = datetime.datetime.strptime(stamp[:15], "%Y%m%dT%H%M%S")
-        ms = int(stamp[15:18])
     except ValueError:
         return None
-    if len(stamp) != 19 or stamp[18] != "Z":
-        return None
-    return t.replace(microsecond=ms * 1000, tzinfo=UTC)
+    return t.replace(microsecond=int(stamp[15:18]) * 1000, tzinfo=UTC)
 
 
 def plan_target(backups: Iterable[Backup], policy: Optional[Policy],
