@@ -165,7 +165,9 @@ def _read_header(blob: bytes, where: str) -> Tuple[Dict[str, Any], int]:
         header = json.loads(blob[pos:pos + hlen])
     except ValueError as e:
         raise ManifestError(f"manifest {where}: header is not JSON: {e}") from e
-    if not isinstance(header, dict) or header.get("format") != FORMAT_VERSION:
+    if not isinstance(header, dict):
+        raise ManifestError(f"manifest {where}: header is not a JSON object")
+    if header.get("format") != FORMAT_VERSION:
         raise ManifestError(f"manifest {where}: unsupported format {header.get('format')!r}")
     return header, pos + hlen
 
@@ -191,18 +193,44 @@ def _read_table(frame, n: int) -> Tuple[bytearray, bytearray]:
     return flags, digests
 
 
+def _count(header: Dict[str, Any], key: str, minimum: int, where: str) -> int:
+    v = header.get(key)
+    if type(v) is not int or v < minimum:
+        raise ManifestError(f"manifest {where}: {key} {v!r} is not an integer >= {minimum}")
+    return v
+
+
+# A zstd block holds at most 128 KiB and takes at least 4 bytes: a frame that does not declare its
+# size still cannot decompress to more than this many times its own size.
+_MAX_RATIO = 32768
+
+
 def decode(blob: bytes, where: str = "") -> Manifest:
     header, pos = _read_header(blob, where)
     (tlen,) = _U64.unpack_from(blob, pos)
     pos += _U64.size
     if pos + tlen != len(blob) - DIGEST_SIZE:
         raise ManifestError(f"manifest {where}: table length {tlen} does not fit the file")
+    # The sizes are checked before the table is allocated: a header is not trusted with memory.
+    size = _count(header, "virtual_size", 0, where)
+    seg = _count(header, "segment_size", 1, where)
+    n = _count(header, "segment_count", 0, where)
+    if n != segment_count(size, seg):
+        raise ManifestError(f"manifest {where}: segment count {n} does not match the disk size")
+    frame = memoryview(blob)[pos:pos + tlen]
     try:
-        n = int(header["segment_count"])
-        table = SegmentTable(n, *_read_table(memoryview(blob)[pos:pos + tlen], n))
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise ManifestError(f"manifest {where}: the table is not a zstd frame: {e}") from e
+    want = n * (1 + DIGEST_SIZE)
+    if declared != want and (declared != -1 or want > tlen * _MAX_RATIO):
+        held = f"holds {declared} bytes" if declared != -1 else f"of {tlen} bytes cannot hold them"
+        raise ManifestError(f"manifest {where}: {n} entries need {want} table bytes; the table {held}")
+    try:
+        table = SegmentTable(n, *_read_table(frame, n))
         m = Manifest(
             backup_id=header["backup_id"], target=header["target"],
-            virtual_size=int(header["virtual_size"]), segment_size=int(header["segment_size"]),
+            virtual_size=size, segment_size=seg,
             table=table, kind=header["kind"], reason=header.get("reason", ""),
             parent=header.get("parent"), generation=header.get("generation"),
             disk=header.get("disk") or {}, created=header.get("created", ""),
@@ -213,6 +241,6 @@ def decode(blob: bytes, where: str = "") -> Manifest:
         raise ManifestError(f"manifest {where}: bad content: {e}") from e
     if m.hash not in HASHES:
         raise ManifestError(f"manifest {where}: unknown hash {m.hash!r}")
-    if n != segment_count(m.virtual_size, m.segment_size):
-        raise ManifestError(f"manifest {where}: segment count {n} does not match the disk size")
+    if table.flags.count(FLAG_ZERO) + table.flags.count(FLAG_DATA) != n:
+        raise ManifestError(f"manifest {where}: the table has flag values other than ZERO and DATA (reserved)")
     return m
