@@ -11,7 +11,10 @@ VENV=${EKKO_VENV:-$HERE/.venv}
 
 CORE_PKGS="qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd libnbd-bin python3-venv python3-dev gcc pkg-config"
 ALL_PKGS="$CORE_PKGS libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-libvirt
- seabios ipxe-qemu swift swift-proxy swift-account swift-container swift-object python3-swiftclient memcached xfsprogs"
+ seabios ipxe-qemu swift swift-proxy swift-account swift-container swift-object python3-swiftclient memcached xfsprogs
+ fuse3"
+# fuse3 (libfuse3 + fusermount3): tests/harness/crashfs.py, the power-cut file system of
+# tests/integration/test_store_crash.py, through mfusepy (requirements-test.txt: pure ctypes, no build)
 case "$WHAT" in core) PKGS=$CORE_PKGS ;; all) PKGS=$ALL_PKGS ;; *) echo "usage: $0 [core|all]" >&2; exit 2 ;; esac
 
 missing=$(for p in $PKGS; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"; done)

@@ -27,6 +27,7 @@ from .base import ObjectInfo, check_key
 
 TMP_MARK = ".tmp-"
 DIRECT_MIN = 64 << 10
+SEGMENTS = "segments/"
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +97,21 @@ class LocalStore:
         return buffered()
 
     def _makedirs(self, directory: str, sync: bool = True) -> None:
+        """Create `directory` and its missing parents, top down. With `sync` each new name is
+        made durable in its parent (a new directory entry is durable only once its parent is
+        synced): 'manifests/<target>/' in a fresh store is two new names, and a manifest put
+        there must not vanish at a power cut because 'manifests' did (tests/integration/
+        test_store_crash.py). Without `sync` the caller's syncfs covers them (LocalBatch)."""
         if os.path.isdir(directory):
             return
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        if sync:    # a new directory entry is only durable once its parent is synced
-            self._fsync_dir(os.path.dirname(directory))
+        parent = os.path.dirname(directory)
+        self._makedirs(parent, sync)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass        # made meanwhile by another writer, maybe not synced yet: sync it all the same
+        if sync:
+            self._fsync_dir(parent)
 
     @staticmethod
     def _fsync_dir(directory: str) -> None:
@@ -134,8 +145,16 @@ class LocalStore:
                     yield key
 
     def delete(self, key: str) -> None:
+        """Remove the object; durably (its directory synced) unless it is a segment. A manifest
+        that prune deleted must stay deleted before gc frees the segments only it named: after a
+        power cut that kept gc's deletions and lost prune's, it would name segments that are
+        gone (tests/integration/test_store_crash.py). A segment that comes back is garbage
+        for the next gc, so gc's thousands of deletions cost no fsync each."""
+        path = self._path(key)
         try:
-            os.unlink(self._path(key))
+            os.unlink(path)
+            if not key.startswith(SEGMENTS):
+                self._fsync_dir(os.path.dirname(path))
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -215,6 +234,13 @@ class LocalBatch:
             with self.lock:
                 items, self.pending = self.pending, []
             if not items:
+                # Nothing of ours, but a backup that only reused segments still syncs once: a
+                # segment it found with exists() may be another backup's, renamed into place
+                # and not yet synced, and the manifest naming it comes next (invariant 2).
+                try:
+                    _sync_files(self.store.root, [])
+                except OSError as e:
+                    raise StoreError(f"cannot sync {self.store.root}: {e.strerror}") from e
                 return
             try:
                 _sync_files(self.store.root, [tmp for tmp, _ in items])
