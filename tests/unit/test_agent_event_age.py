@@ -1,0 +1,83 @@
+"""An event older than the state it would change does not override it (a spooled event replayed
+after a backup, an event moved back from bad/), and `ekko status` shows intervals in units."""
+
+import os
+from datetime import datetime, timezone
+
+from ekko_libvirt import config
+from ekko_libvirt.agent.events import parse_event
+from ekko_libvirt.agent.scheduler import decide, format_interval, parse_interval
+from ekko_libvirt.agent.settings import AgentSettings
+from ekko_libvirt.agent.spool import Spool
+from ekko_libvirt.agent.state import ChainStatus, DomainState, StateDir, record_backup
+from ekko_libvirt.agent.status import describe, describe_lifecycle, domain_status, lifecycle_info, row
+
+UUID = "6f1c2e4a-1b2c-4d5e-8f90-123456789abc"
+
+
+def ev(op, wall_ns, subop="begin"):
+    return parse_event({"v": 1, "wall_ns": wall_ns, "mono_ns": 1, "pid": 1, "domain": "vm1", "op": op,
+                        "subop": subop, "uuid": UUID, "xml": "ok"})
+
+
+def spool_event(root, op, wall_ns, subop="begin"):
+    os.makedirs(root, exist_ok=True)
+    import json
+    with open(os.path.join(root, f"{wall_ns:020d}-{1:020d}-{1:010d}-{wall_ns:016x}.json"), "w") as f:
+        json.dump({"v": 1, "wall_ns": wall_ns, "mono_ns": 1, "pid": 1, "domain": "vm1", "op": op, "subop": subop,
+                   "uuid": UUID, "xml": "ok"}, f)
+
+
+def test_a_replayed_older_start_does_not_undo_the_check_a_backup_made(tmp_path):
+    """`started` at t=100 waits in the spool; a backup starting at t=200 validates the chain (and
+    commits); the agent then drains the older event: the chain stays ok."""
+    sd = StateDir(str(tmp_path / "state")).ensure()
+    sp = Spool(str(tmp_path / "spool"))
+    spool_event(sp.root, "started", 100)
+    sd.update_domain(UUID, lambda s: record_backup(s, "b1", "cp1", 200))
+    sp.drain(lambda e: sd.apply_event(e))
+    st = sd.load_domain(UUID)
+    assert st.chain.status is ChainStatus.OK and st.running
+    r = row(UUID, "vm1", True, st, [], {}, None)
+    assert r["chain"]["status"] == "ok"
+    spool_event(sp.root, "started", 300)                 # a start after the backup: checked again
+    sp.drain(lambda e: sd.apply_event(e))
+    assert sd.load_domain(UUID).chain.status is ChainStatus.CHECK_REQUIRED
+
+
+def test_an_older_event_that_breaks_the_chain_still_requires_a_full_unless_a_full_came_after(tmp_path):
+    sd = StateDir(str(tmp_path / "state")).ensure()
+    sd.update_domain(UUID, lambda s: record_backup(s, "b1", "cp1", 200))           # an incremental at 200
+    sd.apply_event(ev("migrate", 100))                   # migrated (disks copied) before it: full due
+    assert sd.load_domain(UUID).chain.status is ChainStatus.FULL_REQUIRED
+    sd.update_domain(UUID, lambda s: record_backup(s, "b2", "cp2", 300, full=True))
+    sd.apply_event(ev("migrate", 250))                   # before the full: the full covered it
+    assert sd.load_domain(UUID).chain.status is ChainStatus.OK
+
+
+def test_an_older_event_does_not_override_running_state():
+    st = DomainState(UUID)
+    sd_events = [ev("started", 300), ev("release", 200, "end"), ev("prepare", 100)]
+    from ekko_libvirt.agent.state import react
+    for e in sd_events:
+        st, _ = react(st, e)
+    assert (st.running, st.clean_shutdown, st.last_event, st.last_event_ns) == (True, None, "started", 300)
+    assert st.chain.status is not ChainStatus.FULL_REQUIRED   # an old prepare does not infer an unclean stop
+
+
+def test_status_shows_intervals_as_configured():
+    cfg = config.build({"schedule": {"interval": "6h"}, "agent": {"gc_interval": "1d", "verify": {"interval": "90m"}}})
+    s = AgentSettings.from_config(cfg)
+    now = datetime(2024, 6, 10, 12, 0, tzinfo=timezone.utc)
+    dec = decide(now, domain_status(UUID, None, True, False), s.schedule)
+    r = row(UUID, "vm1", True, None, [], {}, dec)
+    assert r["next"]["interval"] == "6h" and r["next"]["interval_s"] == 21600
+    assert "every 6h," in describe(r) and "21600" not in describe(r)
+    text = describe_lifecycle(lifecycle_info({}, s.gc_interval_s, s.verify, now))
+    assert "(every 1d)" in text and "(every 90m)" in text and " s)" not in text
+
+
+def test_format_interval_round_trips():
+    for seconds in (1, 59, 60, 90, 3600, 5400, 21600, 86400, 7 * 86400, 14 * 86400, 86401):
+        assert parse_interval(format_interval(seconds)) == seconds
+    assert [format_interval(s) for s in (21600, 86400, 90, 5400, 604800)] == ["6h", "1d", "90s", "90m", "1w"]
