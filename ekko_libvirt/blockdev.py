@@ -13,7 +13,9 @@ Zero segments are zeroed on the device: what the device held before must not sho
 the disk held zeros. First with fallocate(PUNCH_HOLE), which the kernel turns into a write-zeroes
 that may unmap (a thin LV or a sparse loop file stays thin; the kernel guarantees zeros read
 back, and refuses when the device cannot promise that), else with BLKZEROOUT (write-zeroes
-without unmapping, or zeros written by the kernel).
+without unmapping, or zeros written by the kernel). Inside a data segment, zero runs of 64 KiB
+or more are zeroed the same way while the device unmaps, the rest is written with the data
+(restore._DeviceWriter): a thin LV stays as thin as the disk was.
 """
 
 import ctypes

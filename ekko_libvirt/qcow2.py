@@ -17,15 +17,19 @@ Layout (all numbers big-endian, per QEMU's docs/interop/qcow2.txt):
     L2 tables               one per 512 MiB region that holds data
     data                    the data segments, in disk order, ceil(length / C) clusters each
 
-Segments whose digest is all zeros are not written: unallocated clusters read as zeros.
+Segments whose digest is all zeros are not written: unallocated clusters read as zeros. Inside a
+data segment, a cluster that holds only zeros is left unallocated too (refcount 0, L2 entry 0):
+the writer says which clusters it wrote (Allocation), and only those are mapped. Their place in
+the file stays a hole, so the image takes the room of its data, not of its data segments.
 """
 
 import array
 import os
 import struct
 import sys
+import threading
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
 from .directio import pwrite_all
 
@@ -63,6 +67,45 @@ class Layout:
     def host_offset(self, rank: int) -> int:
         """Where the data segment that is the `rank`-th (from 0) in disk order goes."""
         return self.data + rank * self.segment_size
+
+    @property
+    def data_clusters(self) -> int:
+        """Clusters reserved for data segments; the j-th is at data + j * C, and the k-th cluster
+        of the rank-th segment is j = rank * (segment_size // C) + k (only the last segment of
+        the disk can be shorter, and it is the last one here too)."""
+        return self.clusters - self.data // C
+
+
+class Allocation:
+    """Which of a layout's data clusters hold data (a bit each: 32 MiB for 16 TiB of data
+    clusters). Clusters never marked are left unallocated by `metadata`: they read as zeros.
+    Marked by the restore threads, each for the segments it wrote."""
+
+    def __init__(self, layout: Layout):
+        self.per_segment = layout.segment_size // C
+        self.bits = bytearray(-(-layout.data_clusters // 8))
+        self.lock = threading.Lock()
+
+    def mark(self, rank: int, runs: Sequence[Tuple[int, int]]) -> None:
+        """The rank-th data segment holds data in `runs` ([start, end) byte offsets in it)."""
+        first = rank * self.per_segment
+        clusters = {first + k for s, e in runs for k in range(s // C, (e - 1) // C + 1)}
+        with self.lock:
+            for j in clusters:
+                self.bits[j >> 3] |= 1 << (j & 7)
+
+    def __contains__(self, j: int) -> bool:
+        return bool(self.bits[j >> 3] >> (j & 7) & 1)
+
+    def refcounts(self, first: int, end: int) -> bytes:
+        """16-bit big-endian refcounts (0 or 1) of data clusters [first, end)."""
+        expanded = b"".join(_EXPAND[b] for b in self.bits[first >> 3:(end + 7) >> 3])
+        skip = (first & 7) * 2
+        return expanded[skip:skip + (end - first) * 2]
+
+
+# one byte of an Allocation -> the refcounts of its eight clusters (bit 0 first)
+_EXPAND = [b"".join(b"\x00\x01" if x >> i & 1 else b"\x00\x00" for i in range(8)) for x in range(256)]
 
 
 def can_write(segment_size: int) -> bool:
@@ -107,26 +150,38 @@ def plan(virtual_size: int, segment_size: int, data_segments: Iterable[int]) -> 
                   l1_entries, l2_tables, pos, pos // C + data_clusters)
 
 
-def metadata(layout: Layout, data_segments: Iterable[int]) -> Iterator[Tuple[int, bytes]]:
+def metadata(layout: Layout, data_segments: Iterable[int],
+             allocation: Optional[Allocation] = None) -> Iterator[Tuple[int, bytes]]:
     """(file offset, bytes) of every metadata structure of `layout`, the data segments (the same
-    indexes, ascending, as for plan) mapped. Pure; memory: one L2 table and one refcount block."""
+    indexes, ascending, as for plan) mapped: every cluster of them, or with `allocation` the
+    clusters it marks. Pure; memory: one L2 table and one refcount block."""
     yield 0, _header(layout)
     reftable = array.array("Q", (layout.refcount_blocks + b * C for b in range(layout.refcount_block_count)))
     yield layout.refcount_table, _be(reftable)
-    full = b"\x00\x01" * REFS_PER_BLOCK          # every cluster of the file is used exactly once
+    full = b"\x00\x01" * REFS_PER_BLOCK          # every cluster used is used exactly once
+    meta = layout.data // C                         # clusters before the data: all used
     for b in range(layout.refcount_block_count):
-        used = min(REFS_PER_BLOCK, layout.clusters - b * REFS_PER_BLOCK)
-        yield layout.refcount_blocks + b * C, full if used == REFS_PER_BLOCK else full[:used * 2].ljust(C, b"\0")
+        start = b * REFS_PER_BLOCK
+        used = min(REFS_PER_BLOCK, layout.clusters - start)
+        if allocation is None or start + used <= meta:
+            block = full if used == REFS_PER_BLOCK else full[:used * 2]
+        else:
+            head = max(0, meta - start)
+            block = full[:head * 2] + allocation.refcounts(start + head - meta, start + used - meta)
+        yield layout.refcount_blocks + b * C, block.ljust(C, b"\0")
     l1 = array.array("Q", bytes(layout.l1_entries * 8))
     for r, off in layout.l2_tables.items():
         l1[r] = off | COPIED
     yield layout.l1_table, _be(l1)
     region, l2 = None, None
+    per_segment = layout.segment_size // C
     for rank, i in enumerate(data_segments):
         host = layout.host_offset(rank)
         first = i * layout.segment_size // C                    # guest cluster number
         count = -(-_length(i, layout.segment_size, layout.virtual_size) // C)
         for k in range(count):
+            if allocation is not None and rank * per_segment + k not in allocation:
+                continue                                        # zeros: unallocated
             r = (first + k) // L2_ENTRIES
             if r != region:
                 if l2 is not None:
@@ -151,10 +206,11 @@ def _header(layout: Layout) -> bytes:
     return h + bytes(8)             # end of header extensions: type 0, length 0
 
 
-def finish(fd: int, layout: Layout, data_segments: Iterable[int]) -> None:
+def finish(fd: int, layout: Layout, data_segments: Iterable[int],
+           allocation: Optional[Allocation] = None) -> None:
     """Write the metadata, set the file's length, and make it all durable."""
     os.ftruncate(fd, layout.file_size)
-    for offset, data in metadata(layout, data_segments):
+    for offset, data in metadata(layout, data_segments, allocation):
         pwrite_all(fd, data, offset)
     os.fsync(fd)
 

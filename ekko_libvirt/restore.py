@@ -5,8 +5,12 @@ segment written straight to its place by any thread, the metadata at the end. A 
 that is not a whole number of 64 KiB clusters (only a hand-made manifest has one) goes through
 a private qemu-nbd instead.
 
-Every segment is fetched, decoded and re-hashed before a byte of it is written. Zero segments
-are never written (the output is sparse). A segment that repeats (the same digest at several
+Every segment is fetched, decoded and re-hashed before a byte of it is written. The output is as
+sparse as the disk: zero segments are never written, and inside a data segment only the 4 KiB
+blocks that hold data are (`data_runs`); a qcow2 maps only the clusters written. That is right
+because every file target is new (created and truncated here): what is not written reads as
+zeros. A device holds old content: there the zero blocks are unmapped or written (blockdev.py,
+_DeviceWriter). A segment that repeats (the same digest at several
 offsets) is fetched and verified once while it stays among the last few decoded. Output goes to
 '<path>.ekko-partial' and is renamed into place only when complete; a failed restore leaves
 nothing behind. With allow_damaged, a segment that is missing or does not match its digest
@@ -27,7 +31,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import nbd
 
@@ -243,41 +247,123 @@ def _bounded_map(pool, fn, items, depth):
     yield from pending
 
 
+# -- zero blocks inside data segments -------------------------------------------------------------
+GRAIN = 4096                # a file system's block: the unit that is a hole or not
+DEVICE_MIN_UNMAP = 64 << 10  # on a device, shorter zero runs inside a segment are written (see _DeviceWriter)
+_ZEROS = bytes(GRAIN)
+
+
+def data_runs(raw: bytes, grain: int = GRAIN) -> List[Tuple[int, int]]:
+    """The [start, end) runs of `raw` (bytes or bytearray) that hold data, in blocks of `grain`
+    bytes from its start (the last block may be shorter); everything between is zeros. Pure.
+
+    Fast: `find` skips the blocks before the first run of `grain` zeros (a segment of random
+    data: one scan, no block loop), then each block is compared in place by startswith (a
+    memcmp, no copy; a data block fails at its first bytes): 25-50 us per MiB, measured."""
+    zeros = _ZEROS if grain == GRAIN else bytes(grain)
+    n = len(raw)
+    full = n - n % grain            # the whole blocks; [full, n) is the short last one
+    first = raw.find(zeros, 0, full)
+    o = full if first < 0 else first - first % grain
+    runs: List[Tuple[int, int]] = []
+    start = 0 if o else -1          # no block before `o` is all zeros
+    for o in range(o, full, grain):
+        if raw.startswith(zeros, o, o + grain):
+            if start >= 0:
+                runs.append((start, o))
+                start = -1
+        elif start < 0:
+            start = o
+    if full < n and raw.count(0, full) != n - full:      # the short last block holds data
+        runs.append((full if start < 0 else start, n))
+    elif start >= 0:
+        runs.append((start, full))
+    return runs
+
+
 class _FileWriter:
+    """A new raw file, already of the disk's length: only the data runs are written, the rest
+    stays a hole."""
+
     def __init__(self, fd: int):
         self.fd = fd
 
     def write(self, data: bytes, offset: int, rank: int) -> None:
-        pwrite_all(self.fd, data, offset)
+        view = memoryview(data)
+        for s, e in data_runs(data):
+            pwrite_all(self.fd, view[s:e], offset + s)
 
 
 class _DeviceWriter:
+    """A device holds old content, so every byte of a data segment is written or zeroed: zero
+    runs of DEVICE_MIN_UNMAP or more are unmapped while the device promises zeros after an unmap
+    (a thin LV stays thin; shorter ones would free nothing of a thin pool's 64 KiB+ chunks and
+    cost a call each), the rest is written with the data. A device that cannot unmap gets the
+    whole segment in one write."""
+
     def __init__(self, dev: "blockdev.Device"):
         self.dev = dev
 
     def write(self, data: bytes, offset: int, rank: int) -> None:
-        self.dev.write(data, offset)
+        if not self.dev.punch:
+            self.dev.write(data, offset)
+            return
+        view = memoryview(data)
+        for kind, s, e in device_plan(data_runs(data), len(data), DEVICE_MIN_UNMAP):
+            if kind == "zero":
+                self.dev.zero(offset + s, e - s)
+            else:
+                self.dev.write(view[s:e], offset + s)
+
+
+def device_plan(runs: List[Tuple[int, int]], length: int, min_zero: int) -> List[Tuple[str, int, int]]:
+    """("write" | "zero", start, end) covering [0, length) exactly once, in order: the zero gaps
+    between `runs` (data_runs of a segment of `length` bytes) of at least `min_zero` bytes are
+    "zero", everything else (data and shorter gaps) "write". Pure."""
+    plan: List[Tuple[str, int, int]] = []
+    pos = 0
+    for s, e in runs + [(length, length)]:
+        if s - pos >= min_zero:
+            plan.append(("zero", pos, s))
+        elif plan and plan[-1][0] == "write":
+            s = plan.pop()[1]               # the short gap goes with the data before it
+        elif pos < s:
+            s = pos                         # a short gap at the start goes with the data after it
+        if s < e:
+            plan.append(("write", s, e))
+        pos = e
+    return plan
 
 
 class _NBDWriter:
+    """A new qcow2 through qemu-nbd: unwritten blocks read as zeros, a cluster never written
+    stays unallocated."""
+
     def __init__(self, sock: str, registry: list):
         self.h = nbd.NBD()
         self.h.connect_unix(sock)
         registry.append(self.h)
 
     def write(self, data: bytes, offset: int, rank: int) -> None:
-        self.h.pwrite(data, offset)
+        for s, e in data_runs(data):
+            self.h.pwrite(data[s:e], offset + s)
 
 
 class _Qcow2Writer:
     """Data segments straight to their place in a qcow2 laid out in advance (qcow2.py), around
-    the page cache where the file system allows it."""
+    the page cache where the file system allows it: only the data runs, and only the clusters
+    they touch are mapped at the end (`allocation`)."""
 
-    def __init__(self, fd: int, layout: qcow2.Layout, direct: bool):
-        self.fd, self.layout, self.direct = fd, layout, direct
+    def __init__(self, fd: int, layout: qcow2.Layout, direct: bool, allocation: qcow2.Allocation):
+        self.fd, self.layout, self.direct, self.allocation = fd, layout, direct, allocation
 
     def write(self, data: bytes, offset: int, rank: int) -> None:
-        (pwrite_direct if self.direct else pwrite_all)(self.fd, data, self.layout.host_offset(rank))
+        host = self.layout.host_offset(rank)
+        view = memoryview(data)
+        runs = data_runs(data)
+        for s, e in runs:       # s is a multiple of GRAIN: aligned for O_DIRECT
+            (pwrite_direct if self.direct else pwrite_all)(self.fd, view[s:e], host + s)
+        self.allocation.mark(rank, runs)
 
 
 @contextlib.contextmanager
@@ -310,12 +396,13 @@ def _open_target(path: str, fmt: str, m: Manifest, workers: int):
 @contextlib.contextmanager
 def _qcow2_target(path: str, m: Manifest):
     layout = qcow2.plan(m.virtual_size, m.segment_size, (i for i, _ in m.table.data_entries()))
+    allocation = qcow2.Allocation(layout)
     fd, direct = _open_new(path)
     try:
-        yield lambda: _Qcow2Writer(fd, layout, direct)
+        yield lambda: _Qcow2Writer(fd, layout, direct, allocation)
         if direct:      # the metadata is small and not block-aligned
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
-        qcow2.finish(fd, layout, (i for i, _ in m.table.data_entries()))
+        qcow2.finish(fd, layout, (i for i, _ in m.table.data_entries()), allocation)
     finally:
         os.close(fd)
 

@@ -15,7 +15,7 @@ from harness import in_ci
 from ekko_libvirt import blockdev, catalog
 from ekko_libvirt import segment
 from ekko_libvirt.errors import IntegrityError, UsageError
-from ekko_libvirt.restore import restore
+from ekko_libvirt.restore import DEVICE_MIN_UNMAP, data_runs, device_plan, restore
 from ekko_libvirt.store.memory import MemoryStore
 
 KiB, MiB = 1024, 1024 * 1024
@@ -243,3 +243,57 @@ def test_cli_backup_of_a_live_disk_restored_onto_a_device(qdisk, ekko_for, workd
         assert differs(_device_bytes(dev, 8 * MiB), expected) is None
     m = catalog.load(ekko.store(), catalog.find(ekko.store(), b["backup_id"]))
     assert m.table.data_count() < m.table.count       # it had zero runs: zeroed on the device, not skipped
+
+
+def test_zero_blocks_inside_data_segments_keep_a_thin_device_thin(workdir):
+    """A data segment holding one 4 KiB block of data: its long zero runs are unmapped (a loop
+    device's backing file gets its blocks back), the short ones written with the data."""
+    rnd = random.Random(11)
+    contents = []
+    for _ in range(16):
+        s = bytearray(SEG)
+        o = rnd.randrange(SEG // 4096) * 4096
+        s[o:o + 4096] = rnd.randbytes(4096)
+        contents.append(bytes(s))
+    store = MemoryStore()
+    m = _backup(store, contents)
+    written = sum(e - s for c in contents
+                  for kind, s, e in device_plan(data_runs(c), SEG, DEVICE_MIN_UNMAP) if kind == "write")
+    with loop_device(workdir, m.virtual_size) as (dev, backing):
+        restore(store, m, dev, overwrite=True, workers=3)
+        got = _device_bytes(dev, m.virtual_size)
+        after = os.stat(backing).st_blocks * 512
+    assert differs(got, b"".join(contents)) is None
+    # before: every data segment written whole (4 MiB here)
+    assert after <= written + 64 * KiB and after < m.virtual_size // 4, (after, written)
+
+
+@pytest.mark.parametrize("zeroing", ["unmap", "write-zeroes", "no-unmap"])
+def test_random_sparse_segments_onto_a_device(workdir, zeroing, monkeypatch):
+    """Zero blocks inside data segments, at every granularity, onto a device full of old bytes:
+    none of the old bytes shows through, whichever way the device zeroes (unmap; BLKZEROOUT
+    after a refused unmap; a device that cannot unmap at all: segments written whole)."""
+    from tests.unit.test_restore_random import disk_bytes, random_disk
+    if zeroing == "write-zeroes":
+        monkeypatch.setattr(blockdev.Device, "_punch", lambda self, offset, n: False)
+    elif zeroing == "no-unmap":
+        def refuse(self, offset, n):
+            self.punch = False
+            return False
+        monkeypatch.setattr(blockdev.Device, "_punch", refuse)
+    base = int(os.environ.get("EKKO_RESTORE_SEED") or random.randrange(1 << 32))
+    for r in range(int(os.environ.get("EKKO_RESTORE_ROUNDS") or 3)):
+        seed = base + r
+        where = f"EKKO_RESTORE_SEED={seed} EKKO_RESTORE_ROUNDS=1 ({zeroing})"
+        print(where)
+        rnd = random.Random(seed)
+        segs, seg, size = random_disk(rnd, [64 * KiB, 128 * KiB, 256 * KiB], sector_aligned=True)
+        store = MemoryStore()
+        m = manifest_of(store, segs, seg, size)
+        disk = disk_bytes(segs, seg, size)
+        dev_size = -(-size // MiB) * MiB + 1 * MiB
+        with loop_device(workdir, dev_size) as (dev, _):
+            restore(store, m, dev, overwrite=True, workers=rnd.choice([1, 3]))
+            got = _device_bytes(dev, dev_size)
+        assert differs(got[:size], disk) is None, f"{where}: {differs(got[:size], disk)}"
+        assert got[size:] == OLD * (dev_size - size), where

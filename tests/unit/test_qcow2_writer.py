@@ -81,3 +81,37 @@ def test_segment_sizes_that_are_not_whole_clusters_are_refused():
     assert not qcow2.can_write(32 << 10)
     with pytest.raises(ValueError, match="segment size 32768 is not a multiple of the 65536-byte cluster"):
         qcow2.plan(MiB, 32 << 10, [0])
+
+
+def test_clusters_not_marked_allocated_stay_unallocated(tmp_path):
+    """An Allocation maps only the clusters written: the others read as zeros, have refcount 0
+    (no leak), and take no room; a region whose clusters are all unmarked keeps an empty L2."""
+    seg = 1 * MiB
+    size = 1100 * MiB + 1536                                # three regions, a short last segment
+    idx = [0, 3, 600, 1100]                                 # 600: region 1, left all zeros
+    lay = qcow2.plan(size, seg, idx)
+    alloc = qcow2.Allocation(lay)
+    contents = {0: (0, 64 << 10), 3: (seg - 65536, seg), 1100: (0, 1536)}   # rank order: 0, 1, -, 3
+    path = str(tmp_path / "a.qcow2")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for rank, i in enumerate(idx):
+            if i in contents:
+                s, e = contents[i]
+                os.pwrite(fd, bytes([rank + 1]) * (e - s), lay.host_offset(rank) + s)
+                alloc.mark(rank, [(s, e)])
+        qcow2.finish(fd, lay, idx, alloc)
+    finally:
+        os.close(fd)
+    _check(path)
+    p = subprocess.run(["qemu-img", "map", "--output=json", path], capture_output=True, text=True, check=True)
+    data = [(e["start"], e["length"]) for e in json.loads(p.stdout) if e["data"]]
+    assert data == [(0, 65536), (4 * seg - 65536, 65536), (1100 * seg, 1536)]
+    ref = str(tmp_path / "ref.raw")                         # sparse: compare reads block status
+    with open(ref, "wb") as f:
+        f.truncate(size)
+        for off, byte, n in ((0, 1, 65536), (4 * seg - 65536, 2, 65536), (1100 * seg, 4, 1536)):
+            os.pwrite(f.fileno(), bytes([byte]) * n, off)
+    p = subprocess.run(["qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, ref], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert os.stat(path).st_blocks * 512 < 1 * MiB          # the reserved clusters are holes
