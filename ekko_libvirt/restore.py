@@ -82,6 +82,7 @@ def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: i
         return _restore_to_device(store, m, path, fmt, workers, allow_damaged, overwrite, progress)
     if kind == "file" and not overwrite:
         raise UsageError(f"{path} exists: refusing to overwrite it (choose another path or remove it)")
+    _check_directory(path)
     partial = path + ".ekko-partial"
     result = RestoreResult(path, fmt)
     try:
@@ -91,13 +92,44 @@ def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: i
             raise _damage_error(m, result.holes)
         os.replace(partial, path)
     except BaseException as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
+        outcome = _remove_partial(partial)
         # The store's own errors are StoreErrors: these come from the image being written.
         if isinstance(e, (OSError, nbd.Error)):
-            raise RestoreTargetError(path, e) from e
+            raise RestoreTargetError(path, e, outcome) from e
         raise
     return result
+
+
+def _remove_partial(partial: str) -> str:
+    """Remove what a failed restore left; -> what happened, for the error message. Never raises:
+    the restore's own error is the one to report (unlink on a read-only file system fails even
+    where there is nothing to remove)."""
+    if not os.path.lexists(partial):
+        return "nothing restored: no image was created"
+    try:
+        os.unlink(partial)
+    except FileNotFoundError:
+        return "nothing restored: no image was created"
+    except OSError as e:
+        outcome = f"nothing restored; the partial image {partial} could not be removed: {e.strerror}"
+        log.warning("%s", outcome)
+        return outcome
+    return "nothing restored: the partial image was removed"
+
+
+def _check_directory(path: str) -> None:
+    """The directory a new image goes into exists (a mistyped --to is a bad argument, exit 2)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        mode = os.stat(directory).st_mode
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise UsageError(f"{directory}: no such directory, so nothing was restored to {path} "
+                         "(create the directory first, or choose another --to)") from e
+    except OSError as e:
+        raise RestoreTargetError(path, e, "nothing restored: no image was created") from e
+    if not stat.S_ISDIR(mode):
+        raise UsageError(f"{directory} is not a directory, so nothing was restored to {path} "
+                         "(choose another --to)")
 
 
 def _target_kind(path: str) -> str:
@@ -105,7 +137,7 @@ def _target_kind(path: str) -> str:
     over PATH at the end, a block device written in place; nothing else is restored to."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):      # (the directory is checked next)
         return "new"
     except OSError as e:
         raise RestoreTargetError(path, e) from e
