@@ -235,3 +235,26 @@ def test_the_restored_image_is_exact_where_zero_blocks_sit_between_data(workdir)
         if fmt == "qcow2":
             check_clean(out)
         assert first_difference(read_raw(out), disk) is None, fmt
+
+
+def test_a_damaged_segment_is_an_unallocated_hole_in_a_qcow2(workdir):
+    """--allow-damaged: the damaged segment's clusters are not mapped (they read as zeros), the
+    image stays clean, the rest is exact."""
+    from ekko_libvirt import segment
+    rnd = random.Random(15)
+    seg = 256 * KiB
+    segs = [rnd.randbytes(seg) for _ in range(4)]
+    store = MemoryStore()
+    m = manifest_of(store, segs, seg)
+    key = segment.segment_key(segment.digest(segs[2]))
+    blob = bytearray(store.get(key))
+    blob[-1] ^= 1
+    store.put(key, bytes(blob))
+    out = os.path.join(workdir, "d.qcow2")
+    res = restore(store, m, out, "qcow2", workers=2, allow_damaged=True)
+    assert [h.index for h in res.holes] == [2]
+    check_clean(out)
+    disk = segs[0] + segs[1] + bytes(seg) + segs[3]
+    ok, why = same_as(out, "qcow2", write_reference(workdir, disk))
+    assert ok, why
+    assert mapped_data(out) == 3 * seg
