@@ -258,13 +258,19 @@ class Scenario:
         cfg = make_config(workdir, {"t1": {"engine": "qmp", "qmp_socket": disk.qmp_socket, "node": "disk0"}},
                           "64KiB")
         cfg["store"]["path"] = power.mnt
+        self.encrypted = self.rng.random() < 0.5       # the same local store under SealedStore
+        if self.encrypted:
+            cfg["encryption"] = {"enabled": True, "key_file": os.path.join(workdir, "keys", "{project}.key")}
         self.ekko = Ekko(workdir, cfg)
+        if self.encrypted:
+            self.ekko.run("key", "create")
         self.acked = {}         # backup id -> disk content: committed, exit 0, never pruned
         self.pruned = {}        # deleted by a prune that returned: may come back, if whole
         self.log = []
 
     def where(self) -> str:
-        return f"EKKO_CRASH_SEED={self.seed}; steps: " + "; ".join(self.log)
+        return (f"EKKO_CRASH_SEED={self.seed} ({'encrypted' if self.encrypted else 'plain'} store); steps: "
+                + "; ".join(self.log))
 
     def run(self, *args, check=True):
         p = self.ekko.run(*args, env={"LD_PRELOAD": self.power.shim}, check=False, json_out=True)
@@ -337,6 +343,8 @@ def test_power_cuts_during_backup_gc_and_prune(power, qdisk, workdir):
             action = "gc"               # the segments only pruned backups named are garbage now
         else:
             action = rng.choice(("backup", "backup", "backup", "prune", "gc"))
+            if action == "prune" and len(s.acked) < 2:
+                action = "backup"       # nothing to prune yet
         args, content = ACTIONS[action], None
         if action == "backup":
             s.guest_writes()
@@ -371,7 +379,7 @@ def test_power_cuts_during_backup_gc_and_prune(power, qdisk, workdir):
         report = power.cut(rng.randrange(1 << 30), mode)
         s.log.append(f"{' '.join(args)} CUT at {st['cut']} ({mode}: {report['counts']})")
         s.check(pending=content)
-    print(f"power cuts {cuts} in {cycle} operations: " + "; ".join(s.log))
+    print(f"power cuts {cuts} in {cycle} operations: {s.where()}")
 
 
 def test_a_pruned_backup_stays_deleted_when_gc_has_freed_its_segments(power, qdisk, workdir):
