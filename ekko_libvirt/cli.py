@@ -537,12 +537,18 @@ def _restore_domain(cfg, args) -> int:
 
 # -- verify -----------------------------------------------------------------------------------
 def cmd_verify(cfg, args) -> int:
+    from .ledger import Ledger, vanished_reasons
     from .verify import run as verify_run
+    vanished = []
     if args.backup:
         store, key = _locate(cfg, args)
         groups = [(store, [key])]
     else:
         groups = [(st, catalog.keys(st, args.target)) for st in (_store(cfg, ns) for ns in _namespaces(cfg, args))]
+        # what this host committed must still be there: an emptied store is not "0 backups OK"
+        everywhere = [st for st, _ in groups] if not getattr(args, "project", None) else \
+            [_store(cfg, ns) for ns in _namespaces(cfg, argparse.Namespace())]
+        vanished = vanished_reasons(Ledger(cfg.state_dir), everywhere, args.target)
     bar = Progress("verify", enabled=None if not args.json else False)
     try:
         rep, skipped, marked, cleared, not_recorded = None, [], [], [], []
@@ -559,12 +565,12 @@ def cmd_verify(cfg, args) -> int:
     finally:
         bar.finish()
     if args.json:
-        _emit({"ok": rep.ok, "deep": args.deep, "backups": rep.backups, "segments_checked": rep.segments_checked,
+        _emit({"ok": rep.ok and not vanished, "deep": args.deep, "backups": rep.backups, "segments_checked": rep.segments_checked,
                "damaged_segments": [{"key": k, "problem": p, "used_by": sorted(rep.used_by.get(k, ()))}
                                     for k, p in sorted(rep.damaged.items())],
                "bad_manifests": rep.bad_manifests, "damaged_backups": rep.damaged_backups(),
                "sample": args.sample, "skipped": skipped, "marked": marked, "cleared": cleared,
-               "not_recorded": not_recorded})
+               "not_recorded": not_recorded, "vanished": vanished})
     else:
         what = "deep (re-hashed)" if args.deep else "existence"
         share = "" if args.sample >= 1 else f" (a {args.sample:.1%} sample)"
@@ -580,11 +586,16 @@ def cmd_verify(cfg, args) -> int:
             print(f"  DAMAGED {k}: {p}\n    used by: {', '.join(sorted(rep.used_by.get(k, ())))}")
         for k, p in sorted(rep.bad_manifests.items()):
             print(f"  BAD MANIFEST {k}: {p}")
-        print("OK" if rep.ok else f"DAMAGE FOUND in backup(s): {', '.join(rep.damaged_backups())}")
+        for why in vanished:
+            print(f"  VANISHED {why}")
+        print("OK" if rep.ok and not vanished else
+              f"DAMAGE FOUND in backup(s): {', '.join(rep.damaged_backups())}" if not rep.ok else
+              "BACKUPS LOST: the store no longer holds backups this host committed (the next backup of each "
+              "such disk is a full that says why)")
     for why in not_recorded:
         sys.stderr.write(f"ekko: warning: the results were not recorded in the store ({why}): `ekko list` "
                          "keeps its old verify state, and damage found is not marked for self-healing\n")
-    return EXIT_OK if rep.ok else EXIT_DAMAGED
+    return EXIT_OK if rep.ok and not vanished else EXIT_DAMAGED
 
 
 # -- prune / protect / gc ---------------------------------------------------------------------

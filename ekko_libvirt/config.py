@@ -58,6 +58,7 @@ class Config:
     qmp_timeout: float
     targets: Tuple[TargetConfig, ...] = ()
     scratch_reserve: int = units.DEFAULT_SCRATCH_RESERVE
+    read_back: int = units.DEFAULT_READ_BACK     # units.READ_BACK_ALL: every segment
     source: str = ""
     extra: Tuple[Tuple[str, Any], ...] = field(default=())
     encryption: EncryptionConfig = EncryptionConfig()
@@ -104,7 +105,7 @@ def build(raw: Any, source: str = "") -> Config:
     if not units.is_power_of_two(gran) or not 512 <= gran <= 2 * units.GiB or gran > seg:
         raise ConfigError("bitmap_granularity", f"{gran} must be a power of two, >= 512 and <= segment_size")
     comp = _section(raw, "compression", {"enabled", "level"})
-    read = _section(raw, "read", {"request_size", "in_flight"})
+    read = _section(raw, "read", {"request_size", "in_flight", "read_back"})
     level = _int(comp, "compression.level", 1, 1, 19, key="level")
     cfg = Config(
         store=_store(raw.get("store")),
@@ -119,6 +120,7 @@ def build(raw: Any, source: str = "") -> Config:
         in_flight=_int(read, "read.in_flight", units.DEFAULT_IN_FLIGHT, 1, 64, key="in_flight"),
         qmp_timeout=float(_int(raw, "qmp_timeout", 30, 1, 3600)),
         scratch_reserve=_size(raw, "scratch_reserve", units.DEFAULT_SCRATCH_RESERVE),
+        read_back=_read_back(read),
         targets=_targets(raw.get("targets")),
         source=source,
         encryption=_encryption(raw.get("encryption")),
@@ -151,6 +153,13 @@ def _str(raw: Mapping, key: str, default: str, label: Optional[str] = None) -> s
     if not isinstance(val, str) or not val:
         raise ConfigError(label or key, f"must be a non-empty string, got {val!r}")
     return val
+
+
+def _read_back(read: Mapping) -> int:
+    """read.read_back: how many segments to re-read before a commit (first and last always), or 'all'."""
+    if read.get("read_back") == "all":
+        return units.READ_BACK_ALL
+    return _int(read, "read.read_back", units.DEFAULT_READ_BACK, 2, 1 << 40, key="read_back")
 
 
 def _int(raw: Mapping, label: str, default: int, lo: int, hi: int, key: Optional[str] = None) -> int:
