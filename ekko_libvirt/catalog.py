@@ -10,7 +10,9 @@ envelope's plaintext prefix) its key fingerprint are known, nothing else.
 """
 
 import datetime
+import re
 import secrets
+import uuid
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
@@ -81,36 +83,118 @@ def entries(store, target: Optional[str] = None) -> Iterator[Entry]:
 def head(store, target: str) -> Optional[Entry]:
     """The newest readable (or locked) manifest of a target: what the next incremental builds
     on, or (locked) what tells the next backup that it cannot (codec.chain_key_reason)."""
-    newest = None
-    for e in entries(store, target):
-        if e.header is not None or e.locked:
-            newest = e
-    return newest
+    return chain(store, target).head
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Every manifest of one target, oldest first, read once (headers only)."""
+    entries: tuple
+
+    @property
+    def head(self) -> Optional[Entry]:
+        """The newest readable (or locked) entry."""
+        return next((e for e in reversed(self.entries) if e.header is not None or e.locked), None)
+
+    @property
+    def newest(self) -> Optional[Entry]:
+        """The newest entry, readable or not: a damaged newest manifest must not pass unnoticed
+        as 'the chain ends one backup earlier'."""
+        return self.entries[-1] if self.entries else None
+
+    @property
+    def backup_ids(self) -> List[str]:
+        return [e.backup_id for e in self.entries]
+
+    @property
+    def bitmaps(self) -> List[str]:
+        """The generation bitmaps the readable headers name."""
+        return [(e.header.get("generation") or {}).get("bitmap") for e in self.entries
+                if e.header is not None and isinstance(e.header.get("generation"), dict)]
+
+
+def chain(store, target: str) -> Chain:
+    return Chain(tuple(entries(store, target)))
 
 
 def matching(store, backup_id: str, disk: Optional[str] = None) -> List[str]:
     """Keys of the backups with this id (or id prefix; an exact id wins); one per disk of a
-    domain backup unless `disk` picks one (the target's '.<disk>' suffix)."""
-    matches = [k for k in keys(store) if k.rsplit("/", 1)[1].startswith(backup_id)]
+    domain backup unless `disk` picks one (the target's '.<disk>' suffix). What no backup id
+    starts with may be the name of a target or of a libvirt domain (`named`): it stands for its
+    newest backup, every disk's manifest of the newest backup id among its targets."""
+    all_keys = keys(store)
+    matches = [k for k in all_keys if k.rsplit("/", 1)[1].startswith(backup_id)]
+    by_name = not matches and bool(backup_id)
+    if by_name:
+        targets = set(named(store, backup_id, all_keys))
+        matches = [k for k in all_keys if _target_of(k) in targets]
     if disk:
-        matches = [k for k in matches if k[len(PREFIX):].rsplit("/", 1)[0].endswith("." + disk)]
+        matches = [k for k in matches if _target_of(k).endswith("." + disk)]
+    if by_name:
+        newest = max((k.rsplit("/", 1)[1] for k in matches), default=None)
+        return [k for k in matches if k.rsplit("/", 1)[1] == newest]
     exact = [k for k in matches if k.rsplit("/", 1)[1] == backup_id]
     return exact or matches
+
+
+_SHOWN = 6          # matches an ambiguity error lists
 
 
 def choose(matches: List[str], backup_id: str, disk: Optional[str] = None) -> str:
     if not matches:
         what = f"{backup_id!r}" + (f" of disk {disk}" if disk else "")
-        raise UsageError(f"no backup {what} in the store (see `ekko list`)")
+        raise UsageError(f"no backup {what} in the store: no backup id starts with it, and no target or "
+                         "libvirt domain of that name has backups there (see `ekko list`)")
     if len(matches) > 1:
-        names = ", ".join(k[len(PREFIX):] for k in matches[:6])
-        raise UsageError(f"backup {backup_id!r} is ambiguous ({names}): give a longer id, or --disk")
+        names = ", ".join(k[len(PREFIX):] for k in matches[:_SHOWN])
+        more = f" and {len(matches) - _SHOWN} more" if len(matches) > _SHOWN else ""
+        raise UsageError(f"backup {backup_id!r} is ambiguous ({names}{more}): give a longer id, or --disk")
     return matches[0]
 
 
 def find(store, backup_id: str, disk: Optional[str] = None) -> str:
-    """Key of a backup by id or unique id prefix."""
+    """Key of a backup by id, unique id prefix, or target or domain name (its newest backup)."""
     return choose(matching(store, backup_id, disk), backup_id, disk)
+
+
+_DISK = re.compile(r"^[A-Za-z0-9_-]+$")       # a libvirt target dev: vda, sdb, hdc, nvme0n1
+
+
+def named(store, name: str, all_keys: Optional[List[str]] = None) -> List[str]:
+    """The targets NAME stands for, as the store alone knows them (no libvirtd needed): NAME
+    itself if it has backups; else the disks of the libvirt domain so named, the targets
+    '<domain>.<disk>' (engine/domain_xml.target_name); else, NAME being a UUID, the targets
+    whose newest manifest carries it as domain_uuid or instance_uuid. [] if none."""
+    from .engine.domain_xml import target_name
+    all_keys = keys(store) if all_keys is None else all_keys
+    newest = {_target_of(k): k for k in all_keys}      # keys are sorted by id: the last one wins
+    if name in newest:
+        return [name]
+    prefix = target_name(name, "")
+    disks = sorted(t for t in newest if t.startswith(prefix) and _DISK.match(t[len(prefix):]))
+    if disks or not _is_uuid(name):
+        return disks
+    found = []
+    for target, key in sorted(newest.items()):
+        try:
+            labels = mf.decode_header(_read(store, key), key).get("labels") or {}
+        except EkkoError:               # damaged or locked: it cannot tell
+            continue
+        if name.lower() in (str(labels.get(k, "")).lower() for k in ("domain_uuid", "instance_uuid")):
+            found.append(target)
+    return found
+
+
+def _target_of(key: str) -> str:
+    return key[len(PREFIX):].rsplit("/", 1)[0]
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
 
 
 def load(store, key: str) -> mf.Manifest:

@@ -24,7 +24,9 @@ from .engine.libvirt import (BackupBeginFailed, CheckpointState, JobRecord, Libv
 from .codec import chain_key_reason, codec_of
 from .errors import UsageError
 from .faults import crash_point, pause_point
-from .pipeline import BackupOptions, BackupResult, TargetLock, build_manifest, chain_head, copy_segments
+from .ledger import Ledger
+from .pipeline import (BackupOptions, BackupResult, TargetLock, build_manifest, copy_segments, look_at_chain,
+                       record_commit)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class _Disk:
     manifest: Optional[object] = None
     notes: List[str] = field(default_factory=list)
     key_reason: Optional[str] = None     # codec.chain_key_reason: the head was sealed with another key
+    chain_broken: Optional[str] = None   # pipeline.ChainView.broken: damaged newest manifest, vanished backups
+    known: frozenset = frozenset()       # generation (checkpoint) names ekko created for this disk
 
 
 def select_disks(all_disks: List[dx.DomainDisk], wanted: Sequence[str], domain: str) -> List[dx.DomainDisk]:
@@ -88,8 +92,10 @@ def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_d
     sizes = disk_sizes(dom, [d.dev for d in specs])
     disks = [_Disk(d, dx.target_name(dom.name(), d.dev), sizes[d.dev]) for d in specs]
     codec = codec_of(store)     # an encrypted store reads its key file here, before the job starts
+    ledger = Ledger(base.state_dir) if base.state_dir else None
     for d in disks:
-        d.head, d.head_entry = chain_head(store, d.target)
+        view = look_at_chain(store, d.target, base.bitmap_prefix, ledger)
+        d.head, d.head_entry, d.chain_broken, d.known = view.head, view.entry, view.broken, view.known
         if d.head_entry is not None:
             d.key_reason = chain_key_reason(d.head_entry.key, d.head_entry.key_fingerprint,
                                             codec.fingerprint, req.force_full)
@@ -160,9 +166,11 @@ def _backup_running(dom, specs, req, store, base: BackupOptions, labels, state_d
             note = engine.delete(base_cp)
             if note:
                 notes.append(note)
-        _drop_stale_generations(engine, new_cp, notes)
+        _drop_stale_generations(engine, new_cp, frozenset().union(*(d.known for d in disks)), notes)
         engine.save_and_forget(new_cp)
         state.drop_job(dom.UUIDString())
+        for d in disks:
+            record_commit(ledger, d.manifest, store)
         return [BackupResult(d.manifest, k, notes) for d, k in zip(disks, keys)]
     finally:
         reaper.done()
@@ -188,9 +196,12 @@ def _undo(engine: LibvirtDomainEngine, new_cp: str, base_cp: Optional[str]) -> N
             engine.forget(base_cp)
 
 
-def _drop_stale_generations(engine: LibvirtDomainEngine, keep: str, notes: List[str]) -> None:
+def _drop_stale_generations(engine: LibvirtDomainEngine, keep: str, known: frozenset, notes: List[str]) -> None:
+    """Delete the checkpoints of older generations of this domain's disks. Only names ekko
+    created for them (bitmaps.known_generations): a user's `ekko-foo`, or another config's
+    generations on the same domain, are never touched."""
     for name in engine.our_checkpoints():
-        if name != keep:
+        if name != keep and name in known:
             note = engine.delete(name)
             notes.append(note or f"deleted stale checkpoint {name}")
 
@@ -219,7 +230,8 @@ def _plan(disks: List[_Disk], base_cp, broken, backup_id, base: BackupOptions, r
         plan = plan_generation(info, d.head, backup_id=backup_id, prefix=base.bitmap_prefix,
                                granularity=base.granularity, segment_size=base.segment_size,
                                force_full=req.force_full, require_incremental=req.require_incremental,
-                               broken_reason=broken if d.spec.bitmap_capable and d.head is not None else None,
+                               broken_reason=(broken if d.spec.bitmap_capable and d.head is not None else None)
+                               or d.chain_broken,
                                key_mismatch_reason=d.key_reason)
         d.plan = plan
 

@@ -8,6 +8,8 @@
      |    +-- DiskNotFound         the node/disk is not there (exit 2)
      |    +-- IncrementalImpossible  an incremental was demanded but cannot be done (exit 2)
      +-- ReaderError               NBD export unusable (e.g. no dirty-bitmap context negotiated)
+     +-- ReadBackMismatch          the export reads differently from what the backup was about to
+     |                             commit (a dirty bitmap missed writes?): nothing committed, next is a full
      +-- EncodeMismatch            verify-before-store: a segment changed while it was encoded (a
      |                             fault in this process, not in the store): nothing is committed
      +-- StoreError                the object store failed
@@ -66,6 +68,18 @@ class ScratchSpaceLow(EngineError):
 
 class ReaderError(EkkoError):
     pass
+
+
+class ReadBackMismatch(EkkoError):
+    """The read-back check before a commit (pipeline._read_back) read a segment of the still-open
+    point-in-time view and got other bytes than the segment the manifest was going to name."""
+
+    def __init__(self, target: str, index: int, offset: int, expected: str, found: str):
+        self.target, self.index, self.offset = target, index, offset
+        super().__init__(f"{target}: read-back check failed: segment {index} (offset {offset}) of the point-in-time "
+                         f"view holds {found}, the backup was about to commit {expected}. The chain's change "
+                         "tracking missed writes, or the view changed under the backup. Nothing was committed; "
+                         "the next backup of this disk is a full")
 
 
 class EncodeMismatch(EkkoError):

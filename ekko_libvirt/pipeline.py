@@ -16,6 +16,7 @@ import fcntl
 import itertools
 import logging
 import os
+import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,9 +24,10 @@ from typing import Callable, Dict, List, Optional
 
 from . import catalog, heap, markers, scratch, segment, units
 from .codec import PLAIN, chain_key_reason, codec_of
-from .engine.bitmaps import INCREMENTAL, ChainHead, GenerationPlan, plan_generation
-from .errors import EkkoError, LockBusy, ReaderError, StoreError
+from .engine.bitmaps import INCREMENTAL, ChainHead, GenerationPlan, generation_name, known_generations, plan_generation
+from .errors import EkkoError, LockBusy, ReaderError, ReadBackMismatch, StoreError
 from .faults import crash_point, pause_point
+from .ledger import Ledger, LedgerError, vanished, vanished_reason
 from .manifest import Manifest, SegmentTable, segment_count
 from .nbd.extents import SegmentPlan, whole_segment, with_extra_segments
 from .nbd.reader import ExportReader
@@ -51,6 +53,8 @@ class BackupOptions:
     labels: Dict = field(default_factory=dict)
     backup_id: Optional[str] = None     # given: the id of a multi-disk backup all its disks share
     scratch_reserve: int = units.DEFAULT_SCRATCH_RESERVE     # free room kept for copy-before-write
+    state_dir: Optional[str] = None     # this host's ledger of commits (ledger.py); None: no ledger
+    read_back: int = units.DEFAULT_READ_BACK    # segments re-read before the commit; READ_BACK_ALL: all
 
 
 @dataclass
@@ -96,36 +100,54 @@ class TargetLock:
         os.close(self.fd)
 
 
-def chain_head(store, target: str):
-    """(ChainHead, entry) of the newest committed backup, or (None, None). A locked head (sealed
-    with another key, or not sealed where a key is configured) is (None, entry): nothing of it
-    can be built on, and codec.chain_key_reason says why."""
-    entry = catalog.head(store, target)
-    if entry is None:
-        return None, None
-    if entry.locked:
-        return None, entry
+@dataclass(frozen=True)
+class ChainView:
+    """What the store (and this host's ledger) say about a target's chain, before a backup."""
+    head: Optional[ChainHead]             # what an incremental builds on; None: nothing to build on
+    entry: Optional[catalog.Entry]        # the head's manifest (a locked one too: chain_key_reason)
+    committed_generation: Optional[str]   # the newest backup's generation, even if its manifest is damaged
+    known: frozenset                      # generation names ekko created for this target
+    broken: Optional[str] = None          # why nothing can be built on although backups exist
+
+
+def look_at_chain(store, target: str, prefix: str, ledger: Optional[Ledger] = None) -> ChainView:
+    """One read of the target's manifest headers. A damaged newest manifest breaks the chain
+    (the backup before it is not what the disk's generation tracks changes since); so does a
+    store that lost backups this host committed (ledger.vanished), or a full the ledger asks for."""
+    ch = catalog.chain(store, target)
+    known = known_generations(prefix, ch.backup_ids, ch.bitmaps)
+    newest, entry = ch.newest, ch.head
+    if newest is not None and newest.header is None and not newest.locked:
+        return ChainView(None, None, generation_name(prefix, newest.backup_id), known,
+                         f"newest manifest {newest.key} is unreadable ({newest.error})")
+    record = ledger.get(target) if ledger is not None else None
+    broken = vanished_reason(record) if vanished(record, ch.backup_ids) else \
+        record.full_required if record is not None else None
+    if entry is None or entry.locked:
+        return ChainView(None, entry, None, known, broken)
     h = entry.header
     gen = h.get("generation") or {}
-    return ChainHead(h["backup_id"], gen.get("bitmap"), gen.get("granularity"), h["virtual_size"],
-                     h["segment_size"]), entry
+    head = ChainHead(h["backup_id"], gen.get("bitmap"), gen.get("granularity"), h["virtual_size"], h["segment_size"])
+    return ChainView(head, entry, head.bitmap, known, broken)
 
 
 def run_backup(engine, store, opts: BackupOptions, progress: Optional[Callable[[int, int], None]] = None) -> BackupResult:
     with TargetLock(opts.lock_dir, opts.target):
         codec = codec_of(store)     # an encrypted store reads its key file here, before anything changes
-        head, head_entry = chain_head(store, opts.target)
-        key_reason = chain_key_reason(head_entry.key, head_entry.key_fingerprint, codec.fingerprint,
-                                      opts.force_full) if head_entry is not None else None
-        notes, broken = engine.recover(head.bitmap if head else None)
+        ledger = Ledger(opts.state_dir) if opts.state_dir else None
+        view = look_at_chain(store, opts.target, opts.bitmap_prefix, ledger)
+        key_reason = chain_key_reason(view.entry.key, view.entry.key_fingerprint, codec.fingerprint,
+                                      opts.force_full) if view.entry is not None else None
+        notes, broken = engine.recover(view.committed_generation, view.known)
         info = engine.inspect()
         backup_id = opts.backup_id or catalog.new_backup_id()
-        plan = plan_generation(info, head, backup_id=backup_id, prefix=opts.bitmap_prefix,
+        plan = plan_generation(info, view.head, backup_id=backup_id, prefix=opts.bitmap_prefix,
                                granularity=opts.granularity, segment_size=opts.segment_size,
                                force_full=opts.force_full, require_incremental=opts.require_incremental,
-                               broken_reason=broken, key_mismatch_reason=key_reason)
+                               broken_reason=broken or view.broken, key_mismatch_reason=key_reason,
+                               known=view.known)
         log.info("%s: %s backup %s: %s", opts.target, plan.kind, backup_id, plan.reason)
-        parent = catalog.load(store, head_entry.key) if plan.kind == INCREMENTAL else None
+        parent = catalog.load(store, view.entry.key) if plan.kind == INCREMENTAL else None
         guard = scratch.guard_for(getattr(engine, "scratch_dir", None), opts.scratch_reserve)
         if guard:
             guard.check_start()
@@ -140,12 +162,24 @@ def run_backup(engine, store, opts: BackupOptions, progress: Optional[Callable[[
             m = build_manifest(opts, info, plan, backup_id, table, stats, started, codec)
             crash_point("before-commit")
             key = catalog.commit(store, m)
-        except BaseException:
+        except BaseException as e:
             _abort(session, opts.target)
+            record_failure(ledger, opts.target, e, store)
             raise
         crash_point("after-commit")
         session.commit()
+        record_commit(ledger, m, store)
         return BackupResult(m, key, notes)
+
+
+def record_commit(ledger: Optional[Ledger], m: Manifest, store) -> None:
+    """The ledger follows the commit; a failure to write it costs the vanished check, not the backup."""
+    if ledger is None:
+        return
+    try:
+        ledger.committed(m.target, m.backup_id, store.describe())
+    except LedgerError as e:
+        log.warning("%s: backup %s is committed, but %s", m.target, m.backup_id, e)
 
 
 def _abort(session, target: str) -> None:
@@ -156,6 +190,18 @@ def _abort(session, target: str) -> None:
         session.abort()
     except Exception as e:  # noqa: BLE001 - the original error is re-raised by the caller
         log.warning("%s: could not undo the backup in QEMU: %s (the next run finishes the undo)", target, e)
+
+
+def record_failure(ledger: Optional[Ledger], target: str, e: BaseException, store) -> None:
+    """A read-back mismatch means the chain's change tracking cannot be trusted: the next backup
+    of the target must be a full, whatever the bitmaps look like then."""
+    if ledger is None or not isinstance(e, ReadBackMismatch):
+        return
+    try:
+        ledger.require_full(target, f"the read-back check of a failed backup found the export differing from "
+                            f"the chain (segment {e.index})", store.describe())
+    except LedgerError as le:
+        log.warning("%s: %s: the next backup may not know it must be a full", target, le)
 
 
 def build_manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: Stats, started: float,
@@ -209,6 +255,7 @@ def copy_segments(export, store, plan: GenerationPlan, size: int, parent: Option
         pause_point("after-segments")
         _recheck(copier, table, parent, seg, size, watch)
         copier.batch.flush()
+        _read_back(copier, table, seg, size)
     except BaseException:
         copier.batch.abort()
         raise
@@ -261,15 +308,39 @@ def _recheck(copier: "_SegmentCopier", table: SegmentTable, parent: Optional[Man
             if d in late:
                 copier.healed.add(d)        # its mark goes with the others after the check
             continue
-        # The export differs from what the parent recorded for a clean segment: trust the export.
-        log.warning("%s: segment %d reads differently from its record %s: storing what the export holds",
-                    copier.opts.target, i, segment.segment_key(d))
-        if nd is None:
-            table.set_zero(i)
-        else:
-            table.set_data(i, nd)
-            if not store.exists(segment.segment_key(nd)):
-                copier.store_segment(data, nd, restored_segments=1)
+        # The export differs from what the chain recorded for a segment the bitmap called clean:
+        # the change tracking missed writes, here and who knows where else. No patching this one.
+        raise ReadBackMismatch(copier.opts.target, i, i * seg, _named(d), _named(nd))
+
+
+def read_back_indices(count: int, wanted: int, rnd: random.Random) -> List[int]:
+    """Which segments the read-back check reads: the first and the last always, then a random
+    sample up to `wanted` (READ_BACK_ALL: every one). Pure."""
+    if wanted == units.READ_BACK_ALL or wanted >= count:
+        return list(range(count))
+    middle = range(1, count - 1)
+    return sorted({0, count - 1, *rnd.sample(middle, min(len(middle), max(0, wanted - 2)))})
+
+
+def _read_back(copier: "_SegmentCopier", table: SegmentTable, seg: int, size: int) -> None:
+    """The read-back check, last before the commit: segments of the still-open point-in-time view
+    are read again and named, and must be what the manifest is about to say, carried-over
+    segments of an incremental included: that is where a dirty bitmap that missed writes shows
+    (disabled, cleared or broken behind our back), which nothing else would notice."""
+    indices = read_back_indices(table.count, copier.opts.read_back, random.Random())
+    log.debug("%s: read-back check of segment(s) %s", copier.opts.target, indices)
+    w = copier._worker()
+    for i in indices:
+        plan = whole_segment(i, seg, size)
+        data = w.read(plan)
+        found = None if segment.is_zero(data) else copier.codec.name(data)
+        expected = table.get(i)
+        if found != expected:
+            raise ReadBackMismatch(copier.opts.target, i, plan.offset, _named(expected), _named(found))
+
+
+def _named(d: Optional[bytes]) -> str:
+    return "zeros" if d is None else segment.segment_key(d)
 
 
 def _missing(store, digests, workers: int, watch: Optional[Callable[[], None]] = None) -> set:
@@ -405,10 +476,14 @@ class _SegmentCopier:
                 self.healed.add(d)
             if self.touched is not None:
                 self.touched.add(d)
+            # The first worker to meet a digest decides for it; another worker with the same
+            # content meanwhile reuses it (should the first fail, the whole backup fails).
+            claimed = heal or d not in self.known
+            self.known.add(d)
         if heal:
             # exists() would say yes to a corrupt object: overwrite it with verified data
             self.store_segment(data, d, healed_segments=1)
-        elif d in self.known or self.store.exists(key):
+        elif not claimed or self.store.exists(key):
             self._count(reused_segments=1)
         else:
             self.store_segment(data, d)
@@ -419,8 +494,6 @@ class _SegmentCopier:
         crash_point("during-store")
         self.batch.put(enc.key, enc.blob)
         self._count(new_segments=1, stored_bytes=len(enc.blob), **counts)
-        with self._lock:
-            self.known.add(d)
 
     def _count(self, **kw) -> None:
         with self._lock:

@@ -99,6 +99,17 @@ def checkpoint_xml(name: str, devs_with_bitmap: Sequence[str], other_devs: Seque
             f"<disks>{''.join(disks)}</disks></domaincheckpoint>")
 
 
+def without_parent(checkpoint: str) -> str:
+    """A checkpoint's XML without its <parent>. libvirt records as parent whatever checkpoint was
+    current when ours was made, a user's too; once that one is deleted, a redefinition naming it
+    fails ("parent ... not found") although our bitmap is intact. The chain lives in our
+    manifests, not in libvirt's parent links, so we never redefine one."""
+    root = ET.fromstring(checkpoint)
+    for p in root.findall("parent"):
+        root.remove(p)
+    return ET.tostring(root, encoding="unicode")
+
+
 def dirty_context(dev: str) -> str:
     return f"qemu:dirty-bitmap:ekko-{dev}"
 

@@ -135,8 +135,9 @@ class LibvirtDomainEngine:
         """Put checkpoint `name` back into libvirt's metadata, validated against the bitmaps in
         the images. -> None when the chain can be trusted, else the reason it cannot."""
         self.forget(name)
-        xml = self.state.checkpoint_xml(self.uuid, name) or dx.checkpoint_xml(name, devs_with_bitmap, other_devs,
-                                                                              created=int(created))
+        saved = self.state.checkpoint_xml(self.uuid, name)
+        xml = dx.without_parent(saved) if saved else dx.checkpoint_xml(name, devs_with_bitmap, other_devs,
+                                                                       created=int(created))
         flags = libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE | libvirt.VIR_DOMAIN_CHECKPOINT_CREATE_REDEFINE_VALIDATE
         try:
             self.dom.checkpointCreateXML(xml, flags)

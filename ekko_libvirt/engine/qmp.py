@@ -22,7 +22,7 @@ import xxhash
 
 from ..errors import DiskNotFound, EngineError
 from .base import BitmapInfo, DiskInfo, Export
-from .bitmaps import GenerationPlan, plan_recovery
+from .bitmaps import GenerationPlan, Interrupted, plan_recovery
 from .qmp_client import QMPCommandError, QMPConnection, QMPDisconnected
 from .reaper import Reaper
 
@@ -88,9 +88,7 @@ def merge_back_actions(plan: GenerationPlan, node: str) -> List[dict]:
 
 
 def retire_actions(plan: GenerationPlan, node: str) -> List[dict]:
-    if not plan.base_bitmap:
-        return []
-    return [{"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": plan.base_bitmap}}]
+    return [{"type": "block-dirty-bitmap-remove", "data": {"node": node, "name": name}} for name in plan.retire]
 
 
 class QMPEngine:
@@ -116,18 +114,21 @@ class QMPEngine:
                            f"(nodes there: {', '.join(names) or 'none'})")
 
     # -- crash recovery ---------------------------------------------------------------------
-    def recover(self, committed_generation: Optional[str]):
+    def recover(self, committed_generation: Optional[str], known: frozenset = frozenset()):
         """Tear down what a killed run left (by journal and by our deterministic names), then
-        merge stray generations back. Returns (notes, broken_reason)."""
+        settle the bitmaps (bitmaps.plan_recovery): `known` are the generation names of this
+        target's backups (bitmaps.known_generations); the journal adds what the killed run
+        created and disabled. Returns (notes, broken_reason)."""
         notes = []
         journal = self._read_journal()
         if journal is not None or self._leftovers():
             self._teardown(started_server=bool(journal and journal.get("started_server")), quiet=True)
             notes.append("removed the NBD export and fleecing nodes of an interrupted backup")
-        rec = plan_recovery(self.inspect(), committed_generation, self.t.bitmap_prefix)
+        rec = plan_recovery(self.inspect(), committed_generation, self.t.bitmap_prefix,
+                            interrupted=_interrupted(journal), known=known)
         if rec.actions:
             self.qmp.execute("transaction", {"actions": list(rec.actions)})
-            notes.extend(rec.notes)
+        notes.extend(rec.notes)
         self._drop_journal()
         return notes, rec.broken_reason
 
@@ -324,6 +325,16 @@ class QMPSession:
         if self.reaper is not None:
             self.reaper.done()
             self.reaper = None
+
+
+def _interrupted(journal: Optional[dict]) -> Optional[Interrupted]:
+    """The generation switch a killed run journaled (None: no run was interrupted, or its
+    journal is unreadable: then nothing is re-enabled, and a disabled head means a full)."""
+    plan = (journal or {}).get("plan")
+    if not isinstance(plan, dict):
+        return None
+    base, new = plan.get("base_bitmap"), plan.get("new_bitmap")
+    return Interrupted(base if isinstance(base, str) else None, new if isinstance(new, str) else None)
 
 
 def _disk_info(n: dict) -> DiskInfo:

@@ -144,3 +144,32 @@ def test_a_watch_that_raises_stops_the_copy_and_the_commit_check():
         _missing(store, [os.urandom(16) for _ in range(1000)], 2, watch)
     assert len(calls) == 2
     assert _missing(store, [b"x" * 16] * 3, 2, lambda: None) == {b"x" * 16}
+
+
+def test_workers_meeting_the_same_new_content_store_and_count_it_once():
+    """Field: "stored 7 new" where 4 distinct segments were new. Workers that met the same digest
+    at the same time each asked exists(), each heard no, each stored it. The store's exists()
+    here holds its first caller until a second one comes (or a second passes): the old code
+    always had a second caller for the same digest."""
+    class Racy(MemoryStore):
+        def __init__(self):
+            super().__init__()
+            self.puts, self.calls, self.second = 0, 0, threading.Event()
+
+        def exists(self, key):
+            self.calls += 1
+            if self.calls == 2:
+                self.second.set()
+            self.second.wait(1.0)
+            return super().exists(key)
+
+        def put(self, key, data):
+            self.puts += 1
+            super().put(key, data)
+
+    a = os.urandom(SEG)
+    store = Racy()
+    c = _copier(_items([a] * 16), store, workers=8)
+    c.run(None, SegmentTable(16), None, 16 * SEG)
+    assert store.puts == 1
+    assert (c.stats.new_segments, c.stats.reused_segments) == (1, 15)
