@@ -644,7 +644,9 @@ class CrashFS:
         return self._answer()
 
     def arm(self, at: int) -> None:
-        """Cut the power just before the at-th state-changing operation from now on (at >= 1)."""
+        """Cut the power just before the at-th state-changing operation from now on (at >= 1).
+        The process that asks for that operation is SIGKILLed: arm only while a child process
+        (ekko) writes, never while the test process itself does."""
         self.call(cmd="arm", at=at)
 
     def disarm(self) -> None:
