@@ -17,7 +17,7 @@ import time
 from typing import Callable, List, Optional
 
 from ..errors import EkkoError
-from .state import ChainStatus, DomainState, JobRecord, JobStatus, StateDir, record_backup
+from .state import ChainStatus, DomainState, JobRecord, JobStatus, StateDir, host_clock, record_backup
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def run_recorded_backup(sd: StateDir, conn, req, run: Callable, *, progress=None
     with sd.lock_domain(uuid, "backup"):
         st = sd.update_domain(uuid, lambda s: s if s.name == name else dataclasses.replace(s, name=name))
         req = request_for_chain(req, st)
+        clock = host_clock()             # orders this backup against hook events of the same boot
         job = sd.begin_job(uuid, kind)
         if on_begin:
             on_begin(job)
@@ -102,5 +103,5 @@ def run_recorded_backup(sd: StateDir, conn, req, run: Callable, *, progress=None
         sd.end_job(tracker.job, JobStatus.SUCCEEDED, backup_id=backup_id)
         full = bool(results) and all(r.manifest.kind == "full" for r in results)
         if backup_id:
-            sd.update_domain(uuid, lambda s: record_backup(s, backup_id, checkpoint, job.started_ns, full))
+            sd.update_domain(uuid, lambda s: record_backup(s, backup_id, checkpoint, job.started_ns, full, clock))
         return results

@@ -80,8 +80,10 @@ class ChainState:
     reason: str = ""
     last_backup_id: Optional[str] = None
     last_checkpoint: Optional[str] = None
-    last_backup_ns: Optional[int] = None     # start of the last committed backup
+    last_backup_ns: Optional[int] = None     # start of the last committed backup (wall clock)
     last_full_ns: Optional[int] = None       # start of the last committed FULL backup (None: not known)
+    backup_clock: Optional[Tuple[str, int]] = None   # (boot id, CLOCK_MONOTONIC ns) of that start
+    full_clock: Optional[Tuple[str, int]] = None     # the same for the last full
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class DomainState:
     last_event: Optional[str] = None        # EventKind value
     last_event_ns: Optional[int] = None
     boot_id: Optional[str] = None           # boot of the host when the last event was written
+    last_event_mono_ns: Optional[int] = None    # CLOCK_MONOTONIC of that event (orders events of one boot)
     running: bool = False
     clean_shutdown: Optional[bool] = None   # None: running, or never seen stopping
     job_id: Optional[str] = None
@@ -138,10 +141,27 @@ class JobRecord:
 
 # --- pure transitions ----------------------------------------------------------------------------
 
+def happened_before(wall_ns: int, clock: Optional[Tuple[Optional[str], int]], other_wall_ns: Optional[int],
+                    other_clock: Optional[Tuple[Optional[str], int]]) -> bool:
+    """Whether a moment (wall clock, (boot id, CLOCK_MONOTONIC)) is before another one. Within one
+    boot the monotonic clock decides (a wall clock stepped back by NTP does not reorder events);
+    across boots, or without a boot id, the wall clock. Nothing is before an unknown moment."""
+    if other_wall_ns is None:
+        return False
+    if clock is not None and other_clock is not None and clock[0] is not None and clock[0] == other_clock[0]:
+        return clock[1] < other_clock[1]
+    return wall_ns < other_wall_ns
+
+
+def _event_clock(event: HookEvent) -> Optional[Tuple[Optional[str], int]]:
+    return (event.boot_id, event.mono_ns) if event.boot_id else None
+
+
 def is_stale(st: DomainState, event: HookEvent) -> bool:
     """The event is older than the last one the state took in (a replay, a file moved back from
-    bad/, a clock stepped back): it must not override what newer events said."""
-    return st.last_event_ns is not None and event.wall_ns < st.last_event_ns
+    bad/): it must not override what newer events said."""
+    last = (st.boot_id, st.last_event_mono_ns) if st.boot_id and st.last_event_mono_ns is not None else None
+    return happened_before(event.wall_ns, _event_clock(event), st.last_event_ns, last)
 
 
 def apply_reactions(st: DomainState, event: HookEvent, reactions: Sequence[Reaction]) -> DomainState:
@@ -164,7 +184,7 @@ def apply_reactions(st: DomainState, event: HookEvent, reactions: Sequence[React
     chain = st.chain
     current = not is_stale(st, event)
     changes: Dict[str, Any] = dict(name=event.domain, last_event=event.kind.value, last_event_ns=event.wall_ns,
-                                   boot_id=event.boot_id) if current else {}
+                                   boot_id=event.boot_id, last_event_mono_ns=event.mono_ns) if current else {}
     for r in reactions:
         if r.action is Action.MARK_RUNNING and current:
             changes.update(running=True, clean_shutdown=None)
@@ -172,34 +192,44 @@ def apply_reactions(st: DomainState, event: HookEvent, reactions: Sequence[React
             changes.update(running=False, clean_shutdown=True)
         elif r.action is Action.MARK_UNCLEAN and current:
             changes.update(running=False, clean_shutdown=False)
-        elif r.action is Action.REQUIRE_FULL and not _before(event, chain.last_full_ns):
+        elif r.action is Action.REQUIRE_FULL and not _before(event, chain.last_full_ns, chain.full_clock):
             chain = dataclasses.replace(chain, status=ChainStatus.FULL_REQUIRED, reason=r.reason)
         elif (r.action is Action.CHECK_CHAIN and chain.status is ChainStatus.OK
-              and not _before(event, chain.last_backup_ns)):
+              and not _before(event, chain.last_backup_ns, chain.backup_clock)):
             chain = dataclasses.replace(chain, status=ChainStatus.CHECK_REQUIRED, reason=r.reason)
     return dataclasses.replace(st, chain=chain, **changes)
 
 
-def _before(event: HookEvent, ns: Optional[int]) -> bool:
-    return ns is not None and event.wall_ns < ns
+def _before(event: HookEvent, ns: Optional[int], clock: Optional[Tuple[str, int]]) -> bool:
+    return happened_before(event.wall_ns, _event_clock(event), ns, clock)
 
 
 def react(st: DomainState, event: HookEvent, shared_storage: bool = False) -> Tuple[DomainState, Tuple[Reaction, ...]]:
-    """decide + apply_reactions. For a stale event (`is_stale`) the state cannot tell whether the
-    domain was running before it, so no unclean shutdown is inferred from it."""
-    ctx = st.context(shared_storage)
-    if is_stale(st, event):
-        ctx = dataclasses.replace(ctx, was_running=False)
-    reactions = decide(event, ctx)
+    """decide + apply_reactions, with the domain's context from the state. For a stale event
+    (`is_stale`) that context is newer than the event; a prepare then still requires a full when
+    the state says "running" (when in doubt, the chain restarts), unless a full came after it."""
+    reactions = decide(event, st.context(shared_storage))
     return apply_reactions(st, event, reactions), reactions
 
 
+def host_clock() -> Tuple[Optional[str], int]:
+    """(boot id, CLOCK_MONOTONIC ns) now: the clock the hook stamps events with."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot: Optional[str] = f.read(64).strip().lower() or None
+    except OSError:
+        boot = None
+    return boot, time.monotonic_ns()
+
+
 def record_backup(st: DomainState, backup_id: str, checkpoint: Optional[str], now_ns: int,
-                  full: bool = False) -> DomainState:
-    """A backup was committed (`now_ns`: when it started; `full`: it was a full): the chain
-    continues from it."""
-    last_full = now_ns if full else st.chain.last_full_ns
-    return dataclasses.replace(st, chain=ChainState(ChainStatus.OK, "", backup_id, checkpoint, now_ns, last_full))
+                  full: bool = False, clock: Optional[Tuple[Optional[str], int]] = None) -> DomainState:
+    """A backup was committed (`now_ns` and `clock` (host_clock): when it started; `full`: it
+    was a full): the chain continues from it."""
+    clock = clock if clock is not None and clock[0] else None
+    last_full, full_clock = (now_ns, clock) if full else (st.chain.last_full_ns, st.chain.full_clock)
+    return dataclasses.replace(st, chain=ChainState(ChainStatus.OK, "", backup_id, checkpoint, now_ns, last_full,
+                                                    clock, full_clock))
 
 
 def require_full(st: DomainState, reason: str) -> DomainState:
@@ -245,6 +275,8 @@ def stale_jobs(records: Sequence[JobRecord], is_alive: Callable[[int, Optional[i
 def _to_json(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         return {f.name: _to_json(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_json(x) for x in obj]
     if isinstance(obj, enum.Enum):
         return obj.value
     return obj
@@ -254,11 +286,19 @@ def domain_from_dict(d: Dict[str, Any]) -> DomainState:
     chain = d.get("chain") or {}
     return DomainState(
         uuid=d["uuid"], name=d.get("name"), last_event=d.get("last_event"), last_event_ns=d.get("last_event_ns"),
+        last_event_mono_ns=d.get("last_event_mono_ns"),
         boot_id=d.get("boot_id"), running=bool(d.get("running", False)), clean_shutdown=d.get("clean_shutdown"),
         job_id=d.get("job_id"), job_kind=d.get("job_kind"), updated_ns=int(d.get("updated_ns", 0)),
         chain=ChainState(status=ChainStatus(chain.get("status", "none")), reason=chain.get("reason", ""),
                          last_backup_id=chain.get("last_backup_id"), last_checkpoint=chain.get("last_checkpoint"),
-                         last_backup_ns=chain.get("last_backup_ns"), last_full_ns=chain.get("last_full_ns")))
+                         last_backup_ns=chain.get("last_backup_ns"), last_full_ns=chain.get("last_full_ns"),
+                         backup_clock=_clock(chain.get("backup_clock")), full_clock=_clock(chain.get("full_clock"))))
+
+
+def _clock(raw: Any) -> Optional[Tuple[str, int]]:
+    if isinstance(raw, (list, tuple)) and len(raw) == 2 and isinstance(raw[0], str) and isinstance(raw[1], int):
+        return raw[0], raw[1]
+    return None
 
 
 def job_from_dict(d: Dict[str, Any]) -> JobRecord:

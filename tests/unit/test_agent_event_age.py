@@ -9,15 +9,18 @@ from ekko_libvirt.agent.events import parse_event
 from ekko_libvirt.agent.scheduler import decide, format_interval, parse_interval
 from ekko_libvirt.agent.settings import AgentSettings
 from ekko_libvirt.agent.spool import Spool
-from ekko_libvirt.agent.state import ChainStatus, DomainState, StateDir, record_backup
+from ekko_libvirt.agent.state import ChainStatus, DomainState, StateDir, react, record_backup
 from ekko_libvirt.agent.status import describe, describe_lifecycle, domain_status, lifecycle_info, row
 
 UUID = "6f1c2e4a-1b2c-4d5e-8f90-123456789abc"
 
 
-def ev(op, wall_ns, subop="begin"):
-    return parse_event({"v": 1, "wall_ns": wall_ns, "mono_ns": 1, "pid": 1, "domain": "vm1", "op": op,
-                        "subop": subop, "uuid": UUID, "xml": "ok"})
+BOOT = "11111111-2222-4333-8444-555555555555"
+
+
+def ev(op, wall_ns, subop="begin", mono_ns=1, boot_id=None):
+    return parse_event({"v": 1, "wall_ns": wall_ns, "mono_ns": mono_ns, "pid": 1, "domain": "vm1", "op": op,
+                        "subop": subop, "uuid": UUID, "xml": "ok", "boot_id": boot_id})
 
 
 def spool_event(root, op, wall_ns, subop="begin"):
@@ -57,12 +60,34 @@ def test_an_older_event_that_breaks_the_chain_still_requires_a_full_unless_a_ful
 
 def test_an_older_event_does_not_override_running_state():
     st = DomainState(UUID)
-    sd_events = [ev("started", 300), ev("release", 200, "end"), ev("prepare", 100)]
-    from ekko_libvirt.agent.state import react
-    for e in sd_events:
+    for e in [ev("started", 300), ev("release", 200, "end"), ev("prepare", 100)]:
         st, _ = react(st, e)
     assert (st.running, st.clean_shutdown, st.last_event, st.last_event_ns) == (True, None, "started", 300)
-    assert st.chain.status is not ChainStatus.FULL_REQUIRED   # an old prepare does not infer an unclean stop
+    # what ran before the old prepare is not known: when in doubt the chain restarts with a full
+    assert st.chain.status is ChainStatus.FULL_REQUIRED
+    st = record_backup(st, "b1", "cp1", 400, full=True)
+    st, _ = react(st, ev("prepare", 150))                   # older than that full: nothing to do
+    assert st.chain.status is ChainStatus.OK
+
+
+def test_a_wall_clock_stepped_back_does_not_make_events_stale(tmp_path):
+    """NTP steps the clock back between two hook calls of one boot: the monotonic clock orders them."""
+    sd = StateDir(str(tmp_path)).ensure()
+    st = DomainState(UUID)
+    st, _ = react(st, ev("started", 300, mono_ns=10, boot_id=BOOT))
+    st, _ = react(st, ev("stopped", 200, "end", mono_ns=20, boot_id=BOOT))
+    assert (st.running, st.clean_shutdown, st.last_event) == (False, True, "stopped")
+    st = record_backup(st, "b1", "cp1", 500, full=True, clock=(BOOT, 30))
+    st, _ = react(st, ev("started", 400, mono_ns=40, boot_id=BOOT))      # after the backup, by its clock
+    assert st.chain.status is ChainStatus.CHECK_REQUIRED and st.running
+    st = record_backup(st, "b2", "cp2", 600, clock=(BOOT, 50))
+    st, _ = react(st, ev("migrate", 700, mono_ns=45, boot_id=BOOT))      # before it, whatever the wall says
+    assert st.chain.status is ChainStatus.FULL_REQUIRED                  # ... but b2 was an incremental
+    st = record_backup(st, "b3", "cp3", 800, full=True, clock=(BOOT, 60))
+    st = sd.save_domain(st)
+    assert sd.load_domain(UUID) == st                       # the clocks survive the state file
+    st, _ = react(st, ev("migrate", 900, mono_ns=55, boot_id=BOOT))
+    assert st.chain.status is ChainStatus.OK
 
 
 def test_status_shows_intervals_as_configured():
