@@ -816,12 +816,14 @@ def cmd_status(cfg, args) -> int:
         raise UsageError(f"no domain {args.domain!r} known to libvirt or to the agent's state in {cfg.state_dir}")
     agent = status.agent_info(sd)
     lifecycle = status.lifecycle_info(sd.load_lifecycle(), settings.gc_interval_s, settings.verify, now)
+    hook = status.hook_info(settings.hook_path, settings.spool_dir)
     if args.json:
         _emit({"ok": True, "agent": agent, "libvirt": {"uri": config.libvirt_uri(cfg), "error": lv_error},
-               "lifecycle": lifecycle, "domains": rows})
+               "hook": hook, "lifecycle": lifecycle, "domains": rows})
         return EXIT_OK
     running = f"running, pid {agent['pid']} since {agent['since']}" if agent["running"] else "not running"
     print(f"agent: {running}; {len(rows)} domain(s)")
+    print(status.describe_hook(hook))
     print(status.describe_lifecycle(lifecycle))
     for r in rows:
         print(status.describe(r))

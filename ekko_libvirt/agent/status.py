@@ -236,3 +236,57 @@ def describe(r: Dict) -> str:
                      + (f" ({'; '.join(f'{t} {p}' for t, p in sorted(pr['policies'].items()))})"
                         if pr.get("policies") else ""))
     return "\n".join(lines)
+
+
+def hook_info(hook_path: str, spool_dir: str) -> Dict:
+    """The installed hook and its spool: whether the hook can load its event rule (if it cannot,
+    every event is lost), its coalescing bound, and how many events wait or were quarantined."""
+    import re
+    from .spool import BAD_DIR
+    info: Dict = {"path": hook_path, "installed": False, "rule_file": None, "rule_ok": False, "problem": None,
+                  "spool_max": None, "waiting": None, "quarantined": None}
+    try:
+        with open(hook_path, errors="replace") as f:
+            text = f.read(1 << 16)
+    except FileNotFoundError:
+        info["problem"] = "not installed (ekko hook install): libvirt events are not recorded"
+        text = None
+    except OSError as e:
+        info["problem"] = f"unreadable: {e.strerror}"
+        text = None
+    if text is not None:
+        info["installed"] = True
+        rule = re.search(r'^RULE_FILE = "([^"\n]*)"$', text, re.M)
+        bound = re.search(r"^SPOOL_MAX = (\d+)$", text, re.M)
+        info["spool_max"] = int(bound.group(1)) if bound else None
+        info["rule_file"] = rule.group(1) if rule else None
+        if not info["rule_file"]:
+            info["problem"] = "installed by an older ekko (no RULE_FILE): run `ekko hook install` again"
+        else:
+            try:
+                st = os.stat(info["rule_file"])
+                if st.st_mode & 0o022 or st.st_uid not in (0, os.getuid()):
+                    info["problem"] = (f"the hook refuses its rule file {info['rule_file']} (writable by group or "
+                                       "others, or owned by another user): every event is lost")
+                else:
+                    info["rule_ok"] = True
+            except OSError as e:
+                info["problem"] = (f"its rule file {info['rule_file']} is gone ({e.strerror}): every event is "
+                                   "lost; run `ekko hook install` again")
+    try:
+        names = os.listdir(spool_dir)
+        info["waiting"] = sum(1 for n in names if not n.startswith(".") and n != BAD_DIR)
+        info["quarantined"] = sum(1 for n in os.listdir(os.path.join(spool_dir, BAD_DIR))
+                                  if not n.endswith(".reason")) if BAD_DIR in names else 0
+    except OSError:
+        pass
+    return info
+
+
+def describe_hook(info: Dict) -> str:
+    """The hook line of `ekko status` for people."""
+    spool = "" if info["waiting"] is None else (f"; spool: {info['waiting']} event(s) waiting, "
+                                                 f"{info['quarantined']} quarantined")
+    if info["problem"]:
+        return f"hook:   {info['path']}: {info['problem']}{spool}"
+    return f"hook:   {info['path']} (rule ok, coalesces above {info['spool_max']} events){spool}"

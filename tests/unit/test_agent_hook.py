@@ -81,3 +81,23 @@ def test_valid_uuid():
     assert hookformat.valid_uuid(UUID.upper()) == UUID
     for bad in (None, 5, "", UUID[:-1], UUID.replace("-", "x"), "g" * 36):
         assert hookformat.valid_uuid(bad) is None
+
+
+def test_status_tells_whether_the_installed_hook_can_load_its_rule(tmp_path):
+    from ekko_libvirt.agent.spool import install_hook
+    from ekko_libvirt.agent.status import describe_hook, hook_info
+    dest, spool = str(tmp_path / "qemu.d" / "ekko"), str(tmp_path / "spool")
+    info = hook_info(dest, spool)
+    assert not info["installed"] and "not installed" in describe_hook(info)
+    install_hook(dest, spool, str(tmp_path / "state"), source=HOOK, spool_max=77)
+    os.makedirs(os.path.join(spool, "bad"))
+    open(os.path.join(spool, "bad", "x.json"), "w").close()
+    open(os.path.join(spool, "bad", "x.json.reason"), "w").close()
+    info = hook_info(dest, spool)
+    assert (info["rule_ok"], info["spool_max"], info["waiting"], info["quarantined"]) == (True, 77, 0, 1)
+    assert describe_hook(info).endswith("(rule ok, coalesces above 77 events); spool: 0 event(s) waiting, "
+                                        "1 quarantined")
+    text = open(dest).read().replace(hookformat.__file__, str(tmp_path / "gone.py"))
+    open(dest, "w").write(text)
+    info = hook_info(dest, spool)
+    assert not info["rule_ok"] and "every event is lost" in describe_hook(info)
