@@ -310,7 +310,7 @@ def text_ratio() -> float:
 
 # -- summarizing ------------------------------------------------------------------------------------
 NUMERIC = ["full_s", "inc_d1_s", "inc_none_s", "restore_s", "store_full_mib", "store_d1_mib", "cpu_full_tool_s",
-           "cpu_full_qemu_s", "rss_mib"]
+           "cpu_full_qemu_s", "rss_mib", "read_back_full_s"]
 
 
 def medians(rs: List[Dict]) -> Dict:
@@ -428,6 +428,11 @@ def targets(report: Dict) -> List[Dict]:
               e["cpu_full_tool_s"] + e["cpu_full_qemu_s"], vnb_cpu, 1.0)
         out.append({"figure": "peak RSS of ekko backup (W)", "target": "< 200 MiB", "ekko": e["rss_mib"],
                     "ok": e["rss_mib"] < 200})
+        rb = e.get("read_back_full_s")
+        if rb is not None:
+            out.append({"figure": "read-back check in the full (share of the full's wall time)",
+                        "target": "<= 3% of the full", "ekko": f"{rb:.3f} s = {rb / e['full_s']:.1%}",
+                        "ok": rb <= 0.03 * e["full_s"]})
     sp = report.get("sparse")
     if sp:
         b = sp["backups"]

@@ -366,7 +366,7 @@ def _summary(h: Dict, key: str) -> Dict:
             "parent": h["parent"], "created": h["created"], "virtual_size": h["virtual_size"],
             "segment_size": h["segment_size"], "stored_bytes": c.get("stored_bytes"),
             "read_bytes": c.get("read_bytes"), "data_segments": c.get("data_segments"),
-            "generation": h.get("generation"), "key": key}
+            "generation": h.get("generation"), "timings": h.get("timings"), "key": key}
 
 
 # -- list / show ------------------------------------------------------------------------------

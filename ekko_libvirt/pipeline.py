@@ -67,9 +67,10 @@ class Stats:
     reused_segments: int = 0
     healed_segments: int = 0        # marked damaged in the store, read again and stored over
     restored_segments: int = 0      # vanished before commit (gc), stored again from the export
+    read_back_seconds: float = 0.0  # the read-back check (a timing, not a count: in the manifest's timings)
 
     def as_dict(self) -> Dict[str, int]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "read_back_seconds"}
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,8 @@ def build_manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: St
         generation={"bitmap": plan.new_bitmap, "granularity": plan.granularity} if plan.new_bitmap else None,
         disk={"node": info.node, "filename": info.filename, "format": info.format},
         created=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
-        timings={"started": started, "finished": finished, "seconds": round(finished - started, 3)},
+        timings={"started": started, "finished": finished, "seconds": round(finished - started, 3),
+                 "read_back_seconds": round(stats.read_back_seconds, 3)},
         counts=counts, labels=dict(opts.labels), hash=codec.naming, encryption=codec.describe())
 
 
@@ -255,7 +257,9 @@ def copy_segments(export, store, plan: GenerationPlan, size: int, parent: Option
         pause_point("after-segments")
         _recheck(copier, table, parent, seg, size, watch)
         copier.batch.flush()
+        t0 = time.monotonic()
         _read_back(copier, table, seg, size)
+        copier.stats.read_back_seconds = time.monotonic() - t0
     except BaseException:
         copier.batch.abort()
         raise
