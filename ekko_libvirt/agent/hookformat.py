@@ -366,12 +366,17 @@ def plan_coalesce(names):
 def coalesce_spool(spool_dir, bound):
     """If more than `bound` events wait in `spool_dir`, remove those `plan_coalesce` allows, under
     LOCK_NAME taken without waiting. -> the number removed (0: nothing to do, or the lock is held).
-    Raises OSError."""
+    Raises OSError.
+
+    When the essential events alone exceed the bound (very many domains), the number kept is
+    written into the lock file and the next coalescing waits until bound/4 more events came, so
+    the hook does not plan on every call; the agent's drain clears it."""
     try:
         names = os.listdir(spool_dir)
     except FileNotFoundError:
         return 0
-    if sum(1 for n in names if n.endswith(".json") and not n.startswith(".")) <= bound:
+    count = sum(1 for n in names if n.endswith(".json") and not n.startswith("."))
+    if count <= bound:
         return 0
     import fcntl
     fd = os.open(os.path.join(spool_dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -380,13 +385,24 @@ def coalesce_spool(spool_dir, bound):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return 0                    # the agent drains (or another hook coalesces)
+        try:
+            last_kept = int(os.pread(fd, 32, 0) or b"0")
+        except ValueError:
+            last_kept = 0
+        if last_kept > bound and count <= last_kept + max(1, bound // 4):
+            return 0
+        names = os.listdir(spool_dir)
         removed = 0
-        for name in plan_coalesce(os.listdir(spool_dir)):
+        for name in plan_coalesce(names):
             try:
                 os.unlink(os.path.join(spool_dir, name))
                 removed += 1
             except FileNotFoundError:
                 pass
+        kept = sum(1 for n in names if n.endswith(".json") and not n.startswith(".")) - removed
+        os.ftruncate(fd, 0)
+        if kept > bound:
+            os.pwrite(fd, b"%d" % kept, 0)
         if removed:
             dfd = os.open(spool_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:

@@ -178,6 +178,7 @@ class Spool:
                      os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            os.ftruncate(fd, 0)            # the hook's note of essential events kept (hookformat)
             yield
         finally:
             os.close(fd)

@@ -181,3 +181,22 @@ def test_no_coalescing_while_the_agent_drains(hook, tmp_path, no_fsync):
     hook.handle(hook.RULE, ["vm1", "start", "begin", "-"], XML, "ok", spool, spool, 10, 10**18 + 99, 99, 7, None)
     assert [n for n in os.listdir(spool) if n.endswith(".json")] == [
         n for n in os.listdir(spool) if n.endswith(".json") and int(n[:20]) == 10**18 + 99]
+
+
+def test_with_more_essential_events_than_the_bound_the_hook_does_not_plan_every_call(hook, tmp_path, no_fsync,
+                                                                                       monkeypatch):
+    """Many domains, each with a `started` (essential: its newest event): the hook plans once, then
+    waits for bound/4 more events; the agent's drain starts over."""
+    spool, bound = str(tmp_path / "spool"), 40
+    plans = []
+    real = hook.RULE.plan_coalesce
+    monkeypatch.setitem(hook.RULE.coalesce_spool.__globals__, "plan_coalesce",
+                        lambda names: plans.append(sum(n.endswith(".json") for n in names)) or real(names))
+    for i in range(60):
+        uuid = "%08x-0000-4000-8000-000000000000" % i
+        xml = f"<domain><name>vm1</name><uuid>{uuid}</uuid></domain>".encode()
+        hook.handle(hook.RULE, ["vm1", "started", "begin", "-"], xml, "ok", spool, spool, bound, 10**18 + i, i, 7,
+                    None)
+    assert plans == [41, 52]                # past the bound (all 41 kept), then past 41 + bound/4
+    Spool(spool).drain(lambda e: None)
+    assert open(os.path.join(spool, hookformat.LOCK_NAME)).read() == ""
