@@ -110,8 +110,8 @@ def test_raw_disk_incremental_refused_full_allowed(qdisk, ekko_for, workdir):
     assert read_raw(out) == expected
     for bad in (os.path.join(workdir, "no-such-dir", "r.raw"), os.path.join(workdir, "no-such-dir", "r.qcow2")):
         p = ekko.run("restore", b2["backup_id"], "--to", bad, check=False)
-        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
-        assert f"cannot write the restored image {bad}: No such file or directory" in p.stderr
+        assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+        assert f"{os.path.join(workdir, 'no-such-dir')}: no such directory" in p.stderr
     assert not os.path.exists(os.path.join(workdir, "no-such-dir"))
 
 
