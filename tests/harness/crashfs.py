@@ -668,11 +668,15 @@ class CrashFS:
         if self.proc is None:
             return
         if self.mounted():
-            if subprocess.run(["umount", self.mountpoint], capture_output=True).returncode:
+            busy = subprocess.run(["umount", self.mountpoint], capture_output=True, text=True)
+            if busy.returncode:
+                print(f"crashfs: umount {self.mountpoint}: {busy.stderr.strip()}: detaching it", file=sys.stderr)
                 subprocess.run(["umount", "-l", self.mountpoint], capture_output=True)
         try:
             self.proc.wait(timeout=self.TIMEOUT)
         except subprocess.TimeoutExpired:
+            print(f"crashfs: server {self.proc.pid} still runs {self.TIMEOUT} s after the unmount: killed",
+                  file=sys.stderr)
             self.proc.kill()
             self.proc.wait()
         for f in (self.proc.stdin, self.proc.stdout):
