@@ -1,6 +1,8 @@
 """The host agent: hook events in, backup jobs out.
 
     hooks/qemu (libvirt hook)  writes one event file per lifecycle step into the spool
+    hookformat                 the ONE rule for a valid event, its file name, spool coalescing:
+                               loaded by path by the hook, imported by the agent (stdlib only)
     spool                      reads, validates, acks or quarantines those files, in order
     events                     (pure) hook (op, sub-op) -> EventKind; the reaction table, as data
     state                      per-domain state and job records on disk; per-domain lock;

@@ -15,9 +15,10 @@ The hook (hooks/qemu) writes one file per libvirt hook call into the spool direc
                                    foreign name) is moved there too, never opened in a way that
                                    blocks or follows it
 
-Delivery is at-least-once and in order: `drain` hands events to a handler oldest first and
-deletes (acks) each file only after the handler returned; if the handler raises, draining stops
-and that file and all later ones stay for the next round. Handlers must be idempotent.
+Delivery is at-least-once and in order per domain: `drain` hands events to a handler oldest first
+and deletes (acks) each file only after the handler returned; if the handler raises, that file
+and all later ones of the same domain stay for the next round (other domains go on). Handlers
+must be idempotent.
 
 Ordering caveat: names sort by wall-clock time. If the clock steps back between two hook calls
 the order of those two is lost; each event also carries `mono_ns` and `boot_id` for the agent.
@@ -77,7 +78,7 @@ class SpoolEntry:
 class DrainResult:
     processed: Tuple[HookEvent, ...] = ()
     quarantined: Tuple[str, ...] = ()        # file names moved to bad/
-    stopped_at: Optional[str] = None         # file name whose handler raised (left in the spool)
+    stopped_at: Optional[str] = None         # first file whose handler raised (kept, with its domain's later ones)
     error: Optional[BaseException] = field(default=None, compare=False)
 
 
@@ -187,10 +188,13 @@ class Spool:
         """Process pending events in order: handler(event), then ack; malformed -> quarantine.
         Under the spool's lock, so a hook never coalesces events the handler is between.
 
-        A handler exception stops the drain (returned in `error`, not raised): the event stays
-        and is handed over again next time."""
+        A handler exception keeps that event and every later event OF THE SAME DOMAIN for the next
+        round (returned in `error` / `stopped_at`, not raised); the other domains' events go on, so
+        one domain whose state cannot be written does not hold back another's full-required."""
         processed: List[HookEvent] = []
         bad: List[str] = []
+        held: set = set()
+        first: Optional[Tuple[str, BaseException]] = None
         self.ensure()
         with self.locked():
             for entry in self.pending()[:limit]:
@@ -202,12 +206,19 @@ class Spool:
                     if self.quarantine(entry, e.reason) is not None:
                         bad.append(entry.name)
                     continue
+                key = event.uuid or event.domain
+                if key in held:
+                    continue
                 try:
                     handler(event)
                 except Exception as e:   # noqa: BLE001 -- handed back to the caller, with the file kept
-                    return DrainResult(tuple(processed), tuple(bad), entry.name, e)
+                    held.add(key)
+                    first = first or (entry.name, e)
+                    continue
                 self.ack(entry)
                 processed.append(event)
+        if first is not None:
+            return DrainResult(tuple(processed), tuple(bad), first[0], first[1])
         return DrainResult(tuple(processed), tuple(bad))
 
     def requeue_bad(self, limit: int = MAX_REQUEUE) -> List[str]:

@@ -84,6 +84,8 @@ class ChainState:
     last_full_ns: Optional[int] = None       # start of the last committed FULL backup (None: not known)
     backup_clock: Optional[Tuple[str, int]] = None   # (boot id, CLOCK_MONOTONIC ns) of that start
     full_clock: Optional[Tuple[str, int]] = None     # the same for the last full
+    marked_ns: Optional[int] = None                  # when the event that set check/full-required happened
+    marked_clock: Optional[Tuple[str, int]] = None
 
 
 @dataclass(frozen=True)
@@ -193,11 +195,18 @@ def apply_reactions(st: DomainState, event: HookEvent, reactions: Sequence[React
         elif r.action is Action.MARK_UNCLEAN and current:
             changes.update(running=False, clean_shutdown=False)
         elif r.action is Action.REQUIRE_FULL and not _before(event, chain.last_full_ns, chain.full_clock):
-            chain = dataclasses.replace(chain, status=ChainStatus.FULL_REQUIRED, reason=r.reason)
+            chain = _mark(chain, ChainStatus.FULL_REQUIRED, r.reason, event.wall_ns, _event_clock(event))
         elif (r.action is Action.CHECK_CHAIN and chain.status is ChainStatus.OK
               and not _before(event, chain.last_backup_ns, chain.backup_clock)):
-            chain = dataclasses.replace(chain, status=ChainStatus.CHECK_REQUIRED, reason=r.reason)
+            chain = _mark(chain, ChainStatus.CHECK_REQUIRED, r.reason, event.wall_ns, _event_clock(event))
     return dataclasses.replace(st, chain=chain, **changes)
+
+
+def _mark(chain: ChainState, status: ChainStatus, reason: str, ns: int, clock) -> ChainState:
+    """Set check/full-required, remembering when the cause happened (the newest cause wins)."""
+    if chain.marked_ns is not None and happened_before(ns, clock, chain.marked_ns, chain.marked_clock):
+        ns, clock = chain.marked_ns, chain.marked_clock
+    return dataclasses.replace(chain, status=status, reason=reason, marked_ns=ns, marked_clock=clock)
 
 
 def _before(event: HookEvent, ns: Optional[int], clock: Optional[Tuple[str, int]]) -> bool:
@@ -225,16 +234,26 @@ def host_clock() -> Tuple[Optional[str], int]:
 def record_backup(st: DomainState, backup_id: str, checkpoint: Optional[str], now_ns: int,
                   full: bool = False, clock: Optional[Tuple[Optional[str], int]] = None) -> DomainState:
     """A backup was committed (`now_ns` and `clock` (host_clock): when it started; `full`: it
-    was a full): the chain continues from it."""
+    was a full): the chain continues from it -- unless an event that happened after the backup
+    started said check-required or full-required: the backup did not see it, that stays."""
     clock = clock if clock is not None and clock[0] else None
     last_full, full_clock = (now_ns, clock) if full else (st.chain.last_full_ns, st.chain.full_clock)
-    return dataclasses.replace(st, chain=ChainState(ChainStatus.OK, "", backup_id, checkpoint, now_ns, last_full,
-                                                    clock, full_clock))
+    old = st.chain
+    chain = ChainState(ChainStatus.OK, "", backup_id, checkpoint, now_ns, last_full, clock, full_clock)
+    if (old.status in (ChainStatus.CHECK_REQUIRED, ChainStatus.FULL_REQUIRED) and old.marked_ns is not None
+            and not happened_before(old.marked_ns, old.marked_clock, now_ns, clock)):
+        chain = dataclasses.replace(chain, status=old.status, reason=old.reason, marked_ns=old.marked_ns,
+                                    marked_clock=old.marked_clock)
+    return dataclasses.replace(st, chain=chain)
 
 
-def require_full(st: DomainState, reason: str) -> DomainState:
-    return dataclasses.replace(st, chain=dataclasses.replace(st.chain, status=ChainStatus.FULL_REQUIRED,
-                                                             reason=reason))
+def require_full(st: DomainState, reason: str, now_ns: Optional[int] = None,
+                 clock: Optional[Tuple[Optional[str], int]] = None) -> DomainState:
+    """The next backup must be a full; `now_ns`/`clock`: when the cause happened (default: now)."""
+    if now_ns is None:
+        now_ns, clock = time.time_ns(), host_clock()
+    return dataclasses.replace(st, chain=_mark(st.chain, ChainStatus.FULL_REQUIRED, reason, now_ns,
+                                               clock if clock is not None and clock[0] else None))
 
 
 def chain_checked(st: DomainState) -> DomainState:
@@ -292,7 +311,8 @@ def domain_from_dict(d: Dict[str, Any]) -> DomainState:
         chain=ChainState(status=ChainStatus(chain.get("status", "none")), reason=chain.get("reason", ""),
                          last_backup_id=chain.get("last_backup_id"), last_checkpoint=chain.get("last_checkpoint"),
                          last_backup_ns=chain.get("last_backup_ns"), last_full_ns=chain.get("last_full_ns"),
-                         backup_clock=_clock(chain.get("backup_clock")), full_clock=_clock(chain.get("full_clock"))))
+                         backup_clock=_clock(chain.get("backup_clock")), full_clock=_clock(chain.get("full_clock")),
+                         marked_ns=chain.get("marked_ns"), marked_clock=_clock(chain.get("marked_clock"))))
 
 
 def _clock(raw: Any) -> Optional[Tuple[str, int]]:

@@ -106,3 +106,23 @@ def test_format_interval_round_trips():
     for seconds in (1, 59, 60, 90, 3600, 5400, 21600, 86400, 7 * 86400, 14 * 86400, 86401):
         assert parse_interval(format_interval(seconds)) == seconds
     assert [format_interval(s) for s in (21600, 86400, 90, 5400, 604800)] == ["6h", "1d", "90s", "90m", "1w"]
+
+
+def test_a_full_required_by_an_event_during_a_backup_survives_its_commit(tmp_path):
+    """QEMU dies (or the domain migrates in) while a backup runs: the backup commits afterwards,
+    but it never saw that; the next backup is still a full."""
+    sd = StateDir(str(tmp_path)).ensure()
+    sd.update_domain(UUID, lambda s: record_backup(s, "b0", "cp0", 50, full=True, clock=(BOOT, 5)))
+    # job starts at wall 100 / mono 10; during it a `migrate` of mono 20 is applied
+    sd.apply_event(ev("migrate", 150, mono_ns=20, boot_id=BOOT))
+    st = sd.update_domain(UUID, lambda s: record_backup(s, "b1", "cp1", 100, clock=(BOOT, 10)))
+    assert st.chain.status is ChainStatus.FULL_REQUIRED and st.chain.last_backup_id == "b1"
+    st = sd.update_domain(UUID, lambda s: record_backup(s, "b2", "cp2", 200, full=True, clock=(BOOT, 30)))
+    assert st.chain.status is ChainStatus.OK            # a full that started after it settles it
+    from ekko_libvirt.agent.events import lifecycle_reactions
+    from ekko_libvirt.agent.state import apply_lifecycle, host_clock
+    job_clock = host_clock()
+    st = sd.update_domain(UUID, lambda s: apply_lifecycle(s, lifecycle_reactions(5, 5)))   # QEMU died, live
+    st = sd.update_domain(UUID, lambda s: record_backup(s, "b3", "cp3", 300, clock=job_clock))
+    assert st.chain.status is ChainStatus.FULL_REQUIRED and "QEMU ended unexpectedly" in st.chain.reason
+    assert sd.load_domain(UUID) == st

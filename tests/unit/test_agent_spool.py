@@ -138,3 +138,22 @@ def test_install_hook(tmp_path):
     assert f'SPOOL_DIR = "{tmp_path / "spool"}"' in dest.read_text()
     assert os.path.isdir(tmp_path / "spool")
     assert os.listdir(tmp_path / "hooks" / "qemu.d") == ["ekko"]      # no temp file left where libvirt looks
+
+
+def test_a_failing_domain_does_not_hold_back_the_others(spool):
+    """One domain's state cannot be written: its events wait (in order), the others' go on."""
+    other = "00000000-1111-4222-8333-444444444444"
+    put(spool.root, 1)
+    put(spool.root, 2, body=json.dumps({"v": 1, "wall_ns": 2, "mono_ns": 2, "pid": 42, "domain": "vm2",
+                                        "op": "migrate", "subop": "begin", "uuid": other, "xml": "ok"}))
+    put(spool.root, 3, "stopped", "end")
+    seen = []
+
+    def handler(ev):
+        if ev.uuid == UUID:
+            raise OSError("state of vm1 not writable")
+        seen.append(ev.wall_ns)
+    r = spool.drain(handler)
+    assert seen == [2] and r.stopped_at.startswith(f"{1:020d}") and isinstance(r.error, OSError)
+    assert [e.wall_ns for e in spool.pending()] == [1, 3]
+    assert [e.wall_ns for e in spool.drain(lambda ev: None).processed] == [1, 3]
