@@ -3,8 +3,10 @@
 See ekko.yaml.example for every option, documented.
 """
 
+import io
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -14,6 +16,27 @@ from . import units
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/ekko/ekko.yaml"
+MAX_FILE_SIZE = 1 << 20          # a config file is a few KiB; anything near this is not one
+
+# How a bad value is shown in an error: short, one line, bounded work even for a YAML alias
+# bomb (nested references: its full repr would be exponential). Values of secret fields are
+# never shown (store/swift.py SECRET_FIELDS).
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 60, 60
+
+
+def _show(val: Any) -> str:
+    try:
+        return _REPR.repr(val)
+    except ValueError:                  # an int too long for str()
+        return f"a {type(val).__name__}"
+
+
+def _label(key: Any) -> str:
+    """A key of the file as part of a dotted name: itself if it is plain text, else its repr."""
+    if isinstance(key, str) and key.isprintable() and len(key) <= 80:
+        return key
+    return _show(key)
 
 
 @dataclass(frozen=True)
@@ -79,21 +102,39 @@ _TOP_KEYS = {"store", "state_dir", "run_dir", "scratch_reserve", "segment_size",
 def load(path: Optional[str] = None) -> Config:
     path = path or os.environ.get("EKKO_CONFIG") or DEFAULT_PATH
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_SIZE + 1)
     except FileNotFoundError:
         raise ConfigError("(file)", f"{path} does not exist (use -c/--config or EKKO_CONFIG)") from None
     except OSError as e:
         raise ConfigError("(file)", f"cannot read {path}: {e.strerror}") from e
-    except yaml.YAMLError as e:
-        raise ConfigError("(file)", f"{path} is not valid YAML: {e}") from e
+    if len(data) > MAX_FILE_SIZE:
+        raise ConfigError("(file)", f"{path} is larger than {MAX_FILE_SIZE // 1024} KiB: not a config file")
+    try:
+        # A stream, not a str: PyYAML then puts no snippet of the file (a key's line) in its errors.
+        text = io.StringIO(data.decode("utf-8"))
+        text.name = path
+        raw = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError("(file)", f"{path} is not UTF-8 text (byte {e.start})") from e
+    except yaml.YAMLError as e:         # one line: the problem and where
+        raise ConfigError("(file)", f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
+    except RecursionError as e:
+        raise ConfigError("(file)", f"{path} nests too deeply to be a config file") from e
+    except Exception as e:  # noqa: BLE001
+        # PyYAML's constructors fail on some values with plain exceptions (ValueError for a date
+        # that does not exist or an int of more than 4300 digits; `!!int ` -> IndexError,
+        # `!!bool x` -> KeyError, `!!timestamp x` -> AttributeError), whose text is the value:
+        # named by type only, it could be a key's.
+        raise ConfigError("(file)", f"{path}: a value cannot be read ({type(e).__name__}): a date that does "
+                          "not exist, an integer of more than 4300 digits, or a !!tag that does not fit it") from e
     return build(raw if raw is not None else {}, source=path)
 
 
 def build(raw: Any, source: str = "") -> Config:
     if not isinstance(raw, Mapping):
         raise ConfigError("(top)", "the config must be a mapping of keys")
-    unknown = sorted(set(map(str, raw)) - _TOP_KEYS)
+    unknown = sorted(_label(k) for k in raw if k not in _TOP_KEYS)
     if unknown:
         raise ConfigError(unknown[0], f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
     state_dir = _str(raw, "state_dir", "/var/lib/ekko")
@@ -128,7 +169,9 @@ def build(raw: Any, source: str = "") -> Config:
                     if k in raw),
     )
     if len(os.path.join(cfg.run_dir, "x" * 20)) > 100:
-        raise ConfigError("run_dir", f"{cfg.run_dir} is too long for a unix socket path (keep it under 80 chars)")
+        raise ConfigError("run_dir", f"{_show(cfg.run_dir)} is too long for a unix socket path (keep it under 80 chars)")
+    if "libvirt" in raw:
+        libvirt_uri(cfg)
     if "retention" in raw:
         from .prune import RetentionConfig      # typed there; checked here so a bad key fails fast
         RetentionConfig.from_mapping(raw["retention"])
@@ -139,19 +182,23 @@ def build(raw: Any, source: str = "") -> Config:
 
 
 def _section(raw: Mapping, key: str, allowed: set) -> Mapping:
-    val = raw.get(key) or {}
+    val = raw.get(key)
+    if val is None:
+        return {}
     if not isinstance(val, Mapping):
-        raise ConfigError(key, "must be a mapping")
+        raise ConfigError(key, f"must be a mapping (keys: {', '.join(sorted(allowed))}), got {_show(val)}")
     for k in val:
         if k not in allowed:
-            raise ConfigError(f"{key}.{k}", f"unknown key (known: {', '.join(sorted(allowed))})")
+            raise ConfigError(f"{key}.{_label(k)}", f"unknown key (known: {', '.join(sorted(allowed))})")
     return val
 
 
 def _str(raw: Mapping, key: str, default: str, label: Optional[str] = None) -> str:
     val = raw.get(key, default)
     if not isinstance(val, str) or not val:
-        raise ConfigError(label or key, f"must be a non-empty string, got {val!r}")
+        raise ConfigError(label or key, f"must be a non-empty string, got {_show(val)}")
+    if not val.isprintable():
+        raise ConfigError(label or key, f"must not contain control characters, got {_show(val)}")
     return val
 
 
@@ -165,14 +212,14 @@ def _read_back(read: Mapping) -> int:
 def _int(raw: Mapping, label: str, default: int, lo: int, hi: int, key: Optional[str] = None) -> int:
     val = raw.get(key or label, default)
     if isinstance(val, bool) or not isinstance(val, int) or not lo <= val <= hi:
-        raise ConfigError(label, f"must be an integer from {lo} to {hi}, got {val!r}")
+        raise ConfigError(label, f"must be an integer from {lo} to {hi}, got {_show(val)}")
     return val
 
 
 def _bool(raw: Mapping, label: str, default: bool, key: Optional[str] = None) -> bool:
     val = raw.get(key or label, default)
     if not isinstance(val, bool):
-        raise ConfigError(label, f"must be true or false, got {val!r}")
+        raise ConfigError(label, f"must be true or false, got {_show(val)}")
     return val
 
 
@@ -181,10 +228,13 @@ def _size(raw: Mapping, key: str, default: int) -> int:
 
 
 def _sized(raw: Mapping, label: str, default: int, key: str) -> int:
+    val = raw.get(key, default)
+    if isinstance(val, bool) or not isinstance(val, (str, int)) or (isinstance(val, str) and len(val) > 40):
+        raise ConfigError(label, f"must be a size like 1MiB, 64KiB or a number of bytes, got {_show(val)}")
     try:
-        return units.parse_size(raw.get(key, default))
-    except ValueError as e:
-        raise ConfigError(label, str(e)) from None
+        return units.parse_size(val)
+    except ValueError:
+        raise ConfigError(label, f"not a size: {_show(val)} (use e.g. 4MiB, 64KiB, 1GiB; never negative)") from None
 
 
 def _store(raw: Any) -> StoreConfig:
@@ -196,11 +246,20 @@ def _store(raw: Any) -> StoreConfig:
     if typ == "local":
         for k in raw:
             if k not in ("type", "path"):
-                raise ConfigError(f"store.{k}", "unknown key for a local store (known: type, path)")
+                raise ConfigError(f"store.{_label(k)}", "unknown key for a local store (known: type, path)")
         return StoreConfig("local", _str(raw, "path", StoreConfig.path, "store.path"))
     if typ == "swift":
-        return StoreConfig("swift", "", tuple(sorted((str(k), v) for k, v in raw.items() if k != "type")))
-    raise ConfigError("store.type", f"unknown store type {typ!r} (known: local, swift)")
+        for k in raw:
+            if not isinstance(k, str):
+                raise ConfigError(f"store.{_label(k)}", "unknown key for a swift store")
+        options = tuple(sorted((k, v) for k, v in raw.items() if k != "type"))
+        # Checked now, file and environment together (as every command will open it), so a bad
+        # key fails every command, before anything is done. Errors about a credential name the
+        # key only, never its value.
+        from .store.swift import swift_config
+        swift_config(dict(options))
+        return StoreConfig("swift", "", options)
+    raise ConfigError("store.type", f"unknown store type {_show(typ)} (known: local, swift)")
 
 
 def _encryption(raw: Any) -> EncryptionConfig:
@@ -210,7 +269,7 @@ def _encryption(raw: Any) -> EncryptionConfig:
         raise ConfigError("encryption", "must be a mapping: {enabled: true, key_file: /etc/ekko/keys/{project}.key}")
     for k in raw:
         if k not in ("enabled", "key_file"):
-            raise ConfigError(f"encryption.{k}", "unknown key (known: enabled, key_file)")
+            raise ConfigError(f"encryption.{_label(k)}", "unknown key (known: enabled, key_file)")
     enabled = _bool(raw, "encryption.enabled", True, key="enabled")
     if "key_file" not in raw:
         if not enabled:
@@ -219,7 +278,7 @@ def _encryption(raw: Any) -> EncryptionConfig:
                           "e.g. /etc/ekko/keys/{project}.key")
     key_file = _str(raw, "key_file", "", "encryption.key_file")
     if re.sub(r"\{project\}", "", key_file).count("{") or "}" in re.sub(r"\{project\}", "", key_file):
-        raise ConfigError("encryption.key_file", f"{key_file!r}: the only placeholder is {{project}}")
+        raise ConfigError("encryption.key_file", f"{_show(key_file)}: the only placeholder is {{project}}")
     return EncryptionConfig(enabled, key_file)
 
 
@@ -230,7 +289,7 @@ def _targets(raw: Any) -> Tuple[TargetConfig, ...]:
         raise ConfigError("targets", "must be a mapping of target name -> settings")
     out = []
     for name, t in raw.items():
-        label = f"targets.{name}"
+        label = f"targets.{_label(name)}"
         if not isinstance(name, str) or not name or not all(c.isalnum() or c in "._-" for c in name):
             raise ConfigError(label, "target names use letters, digits, '.', '_' and '-' only")
         if not isinstance(t, Mapping):
@@ -239,19 +298,19 @@ def _targets(raw: Any) -> Tuple[TargetConfig, ...]:
         allowed = {"engine", "qmp_socket", "node", "bitmap_prefix", "domain", "disks"}
         for k in t:
             if k not in allowed:
-                raise ConfigError(f"{label}.{k}", f"unknown key (known: {', '.join(sorted(allowed))})")
+                raise ConfigError(f"{label}.{_label(k)}", f"unknown key (known: {', '.join(sorted(allowed))})")
         prefix = _str(t, "bitmap_prefix", "ekko-", f"{label}.bitmap_prefix")
+        disks = t.get("disks", [])
+        if not isinstance(disks, list) or not all(isinstance(d, str) and d.isprintable() for d in disks):
+            raise ConfigError(f"{label}.disks", "must be a list of disk targets like [vda, vdb]")
         if engine == "qmp":
             out.append(TargetConfig(name, "qmp", qmp_socket=_str(t, "qmp_socket", "", f"{label}.qmp_socket"),
                                     node=_str(t, "node", "", f"{label}.node"), bitmap_prefix=prefix))
         elif engine == "libvirt":
-            disks = t.get("disks", [])
-            if not isinstance(disks, list) or not all(isinstance(d, str) for d in disks):
-                raise ConfigError(f"{label}.disks", "must be a list of disk targets like [vda, vdb]")
             out.append(TargetConfig(name, "libvirt", domain=_str(t, "domain", name, f"{label}.domain"),
                                     disks=tuple(disks), bitmap_prefix=prefix))
         else:
-            raise ConfigError(f"{label}.engine", f"unknown engine {engine!r} (known: qmp, libvirt)")
+            raise ConfigError(f"{label}.engine", f"unknown engine {_show(engine)} (known: qmp, libvirt)")
     return tuple(out)
 
 
@@ -261,7 +320,7 @@ def libvirt_uri(cfg: Config) -> str:
         raise ConfigError("libvirt", "must be a mapping (keys: uri)")
     for k in section:
         if k != "uri":
-            raise ConfigError(f"libvirt.{k}", "unknown key (known: uri)")
+            raise ConfigError(f"libvirt.{_label(k)}", "unknown key (known: uri)")
     return _str(section, "uri", "qemu:///system", "libvirt.uri")
 
 

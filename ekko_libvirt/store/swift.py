@@ -7,6 +7,7 @@ Transport facts this relies on (measured, see shared notes/swift.md):
 - swiftclient retries socket errors, 5xx, 408 and 429 with exponential backoff
   (`retries`, `starting_backoff`, `max_backoff`) and re-authenticates once on 401; other 4xx are
   final. A body passed as `bytes` is NOT retried after a 5xx, so puts pass a seekable file object.
+  The first retry of an outage is told once, as a warning naming the URL (_Connection).
 - Sending the MD5 as ETag makes Swift verify the body (422 on mismatch); the ETag it returns is
   the MD5 of what it stored, which put() checks too.
 - A swiftclient Connection is not thread-safe: each thread gets its own (thread-local), so a
@@ -14,18 +15,27 @@ Transport facts this relies on (measured, see shared notes/swift.md):
 - Container listings come in pages (at most 10,000 names by default): list() follows markers.
 - With the proxy down requests raises ConnectionError, not ClientException; both (and socket
   errors) become StoreError. Messages never carry the key, secret or token.
+- swiftclient logs every request that did not answer 2xx at INFO (the 404 of exists() too), and
+  by default the first 16 characters of X-Auth-Token / X-Auth-Key: set to none below. The CLI
+  shows swiftclient's lines only with -vv (cli._setup_logging).
+
+Secrets: `key` and `application_credential_secret` (SECRET_FIELDS). A config error about one
+names the field, never its value; repr() leaves them out.
 """
 
 import email.utils
 import hashlib
 import io
+import logging
+import math
 import os
 import threading
 import weakref
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 from urllib.parse import urlsplit
 
+import swiftclient.client
 from requests.exceptions import RequestException
 from swiftclient.client import Connection
 from swiftclient.exceptions import ClientException
@@ -33,8 +43,47 @@ from swiftclient.exceptions import ClientException
 from ..errors import ConfigError, ObjectNotFound, StoreError
 from .base import ObjectInfo, check_key
 
+log = logging.getLogger(__name__)
+
+# swiftclient's request log shows this many characters of a token or key (default 16): none.
+swiftclient.client.logger_settings["reveal_sensitive_prefix"] = 0
+
 _AUTH_VERSIONS = {"1": "1", "1.0": "1", "3": "3", "3.0": "3"}
 _INTERFACES = {"public": "publicURL", "internal": "internalURL", "admin": "adminURL"}
+
+SECRET_FIELDS = frozenset({"key", "application_credential_secret"})
+# Field kinds, checked before anything else looks at a value (a YAML list, number or mapping in
+# a string field must be a config error, never a TypeError or a header with the value in it).
+_TEXT = ("auth_url", "container", "user", "key")
+_OPTIONAL_TEXT = ("project_name", "project_id", "user_domain_name", "project_domain_name",
+                  "application_credential_id", "application_credential_secret", "region_name", "interface",
+                  "storage_url", "cacert")
+_MAX_TEXT = 4096
+# name -> (lowest, highest); an int field
+_INTS = {"threads": (1, 64), "retries": (0, 20)}
+# name -> highest; a number of seconds > 0
+_SECONDS = {"starting_backoff": 3600.0, "max_backoff": 3600.0, "timeout": 3600.0}
+_MAX_PAGE = 10000        # Swift's container_listing_limit: a bigger `limit` is refused (412)
+
+
+def _type_name(v: Any) -> str:
+    return {type(None): "nothing (null)", bool: "true/false", int: "a number", float: "a number",
+            list: "a list", dict: "a mapping"}.get(type(v), f"a {type(v).__name__}")
+
+
+def _check_url(name: str, url: Any) -> None:
+    """http(s)://host[...], without user:password@ (which would end up in messages)."""
+    try:
+        parts = urlsplit(url)
+        has_credentials = bool(parts.username or parts.password)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError:
+        has_credentials, ok = "@" in url, False
+    if has_credentials:
+        raise ConfigError(f"store.{name}", "must not carry credentials (user:password@host): give user and key")
+    if not ok:
+        raise ConfigError(f"store.{name}", f"must be an http(s) URL, not {url[:200]!r}")
 
 
 @dataclass(frozen=True)
@@ -70,50 +119,76 @@ class SwiftConfig:
         def bad(name: str, problem: str) -> ConfigError:
             return ConfigError(f"store.{name}", problem)
 
-        version = _AUTH_VERSIONS.get(str(self.auth_version))
+        self._check_kinds()
+        version = _version(self.auth_version)
         if version is None:
-            raise bad("auth_version", f"must be 1 (tempauth) or 3 (keystone), not {self.auth_version!r}")
+            raise bad("auth_version", f"must be 1 (tempauth) or 3 (keystone), not {str(self.auth_version)[:20]!r}")
         object.__setattr__(self, "auth_version", version)
-        parts = urlsplit(self.auth_url or "")
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise bad("auth_url", f"must be an http(s) URL, not {self.auth_url!r}")
+        _check_url("auth_url", self.auth_url)
+        if self.storage_url is not None:
+            _check_url("storage_url", self.storage_url)
         c = self.container
         if not c or "/" in c or len(c.encode()) > 256:
-            raise bad("container", f"must be 1-256 bytes without '/', not {c!r}")
+            raise bad("container", f"must be 1-256 bytes without '/', not {c[:300]!r}")
         if version == "1":
             if not (self.user and self.key):
-                raise bad("user", "auth_version 1 needs user and key")
+                raise bad("user" if not self.user else "key", "auth_version 1 needs user and key")
         elif self.application_credential_id or self.application_credential_secret:
             if not (self.application_credential_id and self.application_credential_secret):
-                raise bad("application_credential_id", "needs both the id and the secret")
+                missing = "secret" if self.application_credential_id else "id"
+                raise bad(f"application_credential_{missing}", "an application credential needs both the id and "
+                                                              "the secret")
         else:
             if not (self.user and self.key):
-                raise bad("user", "auth_version 3 needs user and key (or an application credential)")
+                raise bad("user" if not self.user else "key",
+                          "auth_version 3 needs user and key (or an application credential)")
             if not (self.project_name or self.project_id):
                 raise bad("project_name", "auth_version 3 needs project_name or project_id")
         if self.interface is not None and self.interface not in _INTERFACES:
-            raise bad("interface", f"must be one of {', '.join(_INTERFACES)}, not {self.interface!r}")
-        for name in ("threads", "retries"):
+            raise bad("interface", f"must be one of {', '.join(_INTERFACES)}, not {self.interface[:40]!r}")
+
+    def _check_kinds(self) -> None:
+        """Every field of the type it must have. Messages about a secret name the field only."""
+        for name in _TEXT + _OPTIONAL_TEXT:
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < (1 if name == "threads" else 0):
-                raise bad(name, f"must be an integer >= {1 if name == 'threads' else 0}, not {v!r}")
-        for name in ("starting_backoff", "max_backoff", "timeout"):
+            if v is None and name in _OPTIONAL_TEXT:
+                continue
+            if not isinstance(v, str):
+                hint = f' (quote it: {name}: "...")' if isinstance(v, (int, float)) else ""
+                raise ConfigError(f"store.{name}", f"must be a string{hint}, not {_type_name(v)}")
+            if len(v) > _MAX_TEXT:
+                raise ConfigError(f"store.{name}", f"must be at most {_MAX_TEXT} characters, not {len(v)}")
+            if any(ord(ch) < 32 or ord(ch) == 127 for ch in v):
+                raise ConfigError(f"store.{name}", "must not contain control characters (newline, tab, ...)")
+        v = self.auth_version
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise ConfigError("store.auth_version", f"must be 1 (tempauth) or 3 (keystone), not {_type_name(v)}")
+        for name, (lo, hi) in _INTS.items():
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-                raise bad(name, f"must be a positive number of seconds, not {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"store.{name}", f"must be an integer from {lo} to {hi}, not {_type_name(v)}")
+            if not lo <= v <= hi:
+                raise ConfigError(f"store.{name}", f"must be an integer from {lo} to {hi}, not "
+                                                   f"{v if abs(v) < 10**9 else 'a bigger one'}")
+        for name, hi in _SECONDS.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= hi:
+                raise ConfigError(f"store.{name}", f"must be a number of seconds above 0 and at most {hi:g}")
+        if not isinstance(self.insecure, bool):
+            raise ConfigError("store.insecure", f"must be true or false, not {_type_name(self.insecure)}")
         p = self.listing_page_size
-        if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1):
-            raise bad("listing_page_size", f"must be a positive integer, not {p!r}")
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= _MAX_PAGE):
+            raise ConfigError("store.listing_page_size", f"must be an integer from 1 to {_MAX_PAGE}")
 
     @classmethod
     def from_mapping(cls, data: Mapping) -> "SwiftConfig":
         """From a config-file section (e.g. ekko.yaml `store:` without its `type`)."""
         known = {f.name for f in fields(cls)}
-        extra = sorted(set(data) - known - {"type"})
+        extra = sorted(str(k)[:80] for k in data if k not in known and k != "type")
         if extra:
             raise ConfigError(f"store.{extra[0]}", "unknown key for a swift store")
         for name in ("auth_url", "container"):
-            if not data.get(name):
+            if data.get(name) is None or data.get(name) == "":
                 raise ConfigError(f"store.{name}", "missing")
         return cls(**{k: v for k, v in data.items() if k != "type"})
 
@@ -125,9 +200,8 @@ class SwiftConfig:
         The container comes from the argument, else EKKO_SWIFT_CONTAINER. Keyword overrides win.
         """
         env = os.environ if environ is None else environ
-        values = env_values(env)
+        values = dict(env_values(env, overrides), **overrides)
         values["container"] = container or env.get("EKKO_SWIFT_CONTAINER")
-        values.update(overrides)
         if not values.get("auth_url"):
             raise ConfigError("store.auth_url", "set ST_AUTH (tempauth) or OS_AUTH_URL (keystone)")
         if not values["container"]:
@@ -137,35 +211,81 @@ class SwiftConfig:
     def with_container(self, container: str) -> "SwiftConfig":
         return replace(self, container=container)
 
+    def retry_seconds(self) -> float:
+        """How long swiftclient waits between its tries of one request, in total."""
+        return sum(min(self.starting_backoff * 2 ** i, self.max_backoff) for i in range(self.retries))
 
-def env_values(env: Mapping[str, str]) -> dict:
-    """SwiftConfig fields found in ST_* (v1, they win when ST_AUTH is set) or OS_* variables."""
+
+def _version(v: Any) -> Optional[str]:
+    """"1" or "3" for the ways to write them (1, "1.0", 3, 3.0, ...); None for anything else."""
+    if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+        return None
+    return _AUTH_VERSIONS.get(str(v))
+
+
+def _url_version(url: Any) -> str:
+    """The auth version a URL given without one goes with: 3 for a Keystone '.../v3', else 1."""
+    try:
+        return "3" if urlsplit(url).path.rstrip("/").endswith("/v3") else "1"
+    except (TypeError, ValueError, AttributeError):
+        return "1"          # not a URL: SwiftConfig says so
+
+
+def env_values(env: Mapping[str, str], given: Mapping = {}) -> dict:   # noqa: B006 (read only)
+    """The SwiftConfig fields the environment supplies for those `given` (the config file's
+    `store:` section) leaves out. The precedence, as README "Configuration" states it:
+
+    - a key of the file always wins; the environment only fills in what the file leaves out;
+    - the auth URL and its version travel together: the file's auth_url goes with the file's
+      auth_version, else 3 for a URL ending in /v3 and 1 for any other. Without one in the file:
+      ST_AUTH with ST_AUTH_VERSION (default 1), else OS_AUTH_URL with OS_AUTH_VERSION /
+      OS_IDENTITY_API_VERSION (default 3);
+    - user and key: for version 1 ST_USER / ST_KEY, else OS_USERNAME / OS_PASSWORD; for
+      version 3 the other way round. Not taken when the file gives an application credential;
+    - an application credential (OS_APPLICATION_CREDENTIAL_ID/_SECRET, version 3) is not taken
+      when the file gives a user or key;
+    - the other Keystone settings from OS_* (project, domains, region, interface, ...).
+    """
 
     def get(*names: str) -> Optional[str]:
         return next((env[n] for n in names if env.get(n)), None)
 
-    v1 = bool(get("ST_AUTH"))
-    values = dict(
-        auth_url=get("ST_AUTH") if v1 else get("OS_AUTH_URL"),
-        auth_version=get("ST_AUTH_VERSION", "OS_AUTH_VERSION", "OS_IDENTITY_API_VERSION")
-        or ("1" if v1 else "3" if get("OS_AUTH_URL") else None),
-        user=get("ST_USER") if v1 else get("OS_USERNAME"),
-        key=get("ST_KEY") if v1 else get("OS_PASSWORD"),
+    out: dict = {}
+    if "auth_url" in given:
+        version = given.get("auth_version") or _url_version(given["auth_url"])
+    elif get("ST_AUTH"):
+        out["auth_url"] = get("ST_AUTH")
+        version = given.get("auth_version") or get("ST_AUTH_VERSION") or "1"
+    elif get("OS_AUTH_URL"):
+        out["auth_url"] = get("OS_AUTH_URL")
+        version = given.get("auth_version") or get("OS_AUTH_VERSION", "OS_IDENTITY_API_VERSION") or "3"
+    else:
+        version = given.get("auth_version") or "1"
+    if "auth_version" not in given:
+        out["auth_version"] = version
+    v3 = _version(version) == "3"
+    file_app = any(given.get(k) for k in ("application_credential_id", "application_credential_secret"))
+    file_user = any(given.get(k) for k in ("user", "key"))
+    if not file_app:
+        out["user"] = get("OS_USERNAME", "ST_USER") if v3 else get("ST_USER", "OS_USERNAME")
+        out["key"] = get("OS_PASSWORD", "ST_KEY") if v3 else get("ST_KEY", "OS_PASSWORD")
+    if v3 and not file_user:
+        out["application_credential_id"] = get("OS_APPLICATION_CREDENTIAL_ID")
+        out["application_credential_secret"] = get("OS_APPLICATION_CREDENTIAL_SECRET")
+    out.update(
         project_name=get("OS_PROJECT_NAME", "OS_TENANT_NAME"),
         project_id=get("OS_PROJECT_ID", "OS_TENANT_ID"),
         user_domain_name=get("OS_USER_DOMAIN_NAME"),
         project_domain_name=get("OS_PROJECT_DOMAIN_NAME"),
-        application_credential_id=get("OS_APPLICATION_CREDENTIAL_ID"),
-        application_credential_secret=get("OS_APPLICATION_CREDENTIAL_SECRET"),
         region_name=get("OS_REGION_NAME"),
         interface=get("OS_INTERFACE", "OS_ENDPOINT_TYPE"),
         storage_url=get("OS_STORAGE_URL"),
         cacert=get("OS_CACERT"),
         insecure=(get("SWIFTCLIENT_INSECURE") or "").lower() in ("1", "true", "yes") or None,
     )
-    if values["interface"] and values["interface"].endswith("URL"):  # publicURL -> public
-        values["interface"] = values["interface"][:-3]
-    return {k: v for k, v in values.items() if v is not None}
+    if out["interface"] and out["interface"].endswith("URL"):  # publicURL -> public
+        out["interface"] = out["interface"][:-3]
+    return {k: v for k, v in out.items() if v is not None and k not in given}
 
 
 def _network_reason(e: BaseException) -> str:
@@ -181,6 +301,39 @@ def _network_reason(e: BaseException) -> str:
     return text
 
 
+class _Connection(Connection):
+    """A swiftclient Connection that reports each try of a request to `on_try(conn, error)`:
+    `error` is what failed the try before (None on the first); `on_success(conn)` after a
+    request went through. swiftclient retries inside Connection._retry and says nothing: a
+    command pointed at an unreachable store would sit silent for half a minute."""
+
+    def __init__(self, *args, on_try, on_success, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_try, self._on_success = on_try, on_success
+        self._failed: Optional[BaseException] = None
+
+    def _tried(self, call, *args, **kwargs):
+        self._on_try(self, self._failed if self.attempts > 1 else None)
+        try:
+            return call(*args, **kwargs)
+        except BaseException as e:
+            self._failed = e
+            raise
+
+    def get_auth(self):
+        # Called at the start of a try while there is no token (so also while the auth
+        # service does not answer).
+        return self._tried(super().get_auth)
+
+    def _retry(self, reset_func, func, *args, **kwargs):
+        def attempt(*a, **kw):
+            rv = self._tried(func, *a, **kw)
+            self._failed = None
+            self._on_success(self)
+            return rv
+        return super()._retry(reset_func, attempt, *args, **kwargs)
+
+
 class SwiftStore:
     def __init__(self, config: SwiftConfig):
         self.config = config
@@ -193,6 +346,7 @@ class SwiftStore:
         self._secrets = tuple(
             s for s in (config.key, config.application_credential_secret) if s
         )
+        self._retry_told = False  # an outage's first retry was told; cleared when a request succeeds
 
     # ---- connections --------------------------------------------------------------------
     def _conn(self) -> Connection:
@@ -228,11 +382,34 @@ class SwiftStore:
             )
             # swiftclient re-authenticates on 401 only when user and key are set
             user, key = c.application_credential_id, c.application_credential_secret
-        return Connection(
+        return _Connection(
             authurl=c.auth_url, user=user, key=key, auth_version=c.auth_version,
             os_options=os_options, retries=c.retries, starting_backoff=c.starting_backoff,
             max_backoff=c.max_backoff, timeout=c.timeout, insecure=c.insecure, cacert=c.cacert,
+            on_try=self._on_try, on_success=self._on_success,
         )
+
+    def _on_try(self, conn: Connection, failed: Optional[BaseException]) -> None:
+        """Say once per outage, on its first retry, what is retried and where (a 401 is a token
+        expiring: re-authenticating is not an outage)."""
+        if failed is None or (isinstance(failed, ClientException) and failed.http_status == 401):
+            return
+        with self._lock:
+            if self._retry_told:
+                return
+            self._retry_told = True
+        c = self.config
+        if isinstance(failed, ClientException):
+            what = f"answered {failed.http_status} {failed.http_reason}".strip()
+        else:
+            what = f"is unreachable ({_network_reason(failed)})"
+        wait = c.retry_seconds()
+        log.warning("%s", self._scrub(
+            f"swift {conn.url or c.storage_url or c.auth_url} {what}: retrying, up to {c.retries} times "
+            f"in about {wait:.0f} s" + ("" if wait >= 10 else f" ({wait:.1f} s)")))
+
+    def _on_success(self, conn: Connection) -> None:
+        self._retry_told = False
 
     def close(self) -> None:
         """Close every thread's HTTP connection (they reopen on next use)."""
@@ -255,10 +432,13 @@ class SwiftStore:
         return self._scrub(url or self.config.storage_url or self.config.auth_url)
 
     def _scrub(self, text: str) -> str:
-        conn = getattr(self._local, "conn", None)
-        secrets = self._secrets + ((conn.token,) if conn is not None and conn.token else ())
-        for s in secrets:
-            text = text.replace(s, "***")
+        """The text without the key, the secret or any connection's token, also where a message
+        quotes them escaped (repr)."""
+        with self._lock:
+            tokens = tuple(c.token for c in self._conns if isinstance(getattr(c, "token", None), str) and c.token)
+        for s in self._secrets + tokens:
+            for form in {s, repr(s)[1:-1]}:
+                text = text.replace(form, "***")
         return text
 
     def _error(self, op: str, key: Optional[str], e: BaseException) -> StoreError:
@@ -426,9 +606,16 @@ DEFAULT_CONTAINER_PREFIX = "ekko"
 
 
 def _base_container(options: Mapping) -> str:
-    if options.get("container") and options.get("container_prefix"):
+    given = [k for k in ("container", "container_prefix") if options.get(k) is not None]
+    if len(given) == 2:
         raise ConfigError("store.container", "give container or container_prefix, not both")
-    return str(options.get("container") or options.get("container_prefix") or DEFAULT_CONTAINER_PREFIX)
+    if not given:
+        return DEFAULT_CONTAINER_PREFIX
+    base = options[given[0]]
+    if not isinstance(base, str) or not base or "/" in base or len(base.encode()) > 128 \
+            or any(ord(ch) < 32 or ord(ch) == 127 for ch in base):
+        raise ConfigError(f"store.{given[0]}", "must be a name of 1-128 bytes without '/' or control characters")
+    return base
 
 
 def container_for(options: Mapping, namespace: Optional[str] = None) -> str:
@@ -439,13 +626,11 @@ def container_for(options: Mapping, namespace: Optional[str] = None) -> str:
 
 def swift_config(options: Mapping, namespace: Optional[str] = None,
                  environ: Optional[Mapping[str, str]] = None) -> SwiftConfig:
-    """SwiftConfig from the `store:` section. Keys the file leaves out (typically user/key) come
-    from the environment (ST_* or OS_*, as for the `swift` CLI); the file wins where both set."""
+    """SwiftConfig from the `store:` section; the keys it leaves out come from the environment
+    (ST_* or OS_*, as for the `swift` CLI): precedence in env_values()."""
     opts = {k: v for k, v in options.items() if k not in ("type", "container", "container_prefix")}
     env = os.environ if environ is None else environ
-    merged = {k: v for k, v in env_values(env).items() if k not in opts}
-    if "auth_url" in opts and "auth_version" not in opts:
-        merged.pop("auth_version", None)  # the file's URL, the file's (default) version
+    merged = env_values(env, opts)
     merged.update(opts)
     merged["container"] = container_for(options, namespace)
     return SwiftConfig.from_mapping(merged)

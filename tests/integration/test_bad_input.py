@@ -187,3 +187,97 @@ def test_second_backup_of_same_target_waits_its_turn(qdisk, ekko_for, workdir):
                 pass
     assert manifests(ekko) == []
     ekko.backup()
+
+
+# ---- hostile config shapes: exit 2, one line naming the field, never a traceback or a secret ----
+
+SECRET = "s3cr3t-VALUE-x9"
+SECRET_NUMBER = 987654321
+
+
+def _swift_cfg(workdir):
+    """A swift store on a port nothing listens on: a shape that passed the checks would end in
+    a connection error (exit 1), never in exit 2."""
+    cfg = make_config(workdir, {"t1": {"engine": "qmp", "qmp_socket": "/nonexistent", "node": "disk0"}})
+    cfg["store"] = {"type": "swift", "auth_url": "http://127.0.0.1:9/auth/v1.0", "user": "acct:user",
+                    "key": "k3y-ok", "retries": 0}
+    return cfg
+
+
+def _set(path, value):
+    def mutate(cfg):
+        *parents, last = path.split(".")
+        node = cfg
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return mutate
+
+
+HOSTILE = [
+    # credentials: named, never shown
+    ("store.key", [SECRET]), ("store.key", {"nested": SECRET}), ("store.key", SECRET_NUMBER),
+    ("store.key", 1.5), ("store.key", True), ("store.key", None), ("store.key", SECRET + "\n"),
+    ("store.key", SECRET * 1000), ("store.key", [[[[SECRET]]]]),
+    ("store.user", [SECRET]), ("store.user", SECRET_NUMBER),
+    ("store.auth_url", "http://acct:" + SECRET + "@127.0.0.1:9/auth/v1.0"),
+    ("store.password", SECRET), ("store.token", SECRET), ("store.application_credential_secret", [SECRET]),
+    # every other swift field
+    ("store.auth_url", [1]), ("store.auth_url", "ftp://h/"), ("store.auth_url", {"a": 1}),
+    ("store.auth_version", [3]), ("store.auth_version", "2"), ("store.retries", "5"), ("store.retries", 10 ** 30),
+    ("store.threads", -1), ("store.timeout", float("inf")), ("store.insecure", "no"),
+    ("store.listing_page_size", []), ("store.container_prefix", ["x"]), ("store.storage_url", 5),
+    ("store.project_name", {"a": 1}), ("store.type", ["swift"]), ("store", [1, 2]), ("store", "swift"),
+    # the rest of the file
+    ("workers", [1]), ("workers", "4"), ("workers", None), ("workers", 10 ** 30), ("segment_size", {"a": 1}),
+    ("segment_size", "x" * 10000), ("bitmap_granularity", -1), ("compression", False), ("compression", [1]),
+    ("compression.level", None), ("read", "fast"), ("read.in_flight", 1.5), ("qmp_timeout", "30"),
+    ("state_dir", ["/var"]), ("state_dir", "/var/\x00x"), ("run_dir", 5), ("scratch_reserve", [1]),
+    ("targets", ["t1"]), ("targets.t1", "x"), ("targets.t1.engine", ["qmp"]), ("targets.t1.disks", 5),
+    ("encryption", [1]), ("encryption.key_file", 5), ("encryption.enabled", "yes"),
+    ("libvirt", ["qemu:///system"]), ("libvirt.uri", 5),
+    ("retention", [1]), ("retention.keep_last", "x"), ("schedule", 5), ("schedule.interval", [1]),
+    ("agent", "x"), ("agent.max_concurrent", None), ("domains", [1]), ("domains.vm", 5),
+]
+
+
+@pytest.mark.parametrize("field, value", HOSTILE, ids=[f"{f}={type(v).__name__}{i}" for i, (f, v) in
+                                                      enumerate(HOSTILE)])
+def test_hostile_config_shapes(workdir, capsys, field, value):
+    """In-process (many shapes, one interpreter): an exception out of cli.main is what a user
+    would see as a traceback."""
+    from ekko_libvirt import cli
+    cfg = _swift_cfg(workdir)
+    _set(field, value)(cfg)
+    ekko = Ekko(workdir, cfg)
+    for command in (["list"], ["backup", "t1"], ["--json", "show", "x"]):
+        code = cli.main(["-c", ekko.path, *command])
+        out, err = capsys.readouterr()
+        assert code == 2, (command, out, err)
+        lines = err.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("ekko: error: config: "), err
+        named = lines[0][len("ekko: error: config: "):].split(":", 1)[0]
+        top = field.split(".")[0]
+        assert named.startswith(top), (field, err)
+        for text in (out, err):
+            assert SECRET not in text and str(SECRET_NUMBER) not in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize("text", [
+    "store: {type: swift, auth_url: 'http://127.0.0.1:9/auth/v1.0', user: u, key: [%s]}" % SECRET,
+    "store: {type: swift, auth_url: 'http://127.0.0.1:9/auth/v1.0', user: u, key: %d}" % SECRET_NUMBER,
+    "store:\n  type: swift\n  key: \"%s\\q\"\n" % SECRET,
+    "workers: " + "9" * 5000,
+    "workers: " + "[" * 800 + "]" * 800,
+    "workers:\n  - &a0 [x, x, x, x]\n" + "".join(f"  - &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]\n"
+                                                  for i in range(1, 11)),
+], ids=["key-list", "key-number", "yaml-error-on-key-line", "huge-int", "deep", "alias-bomb"])
+def test_hostile_config_files_through_the_real_command(workdir, text):
+    ekko = Ekko(workdir, {})
+    with open(ekko.path, "w") as f:
+        f.write(text)
+    p = ekko.run("list", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.splitlines()) == 1 and p.stderr.startswith("ekko: error: config: ")
+    assert len(p.stderr) < 400
+    assert SECRET not in p.stderr + p.stdout and str(SECRET_NUMBER) not in p.stderr + p.stdout

@@ -29,3 +29,80 @@ def test_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as e:
         config.build(raw)
     assert e.value.key == key and key in str(e.value)
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"compression": False}, "compression"),           # not silently "the defaults, compression on"
+    ({"compression": [1]}, "compression"),
+    ({"read": "fast"}, "read"),
+    ({"workers": [1]}, "workers"),
+    ({"workers": 10 ** 40}, "workers"),
+    ({"segment_size": [1]}, "segment_size"),
+    ({"segment_size": {"a": 1}}, "segment_size"),
+    ({"segment_size": "1" * 100}, "segment_size"),
+    ({"segment_size": 1.5}, "segment_size"),
+    ({"scratch_reserve": None}, "scratch_reserve"),
+    ({"state_dir": "/var/lib/\x00ekko"}, "state_dir"),
+    ({"state_dir": ["/var"]}, "state_dir"),
+    ({"qmp_timeout": "30"}, "qmp_timeout"),
+    ({"targets": ["t"]}, "targets"),
+    ({"targets": {"t": {"engine": ["qmp"]}}}, "targets.t.engine"),
+    ({"targets": {"t": {"qmp_socket": "/s", "node": "d", "bitmap_prefix": 5}}}, "targets.t.bitmap_prefix"),
+    ({"targets": {"a\nb": {}}}, "targets.'a\\nb'"),
+    ({"colour\nred": 1}, "'colour\\nred'"),
+    ({"encryption": ["on"]}, "encryption"),
+    ({"encryption": {"key_file": ["/k"]}}, "encryption.key_file"),
+    ({"libvirt": ["qemu:///system"]}, "libvirt"),                     # checked when loaded
+    ({"libvirt": {"uri": 5}}, "libvirt.uri"),
+    ({"store": {"type": ["local"]}}, "store.type"),
+    ({"store": "local"}, "store"),
+])
+def test_every_shape_is_a_config_error_in_one_short_line(raw, key):
+    with pytest.raises(ConfigError) as e:
+        config.build(raw)
+    assert e.value.key == key, str(e.value)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def _load_text(tmp_path, text):
+    path = tmp_path / "ekko.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as e:
+        config.load(str(path))
+    assert e.value.key == "(file)" and "\n" not in str(e.value) and len(str(e.value)) < 400, str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("workers: " + "9" * 5000, "4300 digits"),           # PyYAML's int() refuses it: a ValueError
+    ("workers: " + "[" * 800 + "]" * 800, "nests too deeply"),
+    ("state_dir: 2001-13-01\n", "a value cannot be read (ValueError)"),
+    ("a: 1\n---\nb: 2\n", "not valid YAML"),
+    (b"store: \xff\xfe\n", "not UTF-8"),
+    ("# " + "x" * (2 << 20), "larger than"),
+    ("store: {type: swift, key: !!python/object:os.system x}", "not valid YAML"),
+    ("store: {type: swift, key: !!int }", "(IndexError)"),
+    ("store: {type: swift, key: !!bool s3cr3t}", "(KeyError)"),
+    ("store: {type: swift, key: !!float s3cr3t}", "(ValueError)"),
+    ("store: {type: swift, key: !!timestamp s3cr3t}", "(AttributeError)"),
+], ids=["huge-int", "deep", "bad-date", "two-documents", "not-utf8", "huge-file", "python-tag", "empty-int-tag",
+        "bool-tag", "float-tag", "timestamp-tag"])
+def test_a_file_that_is_no_config(tmp_path, text, words):
+    msg = _load_text(tmp_path, text)
+    assert words in msg and "s3cr3t" not in msg, msg
+
+
+def test_a_yaml_error_shows_no_line_of_the_file(tmp_path):
+    msg = _load_text(tmp_path, 'store:\n  type: swift\n  key: "s3cr3t-V4LUE\\q"\n')
+    assert "line 3" in msg and "s3cr3t" not in msg
+
+
+def test_an_alias_bomb_is_shown_short(tmp_path):
+    """4**12 leaves behind 12 anchors: an error quoting the value in full would be megabytes."""
+    lines = ["workers:", "  - &a0 [x, x, x, x]"]
+    lines += [f"  - &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 12)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as e:
+        config.load(str(path))
+    assert e.value.key == "workers" and len(str(e.value)) < 300
