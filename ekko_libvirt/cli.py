@@ -17,13 +17,14 @@ import datetime
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 from typing import Any, Dict, List, Optional
 
 from . import catalog, config, units
-from .errors import EkkoError, UsageError
+from .errors import ConfigError, EkkoError, UsageError
 from .progress import Progress
 
 log = logging.getLogger("ekko")
@@ -64,12 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--disk", action="append", help="libvirt engine: only this disk (repeatable)")
 
     ls = sub.add_parser("list", parents=[common], help="list backups in the store")
-    ls.add_argument("target", nargs="?")
+    ls.add_argument("target", nargs="?", help="only this target, or libvirt domain (the targets of its disks)")
     ls.add_argument("--project", help="only this project's namespace")
 
     s = sub.add_parser("show", parents=[common], help="details of one backup")
-    s.add_argument("backup")
-    s.add_argument("--disk", help="which disk of a domain backup")
+    s.add_argument("backup", help="backup id or unique prefix; or a target or libvirt domain: its newest backup")
+    s.add_argument("--disk", help="only this disk of a domain backup (default: every disk)")
     s.add_argument("--project", help="only look in this project's namespace")
 
     r = sub.add_parser("restore", parents=[common],
@@ -204,14 +205,66 @@ def _on_sigterm(signum, frame) -> None:
     raise Terminated()
 
 
+class _Redact(logging.Filter):
+    """Last line of defence on the log output: no token or key gets through, at any -v. Values
+    of token and key headers (swiftclient, keystoneauth: 'X-Auth-Token: ...', "'x-auth-token':
+    '...'"), tempauth tokens wherever they appear, and the configured secrets themselves."""
+
+    _HEADER = re.compile(r"(?i)(x-(?:auth|storage|service|subject)-token|x-auth-key|x-storage-pass)"
+                         r"([\"']?\s*[:=]\s*[\"']?)[^\s\"',}]+")
+    _TEMPAUTH = re.compile(r"AUTH_tk[0-9a-f]+")
+
+    def __init__(self):
+        super().__init__()
+        self.secrets: set = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:       # a malformed record: logging reports it itself
+            return True
+        clean = self._TEMPAUTH.sub("AUTH_tk***", self._HEADER.sub(r"\1\2***", text))
+        for secret in self.secrets:
+            clean = clean.replace(secret, "***")
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+_REDACT = _Redact()
+# Libraries whose own log lines show only with -vv: swiftclient logs every request that did not
+# answer 2xx at INFO, the 404 that is exists()'s normal "no" too.
+_CHATTY = ("swiftclient", "keystoneauth", "keystoneclient", "urllib3", "requests")
+
+
+def _setup_logging(verbose: int) -> None:
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), stream=sys.stderr,
+                        format="ekko: %(levelname)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        if _REDACT not in handler.filters:
+            handler.addFilter(_REDACT)
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+
+
+def _secrets_of(cfg) -> set:
+    """The configured credentials (file and environment), for _REDACT; short ones would blank
+    out ordinary words and are left to the store's own scrubbing."""
+    from .store.swift import SECRET_FIELDS
+    found = {v for k, v in cfg.store.options if k in SECRET_FIELDS and isinstance(v, str)}
+    found |= {os.environ.get(n) for n in ("ST_KEY", "OS_PASSWORD", "OS_APPLICATION_CREDENTIAL_SECRET")}
+    return {v for v in found if v and len(v) >= 4}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING - 10 * min(args.verbose, 2), stream=sys.stderr,
-                        format="ekko: %(levelname)s: %(message)s")
+    _setup_logging(args.verbose)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)     # `ekko agent` installs its own
     try:
         cfg = config.load(args.config)
+        if cfg.store.type == "swift":
+            _REDACT.secrets |= _secrets_of(cfg)
         return COMMANDS[args.command](cfg, args)
     except EkkoError as e:
         _fail(args, e, e.exit_code)
@@ -232,6 +285,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _fail(args, e: Exception, code: int) -> None:
+    if isinstance(e, ConfigError):      # one line, whatever the file held
+        e = ConfigError(" ".join(str(e.key).split()), " ".join(e.problem.split()))
     sys.stderr.write(f"ekko: error: {e}\n")
     if args.json:
         _emit({"ok": False, "error": str(e), "error_type": type(e).__name__, "exit_code": code})
@@ -255,7 +310,8 @@ def _namespaces(cfg, args):
 
 
 def _locate(cfg, args):
-    """(store, manifest key) of BACKUP, searched in every project namespace unless --project."""
+    """(store, manifest key) of BACKUP (an id, a unique id prefix, or a target or domain name: its
+    newest backup; catalog.matching), searched in every project namespace unless --project."""
     found = []
     for ns in _namespaces(cfg, args):
         store = _store(cfg, ns)
@@ -401,13 +457,22 @@ def _describe_verified(v: Optional[Dict]) -> str:
 
 
 def cmd_list(cfg, args) -> int:
+    """Every backup, or those of TARGET: a target, or a libvirt domain (its disks' targets,
+    catalog.named: the store tells, libvirtd is not asked)."""
     from . import markers
     rows = []
     for ns in _namespaces(cfg, args):
         store = _store(cfg, ns)
+        if args.target is None:
+            found = list(catalog.entries(store))
+        else:
+            found = sorted((e for t in catalog.named(store, args.target) for e in catalog.entries(store, t)),
+                           key=lambda e: (e.backup_id, e.target))
+        if not found:
+            continue
         protected = markers.protected(store)
         verified = {k[len(markers.VERIFY):] for k in store.list(markers.VERIFY)}
-        for e in catalog.entries(store, args.target):
+        for e in found:
             if e.locked:
                 row = {"key": e.key, "locked": e.error, "key_fingerprint": e.key_fingerprint}
             else:
@@ -419,7 +484,8 @@ def cmd_list(cfg, args) -> int:
         _emit({"ok": True, "backups": rows})
         return EXIT_OK
     if not rows:
-        print("no backups")
+        print("no backups" + (f" of {args.target!r}: no target or libvirt domain of that name has backups in the "
+                              "store" if args.target else ""))
     for r in rows:
         if "damaged" in r:
             print(f"{r['key']}  DAMAGED MANIFEST: {r['damaged']}")
@@ -434,15 +500,24 @@ def cmd_list(cfg, args) -> int:
 
 
 def cmd_show(cfg, args) -> int:
-    store, key = _locate(cfg, args)
-    m = catalog.load(store, key)
-    h = m.header()
-    marks = _marks(store, m.target, m.backup_id)
+    """One backup: by id or id prefix, or a target's or a domain's newest; every disk of a domain
+    backup unless --disk picks one."""
+    shown = []
+    for store, key in _locate_all(cfg, args):
+        m = catalog.load(store, key)
+        shown.append((key, m, _marks(store, m.target, m.backup_id)))
     if args.json:
-        out = dict(h)
-        out.update(key=key, data_segments=m.table.data_count(), **marks)
-        _emit({"ok": True, "backup": out})
+        out = [dict(m.header(), key=key, data_segments=m.table.data_count(), **marks) for key, m, marks in shown]
+        _emit({"ok": True, "backup": out[0] if len(out) == 1 else None, "backups": out})
         return EXIT_OK
+    for i, (_key, m, marks) in enumerate(shown):
+        if i:
+            print()
+        _print_backup(m, marks)
+    return EXIT_OK
+
+
+def _print_backup(m, marks) -> None:
     c = m.counts
     print(f"backup      {m.backup_id}")
     print(f"target      {m.target}   disk {m.disk.get('node')} ({m.disk.get('format')}) {m.disk.get('filename')}")
@@ -463,7 +538,6 @@ def cmd_show(cfg, args) -> int:
     print(f"verified    {_describe_verified(v)}")
     for seg in (v or {}).get("damaged_segments") or ():
         print(f"  DAMAGED {seg}")
-    return EXIT_OK
 
 
 # -- restore ----------------------------------------------------------------------------------
@@ -642,7 +716,8 @@ def cmd_prune(cfg, args) -> int:
 
 
 def _locate_all(cfg, args):
-    """(store, manifest key) of every disk of BACKUP (one backup id), across namespaces."""
+    """(store, manifest key) of every disk of BACKUP (one backup id; or a target or domain name:
+    its newest backup), across namespaces."""
     found = []
     for ns in _namespaces(cfg, args):
         store = _store(cfg, ns)
