@@ -212,8 +212,18 @@ def test_wrong_lengths_are_refused_with_or_without_a_matching_checksum(mm, dh, d
     must_refuse(sealed(h, header, t, table), f"re-checksummed: header length {hlen}->{h}, table {tlen}->{t}")
 
 
-def table_frame(flags, digests_):
-    return zstandard.ZstdCompressor().compress(bytes(flags) + bytes(digests_))
+@given(mm=manifests(), junk=st.binary(min_size=1, max_size=20))
+def test_bytes_between_the_table_and_the_checksum_are_refused(mm, junk):
+    """The table length says where the table ends: bytes after it, even under a fresh checksum
+    and whatever the table length says, are refused."""
+    hlen, header, tlen, table = parts(M.encode(mm[0]))
+    must_refuse(sealed(hlen, header, tlen, table + junk), "junk after the table, table length unchanged")
+    must_refuse(sealed(hlen, header, tlen + len(junk), table + junk), "junk inside the table length")
+
+
+def table_frame(flags, digests_, sized=True):
+    """One zstd frame; `sized` False: without the content size in its header (zstd allows it)."""
+    return zstandard.ZstdCompressor(write_content_size=sized).compress(bytes(flags) + bytes(digests_))
 
 
 @given(mm=manifests(), data=st.data())
@@ -234,14 +244,26 @@ def test_crafted_content_with_a_valid_checksum_raises_only_manifest_error(mm, da
         header[key] = value
     if flags and data.draw(st.booleans(), label="bad flag"):
         flags[data.draw(st.integers(0, len(flags) - 1))] = data.draw(st.integers(2, 255), label="flag")
-    if data.draw(st.booleans(), label="short table"):
-        cut = data.draw(st.integers(0, max(0, len(flags) + len(digs))))
-        raw = (bytes(flags) + bytes(digs))[:cut]
-        frame = zstandard.ZstdCompressor().compress(raw)
-    else:
-        frame = table_frame(flags, digs)
+    frame = table_frame(flags, digs, sized=data.draw(st.booleans(), label="content size in the frame"))
     h = json.dumps(header).encode()
     decodes_consistently_or_refuses(sealed(len(h), h, len(frame), frame), f"{key} = {value!r}")
+
+
+@given(mm=manifests(), sized=st.booleans(), longer=st.booleans(), data=st.data())
+def test_a_table_of_the_wrong_size_is_refused(mm, sized, longer, data):
+    """Under a fresh checksum, a table frame that decompresses to more or fewer than 17 bytes per
+    segment is refused, whether or not the frame says its size."""
+    m = mm[0]
+    raw = bytes(m.table.flags) + bytes(m.table.digests)
+    if longer:
+        raw += data.draw(st.binary(min_size=1, max_size=40), label="extra")
+    elif raw:
+        raw = raw[:data.draw(st.integers(0, len(raw) - 1), label="cut")]
+    else:
+        return
+    h = json.dumps(m.header()).encode()
+    frame = zstandard.ZstdCompressor(write_content_size=sized).compress(raw)
+    must_refuse(sealed(len(h), h, len(frame), frame), f"table of {len(raw)} bytes for {m.table.count} entries")
 
 
 @pytest.mark.parametrize("change, why", [

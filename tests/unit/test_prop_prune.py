@@ -26,13 +26,13 @@ UTC = datetime.timezone.utc
 ZONES = [UTC, datetime.timezone(datetime.timedelta(hours=5, minutes=30)),
          datetime.timezone(datetime.timedelta(hours=-8)), ZoneInfo("Europe/Berlin"),
          ZoneInfo("America/New_York"), ZoneInfo("Australia/Lord_Howe"), ZoneInfo("Pacific/Apia")]
-# starts near interesting instants: DST changes (Berlin, New York), Samoa skipping 2011-12-30,
-# ISO week-year boundaries (2020-12-28 is in 2020-W53, 2021-01-03 too)
+# near interesting instants: DST changes (Berlin, New York), Samoa skipping 2011-12-30, ISO
+# week-year boundaries (2020-12-28 .. 2021-01-03 is 2020-W53; 2026-01-01 is in 2026-W01)
 STARTS = [datetime.datetime(2024, 10, 27, 0, 30, tzinfo=UTC), datetime.datetime(2024, 3, 10, 6, 0, tzinfo=UTC),
-          datetime.datetime(2011, 12, 29, 9, 0, tzinfo=UTC), datetime.datetime(2020, 12, 27, 20, 0, tzinfo=UTC),
-          datetime.datetime(2026, 1, 1, 0, 0, tzinfo=UTC)]
-GAPS = st.sampled_from([0, 1, 1000, 59_000, 3_600_000, 5_400_000, 86_400_000, 6 * 86_400_000,
-                        7 * 86_400_000, 31 * 86_400_000, 366 * 86_400_000])   # milliseconds
+          datetime.datetime(2011, 12, 29, 9, 0, tzinfo=UTC), datetime.datetime(2020, 12, 31, 22, 0, tzinfo=UTC),
+          datetime.datetime(2025, 12, 31, 23, 0, tzinfo=UTC), datetime.datetime(2026, 3, 1, 0, 0, tzinfo=UTC)]
+HOUR = 3_600_000                                                     # milliseconds
+SCALES = [HOUR, 24 * HOUR, 7 * 24 * HOUR, 30 * 24 * HOUR, 365 * 24 * HOUR]
 
 
 def make_id(t: datetime.datetime, tail: str) -> str:
@@ -42,17 +42,23 @@ def make_id(t: datetime.datetime, tail: str) -> str:
 
 @st.composite
 def backups_of(draw, target):
-    t = draw(st.one_of(st.sampled_from(STARTS),
-                       st.datetimes(datetime.datetime(2001, 1, 1), datetime.datetime(2037, 1, 1),
-                                    timezones=st.just(UTC))))
-    t = t.replace(microsecond=t.microsecond // 1000 * 1000)
+    """Up to 20 backups spread over a few periods of one scale (hours .. years) around a start,
+    so that periods hold several backups and the boundaries (local midnight, DST, ISO week-year)
+    fall among them; a few ids carry no time; some backups are protected, damaged or locked."""
+    base = draw(st.one_of(st.sampled_from(STARTS),
+                          st.datetimes(datetime.datetime(2001, 1, 1), datetime.datetime(2037, 1, 1),
+                                       timezones=st.just(UTC))))
+    base = base.replace(microsecond=base.microsecond // 1000 * 1000)
+    scale = draw(st.sampled_from(SCALES))
+    offsets = draw(st.lists(st.one_of(st.integers(-3 * scale, 3 * scale), st.sampled_from([0, 1, -1])),
+                            max_size=20))
     out, ids = [], set()
-    for _ in range(draw(st.integers(0, 14))):
-        t += datetime.timedelta(milliseconds=draw(GAPS) * draw(st.integers(1, 3)))
+    for off in offsets:
         if draw(st.integers(0, 15)) == 0:
             bid = "manual-" + draw(st.text("abcdef0123456789", min_size=1, max_size=6))   # no time in it
         else:
-            bid = make_id(t, draw(st.text("0123456789abcdef", min_size=6, max_size=6)))
+            bid = make_id(base + datetime.timedelta(milliseconds=off),
+                          draw(st.text("0123456789abcdef", min_size=6, max_size=6)))
         if bid in ids:
             continue
         ids.add(bid)
@@ -62,7 +68,11 @@ def backups_of(draw, target):
     return draw(st.permutations(out))
 
 
-policies = st.one_of(st.none(), st.builds(prune.Policy, *[st.integers(0, 4)] * 6))
+# no policy, one rule alone (where a wrong period shows), or any mix
+policies = st.one_of(
+    st.none(),
+    st.builds(lambda rule, n: prune.Policy(**{rule: n}), st.sampled_from(prune.RULES), st.integers(1, 4)),
+    st.builds(prune.Policy, *[st.integers(0, 4)] * 6))
 
 PERIOD_FORMATS = {"hourly": "%Y-%m-%d %H", "daily": "%Y-%m-%d", "weekly": "%G-W%V", "monthly": "%Y-%m",
                   "yearly": "%Y"}
@@ -121,6 +131,33 @@ def test_plan_target_keeps_exactly_what_the_rules_keep(backups, policy, tz):
     # oldest first (ids without a time last), as the caller prints them
     key = [(d.backup.time or datetime.datetime.max.replace(tzinfo=UTC), d.backup.backup_id) for d in decisions]
     assert key == sorted(key)
+
+
+RULE_SCALE = {"hourly": HOUR, "daily": 24 * HOUR, "weekly": 7 * 24 * HOUR, "monthly": 31 * 24 * HOUR,
+              "yearly": 366 * 24 * HOUR}
+
+
+@given(rule=st.sampled_from(sorted(RULE_SCALE)), n=st.integers(1, 4), tz=st.sampled_from(ZONES),
+       y=st.integers(2001, 2036), m=st.integers(1, 12), d=st.integers(1, 28), h=st.integers(0, 23),
+       year_end=st.booleans(), data=st.data())
+def test_each_rule_alone_around_its_period_boundaries(rule, n, tz, y, m, d, h, year_end, data):
+    """One rule, backups within two periods either side of a boundary of that rule's period in
+    local time (the start of an hour, a day, a month, a year; for weeks often a new year, where
+    the ISO week-year and the calendar year part)."""
+    if rule == "yearly" or year_end:
+        m, d, h = 1, 1, 0
+    elif rule == "monthly":
+        d, h = 1, 0
+    elif rule in ("daily", "weekly"):
+        h = 0
+    boundary = datetime.datetime(y, m, d, h, tzinfo=tz).astimezone(UTC)
+    scale = RULE_SCALE[rule]
+    offsets = data.draw(st.lists(st.integers(-2 * scale, 2 * scale), min_size=1, max_size=16, unique=True))
+    ids = [make_id(boundary + datetime.timedelta(milliseconds=o), "%06x" % k) for k, o in enumerate(offsets)]
+    backups = [prune.Backup(bid, "t", prune.backup_time(bid)) for bid in ids]
+    policy = prune.Policy(**{rule: n})
+    want = {bid for bid, why in reference_kept(backups, policy, tz).items() if why}
+    assert {x.backup.backup_id for x in prune.plan_target(backups, policy, tz) if x.keep} == want
 
 
 @given(backups=backups_of("vm1.vda"), policy=policies, tz=st.sampled_from(ZONES))
