@@ -84,8 +84,10 @@ class ChainState:
     last_full_ns: Optional[int] = None       # start of the last committed FULL backup (None: not known)
     backup_clock: Optional[Tuple[str, int]] = None   # (boot id, CLOCK_MONOTONIC ns) of that start
     full_clock: Optional[Tuple[str, int]] = None     # the same for the last full
-    marked_ns: Optional[int] = None                  # when the event that set check/full-required happened
+    marked_ns: Optional[int] = None                  # when the newest cause of the status happened
     marked_clock: Optional[Tuple[str, int]] = None
+    check_ns: Optional[int] = None                   # when the newest cause of a chain check happened
+    check_clock: Optional[Tuple[str, int]] = None    # (kept under full-required: a full may settle only that)
 
 
 @dataclass(frozen=True)
@@ -196,17 +198,33 @@ def apply_reactions(st: DomainState, event: HookEvent, reactions: Sequence[React
             changes.update(running=False, clean_shutdown=False)
         elif r.action is Action.REQUIRE_FULL and not _before(event, chain.last_full_ns, chain.full_clock):
             chain = _mark(chain, ChainStatus.FULL_REQUIRED, r.reason, event.wall_ns, _event_clock(event))
-        elif (r.action is Action.CHECK_CHAIN and chain.status is ChainStatus.OK
+        elif (r.action is Action.CHECK_CHAIN and chain.status in (ChainStatus.OK, ChainStatus.CHECK_REQUIRED,
+                                                                  ChainStatus.FULL_REQUIRED)
               and not _before(event, chain.last_backup_ns, chain.backup_clock)):
-            chain = _mark(chain, ChainStatus.CHECK_REQUIRED, r.reason, event.wall_ns, _event_clock(event))
+            chain = _check(chain, r.reason, event.wall_ns, _event_clock(event))
     return dataclasses.replace(st, chain=chain, **changes)
+
+
+def _newest(ns: int, clock, old_ns: Optional[int], old_clock) -> Tuple[int, Any]:
+    if old_ns is not None and happened_before(ns, clock, old_ns, old_clock):
+        return old_ns, old_clock
+    return ns, clock
 
 
 def _mark(chain: ChainState, status: ChainStatus, reason: str, ns: int, clock) -> ChainState:
     """Set check/full-required, remembering when the cause happened (the newest cause wins)."""
-    if chain.marked_ns is not None and happened_before(ns, clock, chain.marked_ns, chain.marked_clock):
-        ns, clock = chain.marked_ns, chain.marked_clock
+    ns, clock = _newest(ns, clock, chain.marked_ns, chain.marked_clock)
     return dataclasses.replace(chain, status=status, reason=reason, marked_ns=ns, marked_clock=clock)
+
+
+def _check(chain: ChainState, reason: str, ns: int, clock) -> ChainState:
+    """A chain check is due (from a cause at ns/clock): check-required over ok; under
+    full-required only remembered, for when a backup settles the full but not the check."""
+    ns, clock = _newest(ns, clock, chain.check_ns, chain.check_clock)
+    chain = dataclasses.replace(chain, check_ns=ns, check_clock=clock)
+    if chain.status is ChainStatus.OK:
+        chain = _mark(chain, ChainStatus.CHECK_REQUIRED, reason, ns, clock)
+    return chain
 
 
 def _before(event: HookEvent, ns: Optional[int], clock: Optional[Tuple[str, int]]) -> bool:
@@ -234,16 +252,27 @@ def host_clock() -> Tuple[Optional[str], int]:
 def record_backup(st: DomainState, backup_id: str, checkpoint: Optional[str], now_ns: int,
                   full: bool = False, clock: Optional[Tuple[Optional[str], int]] = None) -> DomainState:
     """A backup was committed (`now_ns` and `clock` (host_clock): when it started; `full`: it
-    was a full): the chain continues from it -- unless an event that happened after the backup
-    started said check-required or full-required: the backup did not see it, that stays."""
+    was a full): the chain continues from it. What the backup did not settle stays: full-required
+    unless it was a full that started after the cause, check-required unless it started after
+    the cause (events the agent takes in while a backup runs may be older or newer than it)."""
     clock = clock if clock is not None and clock[0] else None
     last_full, full_clock = (now_ns, clock) if full else (st.chain.last_full_ns, st.chain.full_clock)
     old = st.chain
     chain = ChainState(ChainStatus.OK, "", backup_id, checkpoint, now_ns, last_full, clock, full_clock)
-    if (old.status in (ChainStatus.CHECK_REQUIRED, ChainStatus.FULL_REQUIRED) and old.marked_ns is not None
-            and not happened_before(old.marked_ns, old.marked_clock, now_ns, clock)):
+
+    def after_start(ns: Optional[int], at) -> bool:
+        return ns is not None and not happened_before(ns, at, now_ns, clock)
+    if old.check_ns is not None and after_start(old.check_ns, old.check_clock):
+        chain = dataclasses.replace(chain, check_ns=old.check_ns, check_clock=old.check_clock)
+    if old.status is ChainStatus.FULL_REQUIRED and (not full or after_start(old.marked_ns, old.marked_clock)):
         chain = dataclasses.replace(chain, status=old.status, reason=old.reason, marked_ns=old.marked_ns,
                                     marked_clock=old.marked_clock)
+    elif old.status is ChainStatus.CHECK_REQUIRED and after_start(old.marked_ns, old.marked_clock):
+        chain = dataclasses.replace(chain, status=old.status, reason=old.reason, marked_ns=old.marked_ns,
+                                    marked_clock=old.marked_clock)
+    elif chain.check_ns is not None:
+        chain = _mark(chain, ChainStatus.CHECK_REQUIRED, "the domain started while the last backup ran: verify "
+                      "checkpoints and bitmaps before the next one", chain.check_ns, chain.check_clock)
     return dataclasses.replace(st, chain=chain)
 
 
@@ -312,7 +341,8 @@ def domain_from_dict(d: Dict[str, Any]) -> DomainState:
                          last_backup_id=chain.get("last_backup_id"), last_checkpoint=chain.get("last_checkpoint"),
                          last_backup_ns=chain.get("last_backup_ns"), last_full_ns=chain.get("last_full_ns"),
                          backup_clock=_clock(chain.get("backup_clock")), full_clock=_clock(chain.get("full_clock")),
-                         marked_ns=chain.get("marked_ns"), marked_clock=_clock(chain.get("marked_clock"))))
+                         marked_ns=chain.get("marked_ns"), marked_clock=_clock(chain.get("marked_clock")),
+                         check_ns=chain.get("check_ns"), check_clock=_clock(chain.get("check_clock"))))
 
 
 def _clock(raw: Any) -> Optional[Tuple[str, int]]:

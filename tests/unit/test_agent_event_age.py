@@ -126,3 +126,16 @@ def test_a_full_required_by_an_event_during_a_backup_survives_its_commit(tmp_pat
     st = sd.update_domain(UUID, lambda s: record_backup(s, "b3", "cp3", 300, clock=job_clock))
     assert st.chain.status is ChainStatus.FULL_REQUIRED and "QEMU ended unexpectedly" in st.chain.reason
     assert sd.load_domain(UUID) == st
+
+
+def test_a_start_during_a_full_backup_still_needs_a_check_after_it():
+    """full-required (migration), a full backup starts, the domain is started while it runs (the
+    agent takes the `started` in before the commit): the full is settled, the check is not."""
+    st = record_backup(DomainState(UUID), "b0", "cp0", 10, full=True, clock=(BOOT, 1))
+    st, _ = react(st, ev("migrate", 20, mono_ns=2, boot_id=BOOT))
+    assert st.chain.status is ChainStatus.FULL_REQUIRED
+    st, _ = react(st, ev("started", 40, mono_ns=4, boot_id=BOOT))       # during the full started at mono 3
+    st = record_backup(st, "b1", "cp1", 30, full=True, clock=(BOOT, 3))
+    assert st.chain.status is ChainStatus.CHECK_REQUIRED and "while the last backup ran" in st.chain.reason
+    st = record_backup(st, "b2", "cp2", 50, clock=(BOOT, 5))            # an incremental after it: checked
+    assert st.chain.status is ChainStatus.OK
