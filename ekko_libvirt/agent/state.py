@@ -176,9 +176,12 @@ def apply_reactions(st: DomainState, event: HookEvent, reactions: Sequence[React
         running, clean shutdown, last event    only if not older than the last event taken in
         check required (CHECK_CHAIN)           only if newer than the start of the last backup:
                                                that backup validated the chain after the event
+                                               (under full-required: remembered, see record_backup)
         full required (REQUIRE_FULL)           only if newer than the start of the last FULL
                                                backup (an incremental taken after the event
                                                did not know it: the full is still due)
+
+    "Newer" is `happened_before`: the monotonic clock within one boot, else the wall clock.
     """
     if event.uuid != st.uuid:
         raise ValueError(f"event for {event.uuid} applied to the state of {st.uuid}")
@@ -198,8 +201,7 @@ def apply_reactions(st: DomainState, event: HookEvent, reactions: Sequence[React
             changes.update(running=False, clean_shutdown=False)
         elif r.action is Action.REQUIRE_FULL and not _before(event, chain.last_full_ns, chain.full_clock):
             chain = _mark(chain, ChainStatus.FULL_REQUIRED, r.reason, event.wall_ns, _event_clock(event))
-        elif (r.action is Action.CHECK_CHAIN and chain.status in (ChainStatus.OK, ChainStatus.CHECK_REQUIRED,
-                                                                  ChainStatus.FULL_REQUIRED)
+        elif (r.action is Action.CHECK_CHAIN and chain.status is not ChainStatus.NONE
               and not _before(event, chain.last_backup_ns, chain.backup_clock)):
             chain = _check(chain, r.reason, event.wall_ns, _event_clock(event))
     return dataclasses.replace(st, chain=chain, **changes)
