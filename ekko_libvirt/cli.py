@@ -322,8 +322,8 @@ def _locate(cfg, args):
 
 # -- backup ---------------------------------------------------------------------------------
 def _backup_options(cfg, target: str, prefix: str = "ekko-", **kw):
-    from .agent.jobs import backup_options
-    return backup_options(cfg, target, prefix, **kw)
+    from .backup.options import options_from_config
+    return options_from_config(cfg, target, prefix, **kw)
 
 
 def cmd_backup(cfg, args) -> int:
@@ -331,7 +331,7 @@ def cmd_backup(cfg, args) -> int:
     bar = Progress(f"backup {args.target}", enabled=None if not args.json else False)
     try:
         if target is not None and target.engine == "qmp":
-            results = [_backup_qmp(cfg, target, args, bar)]
+            results = _backup_qmp(cfg, target, args, bar)
         else:
             results = _backup_libvirt(cfg, target, args, bar)
     finally:
@@ -353,16 +353,17 @@ def cmd_backup(cfg, args) -> int:
 
 
 def _backup_qmp(cfg, target, args, bar):
+    from .backup.transaction import DiskJob, run_transaction
     from .engine.qmp import QMPEngine, QMPTarget
-    from .pipeline import run_backup
     if args.disk:
         raise UsageError(f"target {target.name} is one disk: --disk applies to libvirt domains")
     store = _store(cfg)
-    engine = QMPEngine(QMPTarget(target.name, target.qmp_socket, target.node, cfg.scratch_dir, cfg.run_dir,
-                                 target.bitmap_prefix, cfg.qmp_timeout))
+    engine = QMPEngine([QMPTarget(target.name, target.qmp_socket, target.node, cfg.scratch_dir, cfg.run_dir,
+                                  target.bitmap_prefix, cfg.qmp_timeout)])
     try:
-        return run_backup(engine, store, _backup_options(cfg, target.name, target.bitmap_prefix, force_full=args.full,
-                                                         require_incremental=args.incremental), progress=bar)
+        opts = _backup_options(cfg, target.name, target.bitmap_prefix, force_full=args.full,
+                               require_incremental=args.incremental)
+        return run_transaction(engine, store, [DiskJob(target.name)], opts, progress=bar)
     finally:
         engine.close()
 
@@ -373,7 +374,7 @@ def _backup_libvirt(cfg, target, args, bar):
     never runs on a domain at the same time as another job."""
     from .agent.jobs import run_recorded_backup
     from .agent.state import StateDir
-    from .domain_job import DomainBackupRequest, run_domain_backup
+    from .backup.domain import DomainBackupRequest, run_domain_backup
     from .store.factory import open_store
     domain = target.domain if target is not None else args.target
     disks = tuple(args.disk or (target.disks if target is not None else ()))
@@ -611,7 +612,7 @@ def _restore_domain(cfg, args) -> int:
 
 # -- verify -----------------------------------------------------------------------------------
 def cmd_verify(cfg, args) -> int:
-    from .ledger import Ledger, vanished_reasons
+    from .backup.ledger import Ledger, vanished_reasons
     from .verify import run as verify_run
     vanished = []
     if args.backup:

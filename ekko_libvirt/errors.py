@@ -136,3 +136,8 @@ class KeyMismatch(EkkoError):
         sealed = f"is encrypted with key fingerprint {needed}" if needed else "is not encrypted"
         held = f"the configured key has fingerprint {have}" if have else "encryption is not configured"
         super().__init__(f"{key} {sealed}, but {held}" + (f". {hint}" if hint else ""))
+
+
+def describe_error(e: BaseException) -> str:
+    """An error for an operator: ours as they are, anything else with its type."""
+    return str(e) if isinstance(e, EkkoError) else f"{type(e).__name__}: {e}"

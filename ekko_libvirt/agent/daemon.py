@@ -47,7 +47,8 @@ from typing import Dict, Optional, Set
 from .. import config as config_mod
 from ..errors import EkkoError, LockBusy
 from .events import EFFECTS, Action, lifecycle_reactions
-from .jobs import JobCancelled, backup_options, run_recorded_backup
+from ..backup.options import options_from_config
+from .jobs import JobCancelled, run_recorded_backup
 from . import maintenance
 from .scheduler import TaskRun, plan, retry_delay_s, tasks_plan
 from .settings import AgentSettings
@@ -370,8 +371,8 @@ class Agent:
         """The engine's recovery for one domain: abort a libvirt backup job no live process owns,
         delete its new checkpoint, forget the old one's metadata. -> False: try again later."""
         import libvirt
-        from ..engine.libvirt import CheckpointState, LibvirtDomainEngine
-        from ..pipeline import TargetLock
+        from ..engine.libvirt import Checkpoints, CheckpointState
+        from ..backup.transaction import TargetLock
         if uuid in self.workers:
             return True                   # our own job runs there: nothing is stale
         try:
@@ -381,8 +382,8 @@ class Agent:
             return True
         try:
             with TargetLock(os.path.join(self.cfg.state_dir, "locks"), f"domain-{dom.UUIDString()}"):
-                notes = LibvirtDomainEngine(dom, CheckpointState(self.cfg.state_dir),
-                                            self._prefix(dom.name(), uuid)).recover()
+                notes = Checkpoints(dom, CheckpointState(self.cfg.state_dir),
+                                    self._prefix(dom.name(), uuid)).recover_job()
         except LockBusy:
             return True                   # a live `ekko backup` owns it, and settles it itself
         except (libvirt.libvirtError, EkkoError) as e:
@@ -451,7 +452,7 @@ class Agent:
 
     def _run_job(self, w: Worker, policy) -> None:
         import libvirt
-        from ..domain_job import DomainBackupRequest, run_domain_backup
+        from ..backup.domain import DomainBackupRequest, run_domain_backup
         try:
             conn = libvirt.open(self.uri)
         except libvirt.libvirtError as e:
@@ -460,7 +461,7 @@ class Agent:
             self.wakeup.set()
             return
         try:
-            base = backup_options(self.cfg, w.name, self._prefix(w.name, w.uuid))
+            base = options_from_config(self.cfg, w.name, self._prefix(w.name, w.uuid))
 
             def run(c, req, progress):
                 return run_domain_backup(c, req, self.open_store, base, self.cfg.state_dir, self.cfg.run_dir,

@@ -2,7 +2,7 @@
 worker threads both run.
 
     lock_domain (never two jobs on one domain) -> begin_job (record: running, pid)
-      -> domain_job.run_domain_backup, progress saved in the job record (at most once a second)
+      -> backup.domain.run_domain_backup, progress saved in the job record (at most once a second)
       -> end_job (succeeded | failed, with the error) -> record_backup in the domain's chain state
 
 A job whose process dies stays "running" on disk; the next agent start marks it ABANDONED and
@@ -11,7 +11,6 @@ settles what it left in libvirt (daemon.recover_at_start).
 
 import dataclasses
 import logging
-import os
 import threading
 import time
 from typing import Callable, List, Optional
@@ -25,16 +24,6 @@ log = logging.getLogger(__name__)
 class JobCancelled(EkkoError):
     """The agent is stopping: the job ends through its normal failure path (nothing committed,
     the new checkpoint / bitmap generation undone)."""
-
-
-def backup_options(cfg, target: str, prefix: str = "ekko-", **kw):
-    """BackupOptions from the config (the CLI's and the agent's backups take the same)."""
-    from ..pipeline import BackupOptions
-    return BackupOptions(target=target, segment_size=cfg.segment_size, granularity=cfg.granularity,
-                         bitmap_prefix=prefix, compress=cfg.compress, compression_level=cfg.compression_level,
-                         workers=cfg.workers, request_size=cfg.request_size, in_flight=cfg.in_flight,
-                         lock_dir=os.path.join(cfg.state_dir, "locks"), scratch_reserve=cfg.scratch_reserve,
-                         state_dir=cfg.state_dir, read_back=cfg.read_back, **kw)
 
 
 def request_for_chain(req, st: Optional[DomainState]):
@@ -78,10 +67,10 @@ class JobProgress:
 
 def run_recorded_backup(sd: StateDir, conn, req, run: Callable, *, progress=None,
                         cancel: Optional[threading.Event] = None, on_begin: Optional[Callable] = None) -> List:
-    """`run(conn, req, progress)` is domain_job.run_domain_backup with the store and options
+    """`run(conn, req, progress)` is backup.domain.run_domain_backup with the store and options
     bound. -> its results. Raises DomainBusy when another job holds the domain."""
     from ..engine.libvirt import lookup_domain
-    from ..pipeline import describe_error
+    from ..errors import describe_error
     dom = lookup_domain(conn, req.domain)
     uuid, name = dom.UUIDString().lower(), dom.name()
     kind = "online" if dom.isActive() else "offline"

@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, List, Optional
 
-from .directio import fsync_path, write_new_file
-from .errors import EkkoError
+from ..durable import write_json_atomic
+from ..errors import EkkoError
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +98,8 @@ class Ledger:
 
     def _write(self, r: Record) -> None:
         path = self._path(r.target)
-        tmp = os.path.join(self.dir, f".tmp-{r.target}-{os.getpid()}-{os.urandom(4).hex()}")
-        data = json.dumps(r.__dict__, sort_keys=True).encode()
         try:
-            os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            write_new_file(tmp, data)
-            os.replace(tmp, path)
-            fsync_path(self.dir)
+            write_json_atomic(path, r.__dict__)
         except OSError as e:
             raise LedgerError(f"cannot write the ledger record {path}: {e.strerror or e}") from e
 
@@ -112,7 +107,7 @@ class Ledger:
 def vanished_reasons(ledger: "Ledger", stores, target: Optional[str] = None) -> List[str]:
     """For every target this host committed (or just `target`): the reason, if the given stores
     (every namespace of the configured store) lost its backups."""
-    from . import catalog
+    from .. import catalog
     out = []
     for r in ledger.records():
         if target is not None and r.target != target:

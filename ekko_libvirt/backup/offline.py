@@ -16,16 +16,15 @@ import socket
 import subprocess
 import time
 from dataclasses import replace
-from typing import List
+from typing import List, Optional
 
-from . import catalog
-from .agent.state import StateDir
-from .agent.state import process_start_ticks
-from .engine import domain_xml as dx
-from .engine.qmp import Names, QMPEngine, QMPTarget
-from .engine.reaper import Reaper
-from .errors import EngineError
-from .pipeline import BackupResult, run_backup
+from ..agent.state import StateDir, process_start_ticks
+from ..engine import domain_xml as dx
+from ..engine.qmp import Names, QMPEngine, QMPTarget
+from ..engine.reaper import Reaper
+from ..errors import EngineError
+from .options import BackupResult
+from .transaction import run_transaction
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +91,11 @@ class StorageDaemon:
             self.reaper = None
 
 
-def backup_offline(dom, disks, req, store, base, labels, state_dir, run_dir, progress) -> List[BackupResult]:
+def backup_offline(dom, disks, jobs, store, opts, lock: str, state_dir: str, run_dir: str, progress,
+                   broken: Optional[str] = None) -> List[BackupResult]:
+    """The transaction over the daemon's QMP: one view of all disks, as an online backup has."""
     uuid = dom.UUIDString()
     sd = StateDir(state_dir).ensure()
-    results = []
-    # One id for all the domain's disks, as an online backup has: `ekko restore ID --define`
-    # finds every disk of the backup by it.
-    backup_id = catalog.new_backup_id()
     with sd.offline_backup(uuid, dom.name()):
         # The marker is in place: from now on the hook refuses a start. Re-check the state, in
         # case the domain started between our first look and the marker.
@@ -106,18 +103,15 @@ def backup_offline(dom, disks, req, store, base, labels, state_dir, run_dir, pro
             raise EngineError(f"domain {dom.name()} started while its offline backup was being prepared; "
                               "nothing was done: run the backup again")
         qsd = StorageDaemon(disks, run_dir, uuid[:8])
-        targets = [QMPTarget(dx.target_name(dom.name(), d.dev), qsd.qmp_socket, d.dev,
-                             os.path.join(state_dir, "scratch"), run_dir, base.bitmap_prefix) for d in disks]
+        targets = [QMPTarget(j.target, qsd.qmp_socket, d.dev, os.path.join(state_dir, "scratch"), run_dir,
+                             opts.bitmap_prefix) for d, j in zip(disks, jobs)]
         qsd.leftovers = [Names.for_target(t).fleece_file for t in targets]
         with qsd:
-            for t in targets:
-                # no reaper per disk: should we die, the daemon's reaper ends it, views and all
-                engine = QMPEngine(t, reaper=False)
-                try:
-                    opts = replace(base, target=t.name, labels=dict(labels, offline=True),
-                                   force_full=req.force_full, require_incremental=req.require_incremental,
-                                   backup_id=backup_id, scratch_reserve=0)   # no guest writes: the fleece stays empty
-                    results.append(run_backup(engine, store, opts, progress))
-                finally:
-                    engine.close()
-    return results
+            # no reaper of the engine's own: should we die, the daemon's reaper ends it, views and all
+            engine = QMPEngine(targets, reaper=False)
+            try:
+                # no guest writes: the fleece files stay empty, no scratch room to keep
+                offline = replace(opts, labels=dict(opts.labels, offline=True), scratch_reserve=0)
+                return run_transaction(engine, store, jobs, offline, progress, lock=lock, broken=broken)
+            finally:
+                engine.close()

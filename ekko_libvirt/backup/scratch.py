@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import units
-from .errors import ScratchSpaceLow
+from .. import units
+from ..errors import ScratchSpaceLow
 
 WATCH_INTERVAL = 0.2        # seconds between two looks at the free space while a backup reads
 

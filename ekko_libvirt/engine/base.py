@@ -1,22 +1,29 @@
-"""What every engine (QMP, libvirt) gives the pipeline: a point-in-time NBD export of one disk,
-the dirty-bitmap context to read changes from, and the generation switch to finish or undo.
+"""What every engine (QMP, libvirt) gives the backup transaction (backup/transaction.py): ONE
+point-in-time view of N disks, the dirty-bitmap context of each to read changes from, and the
+generation switch to finish or undo for all of them at once.
 
-Lifecycle of one backup, whatever the engine:
+Lifecycle of one backup, whatever the engine; disks are keyed by their store target name:
 
-    info = engine.inspect()                 # size, format, our bitmaps; changes nothing
-    engine.recover(committed_generation)    # undo what a killed ekko left behind
-    plan = bitmaps.plan_generation(...)     # pure: full or incremental, and why
-    session = engine.begin(plan)            # ONE transaction: new generation + point-in-time view
-    ... read session.export, store segments ...
-    session.close_export()                  # export and fleecing gone; bitmaps untouched
-    <manifest committed in the store>
-    session.commit()                        # only now: retire the old generation
-  or, on any failure before the commit:
-    session.abort()                         # merge the new generation back into the old one
+    rec = engine.recover(chains)            # undo what a killed run left; why a chain is broken
+    infos = engine.inspect()                # size, format, our bitmaps; changes nothing
+    plans = {t: bitmaps.plan_generation(...)}   # pure: full or incremental, and why, per disk
+    session = engine.begin(plans, sizes)    # ONE transaction: new generations + views of all disks
+    ... read session.exports[t], store segments, for every disk ...
+    session.close_exports()                 # exports and fleecing gone; bitmaps untouched
+    <every manifest committed in the store>
+    notes = session.commit()                # only now: retire the old generations
+  or, on any failure before the last commit:
+    session.abort()                         # merge every new generation back into the old one
+
+begin() raises ChainRefused when the engine finds, only then, that an incremental's base
+cannot be used (libvirt: the checkpoint's bitmap is inconsistent): nothing is changed, and the
+transaction starts over as a full with that reason.
 """
 
-from dataclasses import dataclass
-from typing import Optional, Protocol, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Protocol, Tuple
+
+from ..errors import EngineError
 
 
 @dataclass(frozen=True)
@@ -50,19 +57,34 @@ class Export:
     dirty_context: Optional[str]
 
 
+@dataclass(frozen=True)
+class Recovered:
+    notes: List[str] = field(default_factory=list)
+    broken: Dict[str, Optional[str]] = field(default_factory=dict)   # target -> why its chain is broken
+
+
+class ChainRefused(EngineError):
+    """begin() found an incremental's base unusable; nothing was changed."""
+
+
 class BackupSession(Protocol):
-    export: Export
+    exports: Dict[str, Export]
 
-    def close_export(self) -> None: ...
+    def close_exports(self) -> None: ...
 
-    def commit(self) -> None: ...
+    def commit(self) -> List[str]: ...
 
     def abort(self) -> None: ...
 
 
 class Engine(Protocol):
-    def inspect(self) -> DiskInfo: ...
+    @property
+    def scratch_dir(self) -> Optional[str]: ...
 
-    def recover(self, committed_generation: Optional[str]) -> list: ...
+    def recover(self, chains: Mapping) -> Recovered: ...
 
-    def begin(self, plan) -> BackupSession: ...
+    def inspect(self) -> Dict[str, DiskInfo]: ...
+
+    def begin(self, plans: Mapping, sizes: Mapping[str, int], backup_id: str) -> BackupSession: ...
+
+    def close(self) -> None: ...

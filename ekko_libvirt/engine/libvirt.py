@@ -8,18 +8,21 @@ XML in its state and redefines it, validated, right before the next backup.
 """
 
 import contextlib
-import json
 import logging
 import os
 import pwd
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import libvirt
 
+from ..durable import read_json, write_json_atomic
 from ..errors import EngineError, UsageError
 from . import domain_xml as dx
+from .base import BitmapInfo, ChainRefused, DiskInfo, Export, Recovered
+from .bitmaps import INCREMENTAL, GenerationPlan, generation_name
+from .reaper import Reaper
 
 log = logging.getLogger(__name__)
 
@@ -74,20 +77,14 @@ class CheckpointState:
         return os.path.join(self.dir, f"{uuid}.{kind}.json")
 
     def _write(self, path: str, data: dict) -> None:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_json_atomic(path, data)
 
     def _read(self, path: str) -> Optional[dict]:
         try:
-            with open(path) as f:
-                return json.load(f)
+            return read_json(path)
         except FileNotFoundError:
             return None
-        except ValueError:
+        except (OSError, ValueError):
             log.warning("ignoring damaged state file %s", path)
             return None
 
@@ -114,7 +111,10 @@ class CheckpointState:
         return sorted(n[:-len(".job.json")] for n in os.listdir(self.dir) if n.endswith(".job.json"))
 
 
-class LibvirtDomainEngine:
+class Checkpoints:
+    """A domain's checkpoints as ekko uses them: redefined before a backup, forgotten (metadata
+    only) after it, deleted with their bitmaps when retired; the job record of a running backup."""
+
     def __init__(self, dom, state: CheckpointState, prefix: str):
         self.dom = dom
         self.state = state
@@ -187,18 +187,14 @@ class LibvirtDomainEngine:
         cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
 
     # -- the pull-mode job ---------------------------------------------------------------------
-    def begin(self, backup_xml: str, checkpoint_xml: str) -> None:
+    def begin_job(self, backup_xml: str, checkpoint_xml: str) -> None:
         try:
             self.dom.backupBegin(backup_xml, checkpoint_xml, 0)
         except libvirt.libvirtError as e:
             raise BackupBeginFailed(self.dom.name(), e) from e
 
     def job_active(self) -> bool:
-        try:
-            self.dom.backupGetXMLDesc(0)
-            return True
-        except libvirt.libvirtError:
-            return False
+        return job_active(self.dom)
 
     def end_job(self, timeout: float = 60.0) -> None:
         """End the pull backup (libvirt removes export, socket and scratch files)."""
@@ -215,7 +211,7 @@ class LibvirtDomainEngine:
                 raise EngineError(f"domain {self.dom.name()}: backup job still active {timeout:.0f} s after abort")
             time.sleep(0.05)
 
-    def recover(self) -> List[str]:
+    def recover_job(self) -> List[str]:
         """Settle what a dead agent left: its job is aborted, its new checkpoint deleted (its
         writes are in the old generation, which kept recording), the old one forgotten."""
         notes = []
@@ -240,5 +236,158 @@ class BackupBeginFailed(EngineError):
         super().__init__(f"domain {domain}: backup could not start: {_err(e)}")
 
 
+def job_active(dom) -> bool:
+    """Whether the domain has a backup job (ours or anyone's)."""
+    try:
+        dom.backupGetXMLDesc(0)
+        return True
+    except libvirt.libvirtError:
+        return False
+
+
 def disk_sizes(dom, devs: List[str]) -> Dict[str, int]:
     return {d: int(dom.blockInfo(d)[0]) for d in devs}
+
+
+class LibvirtEngine:
+    """The engine of a running domain: checkpoints + one pull-mode backup job for all its disks
+    (engine/base.py). `disks`: the domain's disks to back up; their store targets are
+    <domain>.<dev> (domain_xml.target_name)."""
+
+    def __init__(self, dom, disks: Sequence[dx.DomainDisk], state_dir: str, run_dir: str, prefix: str,
+                 granularity: int):
+        self.dom = dom
+        self.uuid = dom.UUIDString()
+        self.state = CheckpointState(state_dir)
+        self.cps = Checkpoints(dom, self.state, prefix)
+        self.prefix = prefix
+        self.granularity = granularity
+        self.disks = {dx.target_name(dom.name(), d.dev): d for d in disks}
+        self.run_dir, self.state_dir = run_dir, state_dir
+        self.base_cp: Optional[str] = None
+        self.chains: Mapping = {}
+
+    def close(self) -> None:
+        pass
+
+    @property
+    def scratch_dir(self) -> str:
+        return qemu_accessible_dir(os.path.join(self.state_dir, "scratch"))
+
+    def _capable(self):
+        return [t for t, d in self.disks.items() if d.bitmap_capable]
+
+    def recover(self, chains: Mapping) -> Recovered:
+        """Settle a dead run's job (job record), then redefine and validate the checkpoint every
+        qcow2 disk's chain ends in: one checkpoint for all, or no incremental for any."""
+        self.chains = chains
+        notes = self.cps.recover_job()
+        capable = [t for t in self._capable() if chains[t].head is not None]
+        heads = {chains[t].head.bitmap for t in capable if chains[t].head.bitmap}
+        self.base_cp, reason = None, None
+        if len(heads) > 1:
+            reason = f"the disks' chains end in different checkpoints ({', '.join(sorted(heads))})"
+        elif heads:
+            name = heads.pop()
+            created = min(chains[t].entry.header.get("timings", {}).get("started", 0) for t in capable
+                          if chains[t].head.bitmap == name)
+            reason = self.cps.redefine(name, [self.disks[t].dev for t in self._capable()],
+                                       [d.dev for t, d in self.disks.items() if not d.bitmap_capable], created)
+            self.base_cp = None if reason else name
+        return Recovered(notes, {t: reason for t in capable})
+
+    def inspect(self) -> Dict[str, DiskInfo]:
+        """What libvirt lets us see: size and format per disk; the validated base checkpoint
+        stands for the bitmap of every qcow2 disk whose chain ends in it (libvirt keeps it
+        recording and consistent, or refuses it at redefinition or at begin)."""
+        sizes = disk_sizes(self.dom, [d.dev for d in self.disks.values()])
+        out = {}
+        for t, d in self.disks.items():
+            head = self.chains[t].head if t in self.chains else None
+            bitmaps = ()
+            if self.base_cp and head is not None and head.bitmap == self.base_cp and d.bitmap_capable:
+                bitmaps = (BitmapInfo(self.base_cp, head.granularity or self.granularity, recording=True, busy=False,
+                                      inconsistent=False, persistent=True),)
+            out[t] = DiskInfo(d.dev, d.source, d.format if d.bitmap_capable else d.format or "raw", sizes[d.dev], bitmaps)
+        return out
+
+    def begin(self, plans: Mapping[str, GenerationPlan], sizes: Mapping[str, int], backup_id: str) -> "LibvirtSession":
+        new_cp = generation_name(self.prefix, backup_id)
+        base_cp = self.base_cp if any(p.kind == INCREMENTAL for p in plans.values()) else None
+        bitmap_devs = [self.disks[t].dev for t in self._capable()]
+        other_devs = [d.dev for d in self.disks.values() if not d.bitmap_capable]
+        sock_dir = qemu_accessible_dir(os.path.join(self.run_dir, f"lv-{self.uuid[:8]}"))
+        socket = os.path.join(sock_dir, "backup.sock")
+        specs = [dx.DiskBackupSpec(d.dev, base_cp if plans[t].kind == INCREMENTAL else None,
+                                   os.path.join(self.scratch_dir, f"{self.uuid}.{d.dev}.scratch.qcow2"),
+                                   d.bitmap_capable) for t, d in self.disks.items()]
+        # should this process die (SIGKILL, the OOM killer), the reaper ends libvirt's job at once:
+        # its copy-before-write must not go on filling the scratch until the next run
+        reaper = Reaper({"kind": "libvirt", "name": self.dom.name(), "uri": self.dom.connect().getURI(),
+                         "uuid": self.uuid}, os.path.join(self.state.dir, f"{self.uuid}.reaper.log")).start()
+        try:
+            self.state.save_job(JobRecord(self.uuid, new_cp, base_cp, time.time(), reaper.pid))
+            self.cps.begin_job(dx.backup_xml(specs, socket), dx.checkpoint_xml(new_cp, bitmap_devs, other_devs))
+        except BaseException as e:
+            self.state.drop_job(self.uuid)
+            if base_cp:
+                self.cps.forget(base_cp)
+            reaper.done()
+            if isinstance(e, BackupBeginFailed) and e.inconsistent:
+                raise ChainRefused(str(e)) from e
+            raise
+        exports = {t: Export(socket, d.dev, dx.dirty_context(d.dev) if plans[t].kind == INCREMENTAL else None)
+                   for t, d in self.disks.items()}
+        known = frozenset().union(*(c.known for c in self.chains.values())) if self.chains else frozenset()
+        return LibvirtSession(self, exports, new_cp, base_cp, known, reaper)
+
+
+class LibvirtSession:
+    def __init__(self, engine: LibvirtEngine, exports: Dict[str, Export], new_cp: str, base_cp: Optional[str],
+                 known: frozenset, reaper: Reaper):
+        self.engine, self.exports = engine, exports
+        self.new_cp, self.base_cp, self.known = new_cp, base_cp, known
+        self.reaper: Optional[Reaper] = reaper
+
+    def close_exports(self) -> None:
+        """End the pull job: libvirt removes export, socket and scratch files."""
+        self.engine.cps.end_job()
+
+    def commit(self) -> List[str]:
+        """Every manifest is committed: retire the base checkpoint with its bitmaps, and older
+        generations of ours; keep the new checkpoint's XML and drop its metadata (Nova)."""
+        cps, notes = self.engine.cps, []
+        try:
+            if self.base_cp:
+                note = cps.delete(self.base_cp)
+                if note:
+                    notes.append(note)
+            for name in cps.our_checkpoints():
+                # only names ekko created for these disks: a user's ekko-foo stays
+                if name != self.new_cp and name in self.known:
+                    notes.append(cps.delete(name) or f"deleted stale checkpoint {name}")
+            cps.save_and_forget(self.new_cp)
+            self.engine.state.drop_job(self.engine.uuid)
+        finally:
+            self._settle()
+        return notes
+
+    def abort(self) -> None:
+        """The new checkpoint goes; the old one recorded every write too. The job record stays
+        when the undo fails: the next run's recover finishes it."""
+        cps = self.engine.cps
+        try:
+            try:
+                cps.end_job()
+            finally:
+                cps.delete(self.new_cp)
+                if self.base_cp:
+                    cps.forget(self.base_cp)
+            self.engine.state.drop_job(self.engine.uuid)
+        finally:
+            self._settle()
+
+    def _settle(self) -> None:
+        if self.reaper is not None:
+            self.reaper.done()
+            self.reaper = None

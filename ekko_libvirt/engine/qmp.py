@@ -1,38 +1,38 @@
-"""QMP engine: a disk of a plain QEMU or qemu-storage-daemon, reached over its QMP socket.
+"""QMP engine: disks of a plain QEMU or of a qemu-storage-daemon, reached over its QMP socket.
 
-Point-in-time view (QEMU >= 7.1): copy-before-write through a sync=none backup job into a
-sparse fleece file, read back through a snapshot-access node, exported over NBD with the
-previous generation's bitmap. The generation switch and the start of the view are one
-transaction, so no write can fall between them.
+Point-in-time view (QEMU >= 7.1): for each disk, copy-before-write through a sync=none backup
+job into a sparse fleece file, read back through a snapshot-access node, exported over NBD with
+the previous generation's bitmap. The generation switches and the starts of the views of ALL
+disks are one transaction, so no write can fall between them, on any disk.
 
-Every resource has a deterministic name derived from the target, and the set we created is
-journaled on disk before it is created: a killed ekko leaves a journal, and the next run's
-recover() tears down exactly that and merges bitmap generations back.
+Every resource has a deterministic name derived from the QMP socket and the node, and what we
+create is journaled on disk (one journal per disk) before it is created: a killed ekko leaves the
+journals, and the next run's recover() tears down exactly that and merges the generations back.
 """
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import xxhash
 
-from ..errors import DiskNotFound, EngineError
-from .base import BitmapInfo, DiskInfo, Export
+from ..durable import read_json, write_json_atomic
+from ..errors import DiskNotFound, EngineError, UsageError
+from .base import DiskInfo, Export, Recovered
 from .bitmaps import GenerationPlan, Interrupted, plan_recovery
 from .qmp_client import QMPCommandError, QMPConnection, QMPDisconnected
 from .reaper import Reaper
 
 log = logging.getLogger(__name__)
-EXPORT_NAME = "ekko"
 
 
 @dataclass(frozen=True)
 class QMPTarget:
-    name: str                 # the config's target name
+    """One disk: a format node of the QEMU at `socket`, backed up as store target `name`."""
+    name: str                 # the store target (config target name, or <domain>.<disk>)
     socket: str               # QMP socket path
     node: str                 # format node name of the disk
     scratch_dir: str          # fleece files
@@ -43,25 +43,30 @@ class QMPTarget:
 
 @dataclass(frozen=True)
 class Names:
+    """What one disk's view is made of, named after the QMP socket and the node."""
     fleece_node: str
     cbw_node: str
     snap_node: str
     job: str
     export_id: str
+    export_name: str
     fleece_file: str
-    socket: str
     journal: str
 
     @classmethod
     def for_target(cls, t: QMPTarget) -> "Names":
         tag = xxhash.xxh64_hexdigest(f"{t.socket}|{t.node}")[:10]
-        return cls(f"ekfl{tag}", f"ekcbw{tag}", f"eksnap{tag}", f"ekjob{tag}", f"ekexp{tag}",
-                   os.path.join(t.scratch_dir, f"{tag}.fleece"), os.path.join(t.run_dir, f"{tag}.nbd"),
-                   os.path.join(t.run_dir, f"{tag}.journal.json"))
+        return cls(f"ekfl{tag}", f"ekcbw{tag}", f"eksnap{tag}", f"ekjob{tag}", f"ekexp{tag}", f"ekko-{tag}",
+                   os.path.join(t.scratch_dir, f"{tag}.fleece"), os.path.join(t.run_dir, f"{tag}.journal.json"))
+
+
+def server_socket(t: QMPTarget) -> str:
+    """The NBD server's socket: one server per QEMU, serving every disk's export."""
+    return os.path.join(t.run_dir, f"{xxhash.xxh64_hexdigest(t.socket)[:10]}.nbd")
 
 
 def switch_actions(plan: GenerationPlan, node: str, names: Names) -> List[dict]:
-    """The one transaction: new generation + freeze of the old one + point-in-time view."""
+    """One disk's part of the transaction: new generation + freeze of the old one + view."""
     actions = []
     if plan.new_bitmap:
         actions.append({"type": "block-dirty-bitmap-add", "data": {
@@ -92,151 +97,177 @@ def retire_actions(plan: GenerationPlan, node: str) -> List[dict]:
 
 
 class QMPEngine:
-    def __init__(self, target: QMPTarget, reaper: bool = True):
+    """The disks of one QEMU (one QMP socket), backed up together in one transaction."""
+
+    def __init__(self, targets: Sequence[QMPTarget], reaper: bool = True):
         """`reaper`: start one per backup (reaper.py). Off where a reaper of the whole QEMU ends
-        the view anyway: an offline backup's qemu-storage-daemon (offline.py)."""
-        self.t = target
+        the view anyway: an offline backup's qemu-storage-daemon (backup/offline.py)."""
+        if not targets or len({t.socket for t in targets}) != 1:
+            raise UsageError("a QMP engine backs up disks of one QEMU: give it one QMP socket")
+        self.targets = {t.name: t for t in targets}
+        self.first = targets[0]
         self.use_reaper = reaper
-        self.names = Names.for_target(target)
-        self.qmp = QMPConnection(target.socket, target.timeout).connect(timeout=min(10.0, target.timeout))
+        self.names = {t.name: Names.for_target(t) for t in targets}
+        self.socket = server_socket(self.first)
+        self.qmp = QMPConnection(self.first.socket, self.first.timeout).connect(
+            timeout=min(10.0, self.first.timeout))
 
     def close(self) -> None:
         self.qmp.close()
 
+    @property
+    def scratch_dir(self) -> str:
+        """Where the fleece files grow (scratch.ScratchGuard watches its file system)."""
+        return self.first.scratch_dir
+
     # -- inspection -------------------------------------------------------------------------
-    def inspect(self) -> DiskInfo:
-        nodes = self.qmp.execute("query-named-block-nodes", {"flat": True})
-        for n in nodes:
-            if n.get("node-name") == self.t.node:
-                return _disk_info(n)
-        names = sorted(n.get("node-name", "") for n in nodes if not n.get("node-name", "").startswith("ek"))
-        raise DiskNotFound(f"target {self.t.name}: no block node {self.t.node!r} in QEMU at {self.t.socket} "
-                           f"(nodes there: {', '.join(names) or 'none'})")
+    def inspect(self) -> Dict[str, DiskInfo]:
+        nodes = {n.get("node-name"): n for n in self.qmp.execute("query-named-block-nodes", {"flat": True})}
+        out = {}
+        for name, t in self.targets.items():
+            n = nodes.get(t.node)
+            if n is None:
+                others = sorted(k for k in nodes if k and not k.startswith("ek"))
+                raise DiskNotFound(f"target {name}: no block node {t.node!r} in QEMU at {t.socket} "
+                                   f"(nodes there: {', '.join(others) or 'none'})")
+            out[name] = _disk_info(n)
+        return out
 
     # -- crash recovery ---------------------------------------------------------------------
-    def recover(self, committed_generation: Optional[str], known: frozenset = frozenset()):
+    def recover(self, chains: Mapping) -> Recovered:
         """Tear down what a killed run left (by journal and by our deterministic names), then
-        settle the bitmaps (bitmaps.plan_recovery): `known` are the generation names of this
-        target's backups (bitmaps.known_generations); the journal adds what the killed run
-        created and disabled. Returns (notes, broken_reason)."""
-        notes = []
-        journal = self._read_journal()
-        if journal is not None or self._leftovers():
-            self._teardown(started_server=bool(journal and journal.get("started_server")), quiet=True)
+        settle each disk's bitmaps (bitmaps.plan_recovery) in one transaction. `chains`: the
+        pipeline's ChainView of each target (its committed generation and known names)."""
+        notes: List[str] = []
+        journals = {name: self._read_journal(name) for name in self.targets}
+        if any(j is not None for j in journals.values()) or self._leftovers():
+            self._teardown(stop_server=any((j or {}).get("started_server") for j in journals.values()), quiet=True)
             notes.append("removed the NBD export and fleecing nodes of an interrupted backup")
-        rec = plan_recovery(self.inspect(), committed_generation, self.t.bitmap_prefix,
-                            interrupted=_interrupted(journal), known=known)
-        if rec.actions:
-            self.qmp.execute("transaction", {"actions": list(rec.actions)})
-        notes.extend(rec.notes)
-        self._drop_journal()
-        return notes, rec.broken_reason
+        infos = self.inspect()
+        actions, broken = [], {}
+        for name, t in self.targets.items():
+            view = chains[name]
+            rec = plan_recovery(infos[name], view.committed_generation, t.bitmap_prefix,
+                                interrupted=_interrupted(journals[name]), known=view.known)
+            actions += rec.actions
+            notes += [f"{name}: {n}" if len(self.targets) > 1 else n for n in rec.notes]
+            broken[name] = rec.broken_reason
+        if actions:
+            self.qmp.execute("transaction", {"actions": actions})
+        for name in self.targets:
+            self._drop_journal(name)
+        return Recovered(notes, broken)
 
     def release_view(self) -> None:
-        """What the reaper (reaper.py) does for a killed run: remove the export, nodes, job and
-        fleece the journal names. The generations and the journal stay for recover()."""
-        journal = self._read_journal()
-        if journal is None and not self._leftovers():
+        """What the reaper (reaper_main.py) does for a killed run: remove the exports, nodes,
+        jobs and fleece files. The generations and the journals stay for recover()."""
+        journals = [self._read_journal(name) for name in self.targets]
+        if all(j is None for j in journals) and not self._leftovers():
             return
-        self._teardown(started_server=bool(journal and journal.get("started_server")), quiet=True)
+        self._teardown(stop_server=any((j or {}).get("started_server") for j in journals), quiet=True)
 
     def _leftovers(self) -> bool:
         node_names = {n.get("node-name") for n in self.qmp.execute("query-named-block-nodes", {"flat": True})}
         jobs = {j.get("device") for j in self.qmp.execute("query-block-jobs")}
         exports = {e.get("id") for e in self.qmp.execute("query-block-exports")}
-        n = self.names
-        return bool({n.fleece_node, n.snap_node, n.cbw_node} & node_names or n.job in jobs
-                    or n.export_id in exports or os.path.exists(n.fleece_file))
+        return any({n.fleece_node, n.snap_node, n.cbw_node} & node_names or n.job in jobs
+                   or n.export_id in exports or os.path.exists(n.fleece_file) for n in self.names.values())
 
-    def _read_journal(self) -> Optional[dict]:
+    def _read_journal(self, name: str) -> Optional[dict]:
+        path = self.names[name].journal
         try:
-            with open(self.names.journal) as f:
-                return json.load(f)
+            return read_json(path)
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
-            log.warning("ignoring unreadable journal %s: %s", self.names.journal, e)
+            log.warning("ignoring unreadable journal %s: %s", path, e)
             return {}
 
-    def _write_journal(self, data: dict) -> None:
-        tmp = self.names.journal + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.names.journal)
+    def _write_journal(self, name: str, data: dict) -> None:
+        write_json_atomic(self.names[name].journal, data)
 
-    def _drop_journal(self) -> None:
+    def _drop_journal(self, name: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.names.journal)
-
-    @property
-    def scratch_dir(self) -> str:
-        """Where the fleece file grows (scratch.ScratchGuard watches its file system)."""
-        return self.t.scratch_dir
+            os.unlink(self.names[name].journal)
 
     # -- the backup session -----------------------------------------------------------------
-    def begin(self, plan: GenerationPlan, virtual_size: int) -> "QMPSession":
-        os.makedirs(self.t.scratch_dir, mode=0o700, exist_ok=True)
-        os.makedirs(self.t.run_dir, mode=0o700, exist_ok=True)
-        journal = {"target": self.t.name, "plan": plan.__dict__, "started_server": False}
-        self._write_journal(journal)
-        session = QMPSession(self, plan)
+    def begin(self, plans: Mapping[str, GenerationPlan], sizes: Mapping[str, int], backup_id: str = "") -> "QMPSession":
+        os.makedirs(self.first.scratch_dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.first.run_dir, mode=0o700, exist_ok=True)
+        journal = {name: {"target": name, "plan": dataclasses.asdict(plans[name]), "started_server": False}
+                   for name in self.targets}
+        for name in self.targets:
+            self._write_journal(name, journal[name])
+        session = QMPSession(self, dict(plans))
         if self.use_reaper:
-            session.reaper = Reaper({"kind": "qmp", "name": self.t.name, "target": dataclasses.asdict(self.t)},
-                                    self.names.journal + ".reaper.log").start()
-            journal["reaper_pid"] = session.reaper.pid
+            session.reaper = Reaper({"kind": "qmp", "name": ", ".join(self.targets),
+                                     "targets": [dataclasses.asdict(t) for t in self.targets.values()]},
+                                    self.names[self.first.name].journal + ".reaper.log").start()
+            for name in self.targets:
+                journal[name]["reaper_pid"] = session.reaper.pid
         try:
-            self._create_fleece(virtual_size)
+            actions = []
+            for name, t in self.targets.items():
+                self._create_fleece(name, sizes[name])
+                actions += switch_actions(plans[name], t.node, self.names[name])
             self.qmp.drain_events()
-            self.qmp.execute("transaction", {"actions": switch_actions(plan, self.t.node, self.names)})
+            self.qmp.execute("transaction", {"actions": actions})
             session.switched = True
-            self.qmp.execute("blockdev-add", {"driver": "snapshot-access", "node-name": self.names.snap_node,
-                                              "file": self.names.cbw_node})
-            journal["started_server"] = self._start_nbd_server()
-            self._write_journal(journal)
-            session.started_server = journal["started_server"]
-            self._add_export(plan)
+            for name in self.targets:
+                self.qmp.execute("blockdev-add", {"driver": "snapshot-access", "node-name": self.names[name].snap_node,
+                                                  "file": self.names[name].cbw_node})
+            started = self._start_nbd_server()
+            for name in self.targets:
+                journal[name]["started_server"] = started
+                self._write_journal(name, journal[name])
+            session.started_server = started
+            for name in self.targets:
+                self._add_export(name, plans[name])
         except BaseException:
             session.abort()
             raise
         return session
 
-    def _create_fleece(self, size: int) -> None:
+    def _create_fleece(self, name: str, size: int) -> None:
         # Sparse: it only grows by the clusters the guest overwrites while the backup runs.
-        fd = os.open(self.names.fleece_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        n = self.names[name]
+        fd = os.open(n.fleece_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
-        self.qmp.execute("blockdev-add", {"driver": "file", "node-name": self.names.fleece_node,
-                                          "filename": self.names.fleece_file})
+        self.qmp.execute("blockdev-add", {"driver": "file", "node-name": n.fleece_node, "filename": n.fleece_file})
 
     def _start_nbd_server(self) -> bool:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.names.socket)
+            os.unlink(self.socket)
         try:
-            self.qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.names.socket}}})
+            self.qmp.execute("nbd-server-start", {"addr": {"type": "unix", "data": {"path": self.socket}}})
             return True
         except QMPCommandError as e:
-            raise EngineError(f"target {self.t.name}: cannot start an NBD server in QEMU ({e.desc}). "
+            raise EngineError(f"{', '.join(self.targets)}: cannot start an NBD server in QEMU ({e.desc}). "
                               "QEMU allows one NBD server: if libvirt or another tool runs one, "
                               "use the libvirt engine for this disk.") from e
 
-    def _add_export(self, plan: GenerationPlan) -> None:
-        args = {"type": "nbd", "id": self.names.export_id, "node-name": self.names.snap_node,
-                "name": EXPORT_NAME, "writable": False}
+    def export_args(self, name: str, plan: GenerationPlan) -> dict:
+        n, t = self.names[name], self.targets[name]
+        args = {"type": "nbd", "id": n.export_id, "node-name": n.snap_node, "name": n.export_name, "writable": False}
         if plan.export_bitmap:
-            args["bitmaps"] = [{"node": self.t.node, "name": plan.export_bitmap}]
-        self.qmp.execute("block-export-add", args)
+            args["bitmaps"] = [{"node": t.node, "name": plan.export_bitmap}]
+        return args
 
-    def _teardown(self, started_server: bool, quiet: bool = False) -> None:
-        """Remove export, snapshot node, job, fleece node, NBD server, fleece file; each step
-        only if present, so it is safe after any partial begin() and after a crash."""
-        n = self.names
-        steps = [self._del_export, lambda: self._blockdev_del(n.snap_node), self._cancel_job,
-                 lambda: self._blockdev_del(n.fleece_node)]
-        if started_server:
+    def _add_export(self, name: str, plan: GenerationPlan) -> None:
+        self.qmp.execute("block-export-add", self.export_args(name, plan))
+
+    def _teardown(self, stop_server: bool, quiet: bool = False) -> None:
+        """Remove every disk's export, snapshot node, job and fleece node, then the NBD server
+        and the files; each step only if present, so it is safe after any partial begin() and
+        after a crash."""
+        steps = []
+        for n in self.names.values():
+            steps += [lambda n=n: self._del_export(n), lambda n=n: self._blockdev_del(n.snap_node),
+                      lambda n=n: self._cancel_job(n), lambda n=n: self._blockdev_del(n.fleece_node)]
+        if stop_server:
             steps.append(self._stop_nbd_server)
         errors = []
         for step in steps:
@@ -249,29 +280,28 @@ class QMPEngine:
             except EngineError as e:
                 errors.append(e)
                 log.warning("teardown step failed: %s", e)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(n.fleece_file)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(n.socket)
+        for path in [n.fleece_file for n in self.names.values()] + [self.socket]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         if errors and not quiet:
             raise errors[0]
 
-    def _del_export(self) -> None:
-        if not any(e.get("id") == self.names.export_id for e in self.qmp.execute("query-block-exports")):
+    def _del_export(self, n: Names) -> None:
+        if not any(e.get("id") == n.export_id for e in self.qmp.execute("query-block-exports")):
             return
-        self.qmp.execute("block-export-del", {"id": self.names.export_id, "mode": "hard"})
-        self.qmp.wait_event("BLOCK_EXPORT_DELETED", lambda d: d.get("id") == self.names.export_id)
+        self.qmp.execute("block-export-del", {"id": n.export_id, "mode": "hard"})
+        self.qmp.wait_event("BLOCK_EXPORT_DELETED", lambda d: d.get("id") == n.export_id)
 
     def _blockdev_del(self, node: str) -> None:
         nodes = self.qmp.execute("query-named-block-nodes", {"flat": True})
         if any(x.get("node-name") == node for x in nodes):
             self.qmp.execute("blockdev-del", {"node-name": node})
 
-    def _cancel_job(self) -> None:
-        if not any(j.get("device") == self.names.job for j in self.qmp.execute("query-block-jobs")):
+    def _cancel_job(self, n: Names) -> None:
+        if not any(j.get("device") == n.job for j in self.qmp.execute("query-block-jobs")):
             return
-        self.qmp.execute("block-job-cancel", {"device": self.names.job, "force": True})
-        self.qmp.wait_event("BLOCK_JOB_CANCELLED", lambda d: d.get("device") == self.names.job)
+        self.qmp.execute("block-job-cancel", {"device": n.job, "force": True})
+        self.qmp.wait_event("BLOCK_JOB_CANCELLED", lambda d: d.get("device") == n.job)
 
     def _stop_nbd_server(self) -> None:
         with contextlib.suppress(QMPCommandError):
@@ -283,45 +313,52 @@ class QMPEngine:
 
 
 class QMPSession:
-    def __init__(self, engine: QMPEngine, plan: GenerationPlan):
+    """One transaction's views; settled once: commit() or abort()."""
+
+    def __init__(self, engine: QMPEngine, plans: Dict[str, GenerationPlan]):
         self.engine = engine
-        self.plan = plan
+        self.plans = plans
         self.switched = False
         self.started_server = False
-        self.export_closed = False
-        self.done = False
-        self.reaper = None
-        self.export = Export(engine.names.socket, EXPORT_NAME,
-                             f"qemu:dirty-bitmap:{plan.export_bitmap}" if plan.export_bitmap else None)
+        self.exports_closed = False
+        self.settled = False
+        self.reaper: Optional[Reaper] = None
+        self.exports = {name: Export(engine.socket, engine.names[name].export_name,
+                                     f"qemu:dirty-bitmap:{p.export_bitmap}" if p.export_bitmap else None)
+                        for name, p in plans.items()}
 
-    def close_export(self) -> None:
-        if not self.export_closed:
+    def close_exports(self) -> None:
+        if not self.exports_closed:
             self.engine._teardown(self.started_server)
-            self.export_closed = True
+            self.exports_closed = True
 
-    def commit(self) -> None:
-        """Called only after the manifest is durable in the store."""
-        self.close_export()
-        self.engine.transaction(retire_actions(self.plan, self.engine.t.node))
-        self.engine._drop_journal()
-        self.done = True
-        self._release_reaper()
+    def commit(self) -> List[str]:
+        """Called only after every manifest is durable in the store: retire old generations."""
+        self.close_exports()
+        self.engine.transaction([a for name, p in self.plans.items()
+                                 for a in retire_actions(p, self.engine.targets[name].node)])
+        for name in self.plans:
+            self.engine._drop_journal(name)
+        self._settle()
+        return []
 
     def abort(self) -> None:
-        if self.done:
+        if self.settled:
             return
         try:
             self.engine._teardown(self.started_server, quiet=True)
-            self.export_closed = True
+            self.exports_closed = True
             if self.switched:
-                self.engine.transaction(merge_back_actions(self.plan, self.engine.t.node))
-            self.engine._drop_journal()
+                self.engine.transaction([a for name, p in self.plans.items()
+                                         for a in merge_back_actions(p, self.engine.targets[name].node)])
+            for name in self.plans:
+                self.engine._drop_journal(name)
         finally:
-            self.done = True
-            self._release_reaper()
+            self._settle()
 
-    def _release_reaper(self) -> None:
-        """Settled (committed, or undone as far as QEMU lets us): the reaper has nothing to do."""
+    def _settle(self) -> None:
+        """Committed, or undone as far as QEMU lets us: the reaper has nothing to do."""
+        self.settled = True
         if self.reaper is not None:
             self.reaper.done()
             self.reaper = None
@@ -338,6 +375,7 @@ def _interrupted(journal: Optional[dict]) -> Optional[Interrupted]:
 
 
 def _disk_info(n: dict) -> DiskInfo:
+    from .base import BitmapInfo
     image = n.get("image", {})
     bitmaps = tuple(
         BitmapInfo(name=b["name"], granularity=int(b.get("granularity", 0)), recording=bool(b.get("recording")),

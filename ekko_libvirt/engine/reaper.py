@@ -94,11 +94,11 @@ def main(argv) -> int:
 def _tear_down(fields: dict) -> None:
     from ..errors import QMPUnavailable
     from .qmp import QMPEngine, QMPTarget
-    target = QMPTarget(**fields["target"])
+    targets = [QMPTarget(**t) for t in fields["targets"]]
     deadline = time.monotonic() + 60
     while True:     # QEMU's monitor takes one client: the dead run's connection may still be closing
         try:
-            engine = QMPEngine(target)
+            engine = QMPEngine(targets, reaper=False)
             break
         except QMPUnavailable:
             if time.monotonic() > deadline:

@@ -12,7 +12,8 @@ import pytest
 from conftest import ROOT, read_raw, release_pauses, remount, small_fs
 from ekko_libvirt import catalog, segment
 from ekko_libvirt.engine.qmp import QMPEngine, QMPTarget
-from ekko_libvirt.pipeline import BackupOptions, run_backup
+from ekko_libvirt.backup.options import BackupOptions
+from ekko_libvirt.backup.transaction import DiskJob, run_transaction
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -70,20 +71,21 @@ def test_writes_after_transaction_are_in_next_backup_only(store_kind, qdisk, wor
     late = b"C" * (128 * KiB)
 
     class WritesDuringBackup(QMPEngine):
-        def begin(self, plan, size):
-            session = super().begin(plan, size)
+        def begin(self, plans, sizes, backup_id):
+            session = super().begin(plans, sizes, backup_id)
             # the guest keeps writing while the backup reads the point-in-time view
             disk.write(2 * MiB + 64 * KiB, late)
             disk.write(9 * MiB, late)
             return session
 
     cfg = ekko.cfg
-    engine = WritesDuringBackup(QMPTarget("t1", disk.qmp_socket, "disk0", os.path.join(workdir, "state", "scratch"),
-                                          cfg["run_dir"]))
+    engine = WritesDuringBackup([QMPTarget("t1", disk.qmp_socket, "disk0", os.path.join(workdir, "state", "scratch"),
+                                           cfg["run_dir"])])
     store = ekko.store()
     try:
-        res = run_backup(engine, store, BackupOptions(target="t1", segment_size=256 * KiB,
-                                                      lock_dir=os.path.join(workdir, "state", "locks")))
+        [res] = run_transaction(engine, store, [DiskJob("t1")],
+                                BackupOptions(target="t1", segment_size=256 * KiB,
+                                              lock_dir=os.path.join(workdir, "state", "locks")))
     finally:
         engine.close()
     assert res.manifest.kind == "incremental" and res.manifest.parent == first["backup_id"]

@@ -10,7 +10,8 @@ from conftest import Ekko, make_config, read_raw
 from ekko_libvirt import catalog
 from ekko_libvirt.engine.qmp import QMPEngine, QMPTarget
 from ekko_libvirt.errors import ReaderError
-from ekko_libvirt.pipeline import BackupOptions, run_backup
+from ekko_libvirt.backup.options import BackupOptions
+from ekko_libvirt.backup.transaction import DiskJob, run_transaction
 from ekko_libvirt.store.local import LocalStore
 
 KiB, MiB = 1024, 1024 * 1024
@@ -149,17 +150,18 @@ def test_export_without_bitmap_context_is_not_no_changes(qdisk, ekko_for, workdi
     disk.write(5 * MiB, os.urandom(200 * KiB))
 
     class ExportWithoutBitmap(QMPEngine):
-        def _add_export(self, plan):
-            self.qmp.execute("block-export-add", {"type": "nbd", "id": self.names.export_id,
-                                                  "node-name": self.names.snap_node, "name": "ekko"})
+        def export_args(self, name, plan):
+            args = super().export_args(name, plan)
+            del args["bitmaps"]
+            return args
 
-    engine = ExportWithoutBitmap(QMPTarget("t1", disk.qmp_socket, "disk0",
-                                           os.path.join(workdir, "state", "scratch"), ekko.cfg["run_dir"]))
+    engine = ExportWithoutBitmap([QMPTarget("t1", disk.qmp_socket, "disk0",
+                                            os.path.join(workdir, "state", "scratch"), ekko.cfg["run_dir"])])
     try:
         with pytest.raises(ReaderError, match="does not offer qemu:dirty-bitmap:ekko-"):
-            run_backup(engine, LocalStore(ekko.store_dir),
-                       BackupOptions(target="t1", segment_size=256 * KiB,
-                                     lock_dir=os.path.join(workdir, "state", "locks")))
+            run_transaction(engine, LocalStore(ekko.store_dir), [DiskJob("t1")],
+                            BackupOptions(target="t1", segment_size=256 * KiB,
+                                          lock_dir=os.path.join(workdir, "state", "locks")))
     finally:
         engine.close()
     assert len(manifests(ekko)) == 1
@@ -176,7 +178,7 @@ def test_export_without_bitmap_context_is_not_no_changes(qdisk, ekko_for, workdi
 
 def test_second_backup_of_same_target_waits_its_turn(qdisk, ekko_for, workdir):
     from ekko_libvirt.errors import LockBusy
-    from ekko_libvirt.pipeline import TargetLock
+    from ekko_libvirt.backup.transaction import TargetLock
     disk = qdisk(4 * MiB)
     ekko = ekko_for(disk)
     with TargetLock(os.path.join(workdir, "state", "locks"), "t1"):

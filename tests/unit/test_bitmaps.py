@@ -157,7 +157,7 @@ def test_transactions_as_data():
 
 def test_read_back_always_takes_the_first_and_the_last_segment():
     import random as _random
-    from ekko_libvirt.pipeline import read_back_indices
+    from ekko_libvirt.backup.copy import read_back_indices
     from ekko_libvirt.units import READ_BACK_ALL
     for seed in range(200):
         rnd = _random.Random(seed)

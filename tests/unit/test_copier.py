@@ -10,7 +10,8 @@ from ekko_libvirt import segment
 from ekko_libvirt.errors import StoreError
 from ekko_libvirt.manifest import SegmentTable
 from ekko_libvirt.nbd.extents import SegmentPlan
-from ekko_libvirt.pipeline import BackupOptions, _SegmentCopier
+from ekko_libvirt.backup.copy import _SegmentCopier
+from ekko_libvirt.backup.options import BackupOptions
 from ekko_libvirt.store.memory import MemoryStore
 
 SEG = 64 << 10
@@ -118,7 +119,7 @@ def test_a_failing_store_stops_the_workers_and_ends_the_stream():
 def test_a_watch_that_raises_stops_the_copy_and_the_commit_check():
     """The scratch guard's watch: called while workers run and between exists() batches."""
     from ekko_libvirt.errors import ScratchSpaceLow
-    from ekko_libvirt.pipeline import _missing
+    from ekko_libvirt.backup.copy import _missing
 
     class SlowStore(MemoryStore):
         def put(self, key, data):

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from ekko_libvirt import config, scratch, units
+from ekko_libvirt import config, units
+from ekko_libvirt.backup import scratch
 from ekko_libvirt.errors import ConfigError, ScratchSpaceLow
 
 MiB = units.MiB
