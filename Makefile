@@ -3,8 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+# make torture: the property tests (tests/unit/test_prop_*.py) under the Hypothesis profile "torture",
+# EXAMPLES examples per test, from a random seed that is printed first; PROP_SEED=N replays that run.
+EXAMPLES ?= 2000
+PROP_SEED ?=
 
-.PHONY: demo test unit bench deps deps-core lint clean
+.PHONY: demo test unit bench torture deps deps-core lint clean
 
 deps-core:
 	bash scripts/install-deps.sh core
@@ -20,6 +24,12 @@ test: deps
 
 unit: deps-core
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
+
+torture: deps
+	seed=$(or $(PROP_SEED),$(shell od -An -N4 -tu4 /dev/urandom | tr -d ' ')); \
+	echo "make torture: property tests, $(EXAMPLES) examples per test, PROP_SEED=$$seed"; \
+	HYPOTHESIS_PROFILE=torture HYPOTHESIS_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
+		tests/unit/test_prop_*.py --hypothesis-seed=$$seed $(PYTEST_ARGS)
 
 bench: deps
 	$(PY) bench/run.py $(BENCH_ARGS)
