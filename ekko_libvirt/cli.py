@@ -611,6 +611,13 @@ def _restore_domain(cfg, args) -> int:
 
 
 # -- verify -----------------------------------------------------------------------------------
+def _keys_named(store, name: Optional[str]) -> List[str]:
+    """Manifest keys of a target, or of every disk of the libvirt domain so named; all if None."""
+    if not name:
+        return catalog.keys(store)
+    return [k for t in catalog.named(store, name) for k in catalog.keys(store, t)]
+
+
 def cmd_verify(cfg, args) -> int:
     from .backup.ledger import Ledger, vanished_reasons
     from .verify import run as verify_run
@@ -619,11 +626,13 @@ def cmd_verify(cfg, args) -> int:
         store, key = _locate(cfg, args)
         groups = [(store, [key])]
     else:
-        groups = [(st, catalog.keys(st, args.target)) for st in (_store(cfg, ns) for ns in _namespaces(cfg, args))]
+        groups = [(st, _keys_named(st, args.target)) for st in (_store(cfg, ns) for ns in _namespaces(cfg, args))]
         # what this host committed must still be there: an emptied store is not "0 backups OK"
         everywhere = [st for st, _ in groups] if not getattr(args, "project", None) else \
             [_store(cfg, ns) for ns in _namespaces(cfg, argparse.Namespace())]
-        vanished = vanished_reasons(Ledger(cfg.state_dir), everywhere, args.target)
+        vanished = vanished_reasons(Ledger(cfg.state_dir), everywhere,
+                                    {args.target, *(t for st in everywhere for t in catalog.named(st, args.target))}
+                                    if args.target else None)
     bar = Progress("verify", enabled=None if not args.json else False)
     try:
         rep, skipped, marked, cleared, not_recorded = None, [], [], [], []
@@ -693,9 +702,12 @@ def cmd_prune(cfg, args) -> int:
     tz = datetime.datetime.now().astimezone().tzinfo
     rows = []
     for ns in _namespaces(cfg, args):
-        for r in prune_store(_store(cfg, ns), policy_for, args.target, tz, args.dry_run):
-            r["project"] = ns
-            rows.append(r)
+        store = _store(cfg, ns)
+        # a libvirt domain's name stands for its disks' targets (catalog.named)
+        for target in (catalog.named(store, args.target) if args.target else [None]):
+            for r in prune_store(store, policy_for, target, tz, args.dry_run):
+                r["project"] = ns
+                rows.append(r)
     kept = sum(1 for r in rows if r["keep"])
     gone = len(rows) - kept
     if args.json:
@@ -893,17 +905,35 @@ def cmd_status(cfg, args) -> int:
     agent = status.agent_info(sd)
     lifecycle = status.lifecycle_info(sd.load_lifecycle(), settings.gc_interval_s, settings.verify, now)
     hook = status.hook_info(settings.hook_path, settings.spool_dir)
+    vanished, store_error = _vanished(cfg)
     if args.json:
-        _emit({"ok": True, "agent": agent, "libvirt": {"uri": config.libvirt_uri(cfg), "error": lv_error},
-               "hook": hook, "lifecycle": lifecycle, "domains": rows})
-        return EXIT_OK
+        _emit({"ok": not vanished, "agent": agent, "libvirt": {"uri": config.libvirt_uri(cfg), "error": lv_error},
+               "hook": hook, "lifecycle": lifecycle, "domains": rows,
+               "store": {"vanished": vanished, "error": store_error}})
+        return EXIT_DAMAGED if vanished else EXIT_OK
     running = f"running, pid {agent['pid']} since {agent['since']}" if agent["running"] else "not running"
     print(f"agent: {running}; {len(rows)} domain(s)")
     print(status.describe_hook(hook))
     print(status.describe_lifecycle(lifecycle))
     for r in rows:
         print(status.describe(r))
-    return EXIT_OK
+    if store_error:
+        print(f"store: cannot check that it still holds what this host committed: {store_error}")
+    for why in vanished:
+        print(f"store: VANISHED {why}")
+    return EXIT_DAMAGED if vanished else EXIT_OK
+
+
+def _vanished(cfg) -> "tuple[List[str], Optional[str]]":
+    """Backups this host committed that the store lost (backup/ledger.py), and why it could not tell."""
+    from .backup.ledger import Ledger, vanished_reasons
+    ledger = Ledger(cfg.state_dir)
+    if not ledger.records():
+        return [], None
+    try:
+        return vanished_reasons(ledger, [_store(cfg, ns) for ns in _namespaces(cfg, argparse.Namespace())]), None
+    except EkkoError as e:
+        return [], str(e)
 
 
 def cmd_hook(cfg, args) -> int:

@@ -104,13 +104,14 @@ class Ledger:
             raise LedgerError(f"cannot write the ledger record {path}: {e.strerror or e}") from e
 
 
-def vanished_reasons(ledger: "Ledger", stores, target: Optional[str] = None) -> List[str]:
-    """For every target this host committed (or just `target`): the reason, if the given stores
-    (every namespace of the configured store) lost its backups."""
+def vanished_reasons(ledger: "Ledger", stores, targets: Optional[Iterable[str]] = None) -> List[str]:
+    """For every target this host committed (or just those of `targets`): the reason, if the
+    given stores (every namespace of the configured store) lost its backups."""
     from .. import catalog
+    wanted = None if targets is None else set(targets)
     out = []
     for r in ledger.records():
-        if target is not None and r.target != target:
+        if wanted is not None and r.target not in wanted:
             continue
         ids = [k.rsplit("/", 1)[1] for st in stores for k in catalog.keys(st, r.target)]
         if vanished(r, ids):

@@ -144,6 +144,9 @@ def test_a_store_that_lost_its_backups_fails_verify_and_the_next_full_says_why(s
     v = ekko.run("verify", check=False)
     assert v.returncode == 3, v.stdout + v.stderr
     assert f"VANISHED backup {first['backup_id']} of t1" in v.stdout and "BACKUPS LOST" in v.stdout
+    assert ekko.run("verify", "--target", "t1", check=False).returncode == 3
+    st = ekko.run("status", check=False)
+    assert st.returncode == 3 and f"store: VANISHED backup {first['backup_id']} of t1" in st.stdout, st.stdout
     again = ekko.backup()
     assert again["kind"] == "full"
     assert f"backup {first['backup_id']} of t1, committed by this host" in again["reason"]

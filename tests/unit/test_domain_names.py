@@ -172,3 +172,16 @@ def test_an_ambiguous_prefix_says_how_many_more(ekko):
     with pytest.raises(UsageError) as e:
         catalog.find(st, "20240606T12")
     assert "more" not in str(e.value) and all(f"u{m}/" in str(e.value) for m in range(3))
+
+
+def test_prune_and_verify_take_a_domain_name(ekko, web):
+    """`ekko prune web1` prunes the disks of web1 (not web10's, not the QMP target web1-vda);
+    `ekko verify --target web1` verifies them."""
+    code, out, _ = ekko("prune", "web1", "--keep-last", "1", "--dry-run", "--json")
+    assert code == 0
+    rows = json.loads(out)["backups"]
+    assert sorted({r["target"] for r in rows}) == ["web1.vda", "web1.vdb"]
+    assert sorted(r["backup_id"] for r in rows if not r["keep"]) == sorted([web["d1"], web["d2"], web["d1"]])
+    code, out, _ = ekko("verify", "--target", "web1", "--json")
+    assert code == 0
+    assert sorted(json.loads(out)["backups"]) == sorted([web["d1"], web["d2"], web["d3"], web["d1"], web["d2"]])
