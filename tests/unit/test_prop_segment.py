@@ -16,7 +16,7 @@ from ekko_libvirt.codec import PLAIN
 from ekko_libvirt.crypto import SealedCodec
 from ekko_libvirt.errors import IntegrityError
 
-# every bit of every object is flipped: a sixth of the profile's examples
+# the sealed objects have every bit flipped under AES-GCM: a sixth of the profile's examples
 FEW = settings(max_examples=max(10, settings.default.max_examples // 6))
 SEALED = SealedCodec(bytes(range(32)))
 codecs = st.sampled_from([PLAIN, SEALED])
@@ -99,7 +99,6 @@ def known_slack(blob):
     return set(RESERVED) | ({FHD} if blob[4] == S.COMP_ZSTD else set())
 
 
-@FEW
 @given(raw=raws(), codec=codecs, compress=st.booleans())
 def test_every_bit_flip_truncation_and_append_is_caught(raw, codec, compress):
     enc = encode(raw, codec, 1, compress)
