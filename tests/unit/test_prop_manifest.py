@@ -291,3 +291,13 @@ def test_reserved_flag_values_are_refused():
     frame = table_frame(b"\x00\x02\x01", bytes(48))
     with pytest.raises(ManifestError, match="flag"):
         M.decode(sealed(len(h), h, len(frame), frame))
+
+
+@pytest.mark.parametrize("count", [0, 3])
+def test_bytes_after_the_table_frame_inside_the_table_length_are_refused(count):
+    """Found by `make torture` (seed 4256872824): the decompressor stops at the frame's end, so
+    bytes after it inside the table length decoded, under a fresh checksum."""
+    m = M.Manifest("b", "t", count * 512, 512, M.SegmentTable(count))
+    hlen, header, tlen, table = parts(M.encode(m))
+    with pytest.raises(ManifestError, match="frame"):
+        M.decode(sealed(hlen, header, tlen + 1, table + b"("))
