@@ -157,7 +157,7 @@ def build(raw: Any, source: str = "") -> Config:
         compression_level=level,
         compress=_bool(comp, "compression.enabled", True, key="enabled"),
         workers=_int(raw, "workers", units.DEFAULT_WORKERS, 1, 64),
-        request_size=_sized(read, "read.request_size", units.DEFAULT_REQUEST_SIZE, "request_size"),
+        request_size=_request_size(read),
         in_flight=_int(read, "read.in_flight", units.DEFAULT_IN_FLIGHT, 1, 64, key="in_flight"),
         qmp_timeout=float(_int(raw, "qmp_timeout", 30, 1, 3600)),
         scratch_reserve=_size(raw, "scratch_reserve", units.DEFAULT_SCRATCH_RESERVE),
@@ -225,6 +225,14 @@ def _bool(raw: Mapping, label: str, default: bool, key: Optional[str] = None) ->
 
 def _size(raw: Mapping, key: str, default: int) -> int:
     return _sized(raw, key, default, key)
+
+
+def _request_size(read: Mapping) -> int:
+    """read.request_size: 512 B .. 32 MiB (QEMU's NBD server refuses larger requests)."""
+    size = _sized(read, "read.request_size", units.DEFAULT_REQUEST_SIZE, "request_size")
+    if not 512 <= size <= 32 * units.MiB:
+        raise ConfigError("read.request_size", f"must be from 512 bytes to 32MiB, got {size}")
+    return size
 
 
 def _sized(raw: Mapping, label: str, default: int, key: str) -> int:

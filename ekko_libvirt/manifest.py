@@ -24,7 +24,7 @@ import xxhash
 import zstandard
 
 from .errors import ManifestError
-from .segment import DIGEST_SIZE, ZERO_DIGEST, digest
+from .segment import DIGEST_SIZE, ZERO_DIGEST, digest, frame_size
 
 MAGIC = b"EKKOMAN1"
 FORMAT_VERSION = 1
@@ -193,24 +193,6 @@ def _read_table(frame, n: int) -> Tuple[bytearray, bytearray]:
     return flags, digests
 
 
-def _frame_size(frame) -> int:
-    """Bytes of the zstd frame that starts `frame` (RFC 8878: header, blocks of 3-byte headers,
-    optional 4-byte checksum); ValueError when it is cut short. The decompressor stops at the
-    frame's end, so this is what tells bytes after it apart from the table."""
-    pos = zstandard.frame_header_size(frame)
-    while True:
-        if pos + 3 > len(frame):
-            raise ValueError("the zstd frame is cut short")
-        block = frame[pos] | frame[pos + 1] << 8 | frame[pos + 2] << 16
-        pos += 3
-        kind = (block >> 1) & 3
-        if kind == 3:
-            raise ValueError("reserved zstd block type")
-        pos += 1 if kind == 1 else block >> 3          # RLE: one byte; raw and compressed: the size
-        if block & 1:                                  # the last block
-            return pos + (4 if frame[4] & 4 else 0)
-
-
 def _count(header: Dict[str, Any], key: str, minimum: int, where: str) -> int:
     v = header.get(key)
     if type(v) is not int or v < minimum:
@@ -238,7 +220,7 @@ def decode(blob: bytes, where: str = "") -> Manifest:
     frame = memoryview(blob)[pos:pos + tlen]
     try:
         declared = zstandard.frame_content_size(frame)
-        end = _frame_size(frame)
+        end = frame_size(frame)
     except (zstandard.ZstdError, ValueError) as e:
         raise ManifestError(f"manifest {where}: the table is not a zstd frame: {e}") from e
     if end != tlen:

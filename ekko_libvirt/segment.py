@@ -131,6 +131,39 @@ def encode(raw, level: int = 1, compress: bool = True, known_digest: "bytes | No
     return EncodedSegment(name, blob, len(raw))
 
 
+def frame_size(frame) -> int:
+    """Bytes of the zstd frame that starts `frame` (RFC 8878: header, blocks of 3-byte headers,
+    optional 4-byte checksum); ValueError when it is cut short. The decompressor stops at the
+    frame's end, so this is what tells bytes after it apart from the frame."""
+    pos = zstandard.frame_header_size(frame)
+    while True:
+        if pos + 3 > len(frame):
+            raise ValueError("the zstd frame is cut short")
+        block = frame[pos] | frame[pos + 1] << 8 | frame[pos + 2] << 16
+        pos += 3
+        kind = (block >> 1) & 3
+        if kind == 3:
+            raise ValueError("reserved zstd block type")
+        pos += 1 if kind == 1 else block >> 3          # RLE: one byte; raw and compressed: the size
+        if block & 1:                                  # the last block
+            return pos + (4 if frame[4] & 4 else 0)
+
+
+def _check_frame(payload, length: int, name: str) -> None:
+    """The zstd frame as encode() writes it, exactly: it declares the raw length (a damaged header
+    could declare terabytes, which zstandard would allocate), leaves the descriptor's unused bit
+    clear (zstd ignores it: damage there would go unseen), and fills the payload to its end."""
+    try:
+        declared = zstandard.frame_content_size(payload)
+        end = frame_size(payload)
+    except (zstandard.ZstdError, ValueError, IndexError) as e:
+        raise IntegrityError(f"segment {name}: not a zstd frame: {e}") from e
+    if declared != length or payload[4] & 0x10:
+        raise IntegrityError(f"segment {name}: zstd frame header does not match the segment (damaged)")
+    if end != len(payload):
+        raise IntegrityError(f"segment {name}: {len(payload) - end} byte(s) after the zstd frame (damaged)")
+
+
 def decode(blob: bytes, expected: bytes, where: str = "", codec=PLAIN) -> bytes:
     """Object bytes -> raw bytes, or IntegrityError if anything does not match `expected` (the
     segment's name). Under an encrypting codec `blob` is what the store opened (the envelope
@@ -139,15 +172,18 @@ def decode(blob: bytes, expected: bytes, where: str = "", codec=PLAIN) -> bytes:
     name = where or segment_key(expected)
     if len(blob) < HEADER.size:
         raise IntegrityError(f"segment {name}: truncated ({len(blob)} bytes)")
-    magic, comp, hash_id, _, length, stored = HEADER.unpack_from(blob)
+    magic, comp, hash_id, reserved, length, stored = HEADER.unpack_from(blob)
     if magic != MAGIC or hash_id != HASH_XXH3_128:
         raise IntegrityError(f"segment {name}: not an ekko segment (bad magic or hash id)")
+    if reserved:
+        raise IntegrityError(f"segment {name}: reserved header field is {reserved}, not 0 (damaged)")
     if codec.encrypted:
         expected = stored
     elif stored != expected:
         raise IntegrityError(f"segment {name}: header digest {stored.hex()} does not match its name")
     payload = memoryview(blob)[HEADER.size:]
     if comp == COMP_ZSTD:
+        _check_frame(payload, length, name)
         try:
             raw = _codecs.dctx.decompress(payload, max_output_size=length)
         except zstandard.ZstdError as e:

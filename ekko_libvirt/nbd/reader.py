@@ -103,7 +103,10 @@ class ExportReader:
         seen = set()
         for context, off, entries in replies:
             if context in tracker.extents:
-                tracker.add(context, flat_to_extents(off, entries))
+                try:
+                    tracker.add(context, flat_to_extents(off, entries))
+                except ValueError as e:          # a zero-length extent: a broken or hostile server
+                    raise ReaderError(f"NBD server sent bad block status for {context} at {off}: {e}") from e
                 seen.add(context)
         missing = set(tracker.extents) - seen
         if missing:

@@ -106,3 +106,10 @@ def test_an_alias_bomb_is_shown_short(tmp_path):
     with pytest.raises(ConfigError) as e:
         config.load(str(path))
     assert e.value.key == "workers" and len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, "33MiB"])
+def test_a_request_size_outside_what_nbd_allows_is_refused(size):
+    """request_size 0 made the reader split every read into 0-byte requests for ever."""
+    with pytest.raises(ConfigError, match=r"read.request_size: must be from 512 bytes to 32MiB"):
+        config.build({"read": {"request_size": size}})
