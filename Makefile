@@ -7,6 +7,9 @@ BENCH_ARGS ?=
 # EXAMPLES examples per test, from a random seed that is printed first; PROP_SEED=N replays that run.
 EXAMPLES ?= 2000
 PROP_SEED ?=
+# make torture: chains of the differential fuzzer (tests/integration/test_chain_fuzz.py), SEEDS fresh
+# random seeds, each printed; EKKO_FUZZ_SEED=S replays one, EKKO_FUZZ_EVENTS picks event kinds.
+SEEDS ?= 20
 
 .PHONY: demo test unit bench torture deps deps-core lint clean
 
@@ -30,6 +33,7 @@ torture: deps
 	echo "make torture: property tests, $(EXAMPLES) examples per test, PROP_SEED=$$seed"; \
 	HYPOTHESIS_PROFILE=torture HYPOTHESIS_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
 		tests/unit/test_prop_*.py --hypothesis-seed=$$seed $(PYTEST_ARGS)
+	EKKO_FUZZ_SEEDS=$(SEEDS) $(PY) -m pytest -q -rA -p no:cacheprovider tests/integration/test_chain_fuzz.py $(PYTEST_ARGS)
 
 bench: deps
 	$(PY) bench/run.py $(BENCH_ARGS)

@@ -25,6 +25,9 @@ QOM_BACKEND = f"/machine/peripheral/{DEVICE}/virtio-backend"
 
 class QemuDisk:
     def __init__(self, workdir: str, size: int, fmt: str = "qcow2", name: str = "disk", model: bool = True):
+        if size % 512:
+            # qemu-img would round the image up silently, and the model would be wrong.
+            raise ValueError(f"disk size {size} is not a multiple of 512 bytes")
         self.workdir = workdir
         self.size = size
         self.fmt = fmt
@@ -103,6 +106,15 @@ class QemuDisk:
         self.stop()
         if os.path.exists(self.image):
             os.unlink(self.image)
+
+    def resize(self, size: int) -> None:
+        """Grow the live disk (block_resize, as Nova's resize does); the model grows with zeros."""
+        if size % 512 or size < self.size:
+            raise ValueError(f"cannot resize {self.size} -> {size}: grow to a multiple of 512 bytes")
+        self.admin.execute("block_resize", {"node-name": NODE, "size": size})
+        if self.model is not None:
+            self.model.extend(bytes(size - self.size))
+        self.size = size
 
     # -- guest writes -----------------------------------------------------------------------
     def write(self, offset: int, data: bytes) -> None:
