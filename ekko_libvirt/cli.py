@@ -905,7 +905,7 @@ def cmd_status(cfg, args) -> int:
     agent = status.agent_info(sd)
     lifecycle = status.lifecycle_info(sd.load_lifecycle(), settings.gc_interval_s, settings.verify, now)
     hook = status.hook_info(settings.hook_path, settings.spool_dir)
-    vanished, store_error = _vanished(cfg)
+    vanished, store_error = _vanished(cfg, args.domain)
     if args.json:
         _emit({"ok": not vanished, "agent": agent, "libvirt": {"uri": config.libvirt_uri(cfg), "error": lv_error},
                "hook": hook, "lifecycle": lifecycle, "domains": rows,
@@ -924,14 +924,18 @@ def cmd_status(cfg, args) -> int:
     return EXIT_DAMAGED if vanished else EXIT_OK
 
 
-def _vanished(cfg) -> "tuple[List[str], Optional[str]]":
-    """Backups this host committed that the store lost (backup/ledger.py), and why it could not tell."""
+def _vanished(cfg, domain: Optional[str] = None) -> "tuple[List[str], Optional[str]]":
+    """Backups this host committed that the store lost (backup/ledger.py), of every target or of
+    the disks of `domain`, and why it could not tell."""
     from .backup.ledger import Ledger, vanished_reasons
-    ledger = Ledger(cfg.state_dir)
-    if not ledger.records():
+    from .engine.domain_xml import target_name
+    records = Ledger(cfg.state_dir).records()
+    targets = [r.target for r in records if domain is None or r.target.startswith(target_name(domain, ""))]
+    if not targets:
         return [], None
     try:
-        return vanished_reasons(ledger, [_store(cfg, ns) for ns in _namespaces(cfg, argparse.Namespace())]), None
+        stores = [_store(cfg, ns) for ns in _namespaces(cfg, argparse.Namespace())]
+        return vanished_reasons(Ledger(cfg.state_dir), stores, targets), None
     except EkkoError as e:
         return [], str(e)
 
