@@ -324,7 +324,8 @@ class QMPSession:
         self.settled = False
         self.reaper: Optional[Reaper] = None
         self.exports = {name: Export(engine.socket, engine.names[name].export_name,
-                                     f"qemu:dirty-bitmap:{p.export_bitmap}" if p.export_bitmap else None)
+                                     f"qemu:dirty-bitmap:{p.export_bitmap}" if p.export_bitmap else None,
+                                     engine.names[name].fleece_file)
                         for name, p in plans.items()}
 
     def close_exports(self) -> None:
