@@ -68,3 +68,31 @@ def test_a_users_checkpoint_with_ekkos_prefix_is_never_deleted(libvirt_conn, tes
     assert [c.getName() for c in g.dom.listAllCheckpoints()] == ["ekko-foo"]
     assert "ekko-foo" in bitmaps_of(g.dom)
     assert restored(ekko, lvwork, second["vda"]["backup_id"], "vda") == g.snapshot()["vda"]
+
+
+def test_a_range_zeroed_during_a_domain_backup_is_not_taken_for_zeros(libvirt_conn, test_domains, images, lvwork):
+    """The chain fuzzer found QEMU's QMP fleecing view reporting ranges zeroed after the instant
+    as ZERO (tests/integration/test_silent_loss.py); libvirt's pull backup must not either."""
+    from harness.libvirtd import disk_alias, monitor
+    from tests.integration.test_backup_qmp import paused_at
+    rnd = random.Random(8)
+    g, _ = start_guest(test_domains, images, lvwork, "ekko-test-sl6")
+    ekko = make_ekko(lvwork)
+    ekko.cfg["segment_size"] = "64KiB"
+    ekko.write_config()
+    g.write("vda", 0, rnd.randbytes(4 * MiB))
+    backups_by_disk(ekko, "ekko-test-sl6")
+    g.write("vda", MiB + 4096, b"\x42" * 4096)
+    g.flush("vda")
+    at_instant = g.snapshot()
+    with paused_at(ekko, lvwork, "after-transaction", "backup", "ekko-test-sl6", "--json") as proc:
+        dev = f"/machine/peripheral/{disk_alias(g.dom, 'vda')}/virtio-backend"
+        monitor(g.dom, f'qemu-io -d {dev} "write -z {512 * KiB} {2 * MiB}"')
+        g.flush("vda")
+    assert proc.returncode == 0, proc.err
+    vda = next(b for b in json.loads(proc.out)["backups"] if b["target"].endswith(".vda"))
+    assert vda["kind"] == "incremental"
+    assert restored(ekko, lvwork, vda["backup_id"], "vda") == at_instant["vda"]
+    g.model["vda"][512 * KiB:512 * KiB + 2 * MiB] = bytes(2 * MiB)      # the zeroing did happen:
+    after = backups_by_disk(ekko, "ekko-test-sl6")["vda"]                 # it is in the next backup
+    assert restored(ekko, lvwork, after["backup_id"], "vda") == g.snapshot()["vda"] != at_instant["vda"]
