@@ -66,7 +66,7 @@ def _profiled(cmd: List[str], tool: str, name: str) -> List[str]:
 def run_full(workdir: str, base_image: str, overrides: Dict, encrypted: bool) -> Dict:
     """Only a full backup of W (the encryption on/off comparison): a fresh store each time."""
     if encrypted:
-        from ekko_libvirt import crypto
+        from ekko_libvirt.format import crypto
         keys = os.path.join(workdir, "keys")
         os.makedirs(keys, mode=0o700)
         crypto.create_key(os.path.join(keys, "default.key"))

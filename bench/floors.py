@@ -23,7 +23,8 @@ from typing import Dict
 
 import peers
 
-from ekko_libvirt import catalog, segment
+from ekko_libvirt.store import catalog
+from ekko_libvirt.format import segment
 from ekko_libvirt.directio import read_direct
 from ekko_libvirt.store.local import LocalStore
 

@@ -19,7 +19,8 @@ import procs
 from procs import Vm
 from workload import qemu_nbd
 
-from ekko_libvirt import catalog, manifest as mf
+from ekko_libvirt.store import catalog
+from ekko_libvirt.format import manifest as mf
 from ekko_libvirt.engine.base import Export
 from ekko_libvirt.nbd.reader import ExportReader
 from ekko_libvirt.store.local import LocalStore

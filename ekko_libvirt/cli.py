@@ -23,7 +23,8 @@ import sys
 import threading
 from typing import Any, Dict, List, Optional
 
-from . import catalog, config, units
+from .store import catalog
+from . import config, units
 from .errors import ConfigError, EkkoError, UsageError
 from .progress import Progress
 
@@ -165,7 +166,7 @@ def _days(text: str) -> float:
 
 
 def _lifecycle_parsers(sub, common) -> None:
-    from .prune import RULES
+    from .lifecycle.prune import RULES
     pr = sub.add_parser("prune", parents=[common],
                         help="delete the backups no retention rule keeps (their manifests; gc frees the space)")
     pr.add_argument("target", nargs="?", help="only this target (default: every target)")
@@ -440,7 +441,7 @@ def _marks(store, target: str, backup_id: str, protected: Optional[set] = None,
            verified: Optional[set] = None) -> Dict:
     """protected + verified of one backup, from its markers in the store. `protected`/`verified`:
     the marker names listed once for many backups ('<target>/<backup-id>'); None: look it up."""
-    from . import markers
+    from .store import markers
     rel = f"{target}/{backup_id}"
     prot = rel in protected if protected is not None else markers.is_protected(store, target, backup_id)
     state = markers.read_verify(store, target, backup_id) if verified is None or rel in verified else None
@@ -460,7 +461,7 @@ def _describe_verified(v: Optional[Dict]) -> str:
 def cmd_list(cfg, args) -> int:
     """Every backup, or those of TARGET: a target, or a libvirt domain (its disks' targets,
     catalog.named: the store tells, libvirtd is not asked)."""
-    from . import markers
+    from .store import markers
     rows = []
     for ns in _namespaces(cfg, args):
         store = _store(cfg, ns)
@@ -543,7 +544,7 @@ def _print_backup(m, marks) -> None:
 
 # -- restore ----------------------------------------------------------------------------------
 def cmd_restore(cfg, args) -> int:
-    from .restore import restore
+    from .restore.disk import restore
     if args.define or (args.to and os.path.isdir(args.to)):
         return _restore_domain(cfg, args)
     if not args.to:
@@ -573,7 +574,7 @@ def cmd_restore(cfg, args) -> int:
 
 def _restore_domain(cfg, args) -> int:
     """Every disk of a domain backup (or the --disk ones) into a directory; --define: a new domain."""
-    from . import domain_restore as dr
+    from .restore import domain as dr
     found = []
     for ns in _namespaces(cfg, args):
         store = _store(cfg, ns)
@@ -620,7 +621,7 @@ def _keys_named(store, name: Optional[str]) -> List[str]:
 
 def cmd_verify(cfg, args) -> int:
     from .backup.ledger import Ledger, vanished_reasons
-    from .verify import run as verify_run
+    from .lifecycle.verify import run as verify_run
     vanished = []
     if args.backup:
         store, key = _locate(cfg, args)
@@ -684,9 +685,9 @@ def cmd_verify(cfg, args) -> int:
 
 # -- prune / protect / gc ---------------------------------------------------------------------
 def cmd_prune(cfg, args) -> int:
-    from . import prune
+    from .lifecycle import prune
     from .agent.settings import AgentSettings
-    from .lifecycle import prune_store
+    from .lifecycle.retention import prune_store
     settings = AgentSettings.from_config(cfg)
     given = {r: getattr(args, f"keep_{r}") for r in prune.RULES if getattr(args, f"keep_{r}") is not None}
     if given:
@@ -741,7 +742,7 @@ def _locate_all(cfg, args):
 
 
 def cmd_protect(cfg, args) -> int:
-    from . import markers
+    from .store import markers
     done = []
     for store, key in _locate_all(cfg, args):
         target, bid = key[len(catalog.PREFIX):].rsplit("/", 1)
@@ -761,8 +762,8 @@ def cmd_protect(cfg, args) -> int:
 
 
 def cmd_gc(cfg, args) -> int:
-    from .gc import collect
-    from .prune import RetentionConfig
+    from .lifecycle.gc import collect
+    from .lifecycle.prune import RetentionConfig
     grace = args.grace_hours if args.grace_hours is not None else RetentionConfig.from_config(cfg).gc_grace_hours
     show = not args.json and sys.stderr.isatty()
     results = []
@@ -798,7 +799,7 @@ def cmd_gc(cfg, args) -> int:
 
 # -- key -------------------------------------------------------------------------------------
 def cmd_key(cfg, args) -> int:
-    from . import crypto
+    from .format import crypto
     project = args.project or crypto.DEFAULT_PROJECT
     if args.key_command == "create":
         if not (args.key_file or cfg.encryption.key_file):
@@ -828,7 +829,7 @@ def cmd_key(cfg, args) -> int:
 
 def _key_namespaces(cfg, project: Optional[str]):
     """(namespace, whether the store has it): every namespace, or the one of --project."""
-    from .crypto import DEFAULT_PROJECT
+    from .format.crypto import DEFAULT_PROJECT
     from .store.factory import namespaces
     known = namespaces(cfg)
     if project is None:
@@ -839,8 +840,8 @@ def _key_namespaces(cfg, project: Optional[str]):
 
 def _key_row(cfg, ns: Optional[str], exists: bool) -> Dict:
     """One project's configured key (fingerprint only) and the fingerprints its backups need."""
-    from . import crypto
-    from .codec import sealed_fingerprint
+    from .format import crypto
+    from .format.codec import sealed_fingerprint
     from .errors import ConfigError
     from .store.factory import open_raw_store
     project = ns or crypto.DEFAULT_PROJECT

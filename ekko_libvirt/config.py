@@ -173,7 +173,7 @@ def build(raw: Any, source: str = "") -> Config:
     if "libvirt" in raw:
         libvirt_uri(cfg)
     if "retention" in raw:
-        from .prune import RetentionConfig      # typed there; checked here so a bad key fails fast
+        from .lifecycle.prune import RetentionConfig      # typed there; checked here so a bad key fails fast
         RetentionConfig.from_mapping(raw["retention"])
     if any(k in raw for k in ("agent", "schedule", "domains")):
         from .agent.settings import AgentSettings   # typed there; checked here so a bad key fails fast

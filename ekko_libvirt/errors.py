@@ -58,7 +58,7 @@ class IncrementalImpossible(EngineError):
 
 
 class ScratchSpaceLow(EngineError):
-    """Too little room for copy-before-write on the scratch file system (scratch.py)."""
+    """Too little room for copy-before-write on the scratch file system (backup/scratch.py)."""
 
     def __init__(self, path: str, reason: str):
         self.path = path
@@ -71,7 +71,7 @@ class ReaderError(EkkoError):
 
 
 class ReadBackMismatch(EkkoError):
-    """The read-back check before a commit (pipeline._read_back) read a segment of the still-open
+    """The read-back check before a commit (backup.copy._read_back) read a segment of the still-open
     point-in-time view and got other bytes than the segment the manifest was going to name."""
 
     def __init__(self, target: str, index: int, offset: int, expected: str, found: str):

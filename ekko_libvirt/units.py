@@ -47,8 +47,8 @@ DEFAULT_WORKERS = 4
 DEFAULT_REQUEST_SIZE = 512 * KiB      # >= 1 MiB makes QEMU's NBD server page-fault on every read
 DEFAULT_IN_FLIGHT = 4
 DEFAULT_GRANULARITY = 64 * KiB
-DEFAULT_READ_BACK = 8             # segments re-read from the export before a commit (pipeline._read_back)
+DEFAULT_READ_BACK = 8             # segments re-read from the export before a commit (backup.copy._read_back)
 READ_BACK_ALL = -1
-DEFAULT_SCRATCH_RESERVE = 1 * GiB  # free room copy-before-write keeps (scratch.py)
+DEFAULT_SCRATCH_RESERVE = 1 * GiB  # free room copy-before-write keeps (backup/scratch.py)
 MIN_SEGMENT_SIZE = 64 * KiB
 MAX_SEGMENT_SIZE = 32 * MiB   # QEMU's NBD server refuses requests above 32 MiB

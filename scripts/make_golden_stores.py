@@ -77,7 +77,7 @@ def disk_states(seed: int = SEED):
 
 def golden_manifest():
     """A format-1 manifest with fixed fields: 5 segments (the last one partial), two equal."""
-    from ekko_libvirt import manifest as mf
+    from ekko_libvirt.format import manifest as mf
     seg = SEG
     table = mf.SegmentTable(5)
     digests = [bytes(range(i, i + 16)) for i in (1, 17, 33)]
@@ -152,7 +152,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "data", "golden"))
     args = ap.parse_args()
-    from ekko_libvirt import manifest as mf
+    from ekko_libvirt.format import manifest as mf
     os.makedirs(args.out, exist_ok=True)
     expected = {"format": FORMAT_VERSION, "made_by": "scripts/make_golden_stores.py", "stores": {}}
     work = tempfile.mkdtemp(prefix="ekgold", dir="/tmp")      # short: QMP socket paths

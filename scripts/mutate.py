@@ -28,13 +28,13 @@ MUTMUT = os.path.join(os.path.dirname(sys.executable), "mutmut")
 # module name -> (source file, unit test files that exercise it beyond importing it)
 MODULES = {
     "bitmaps": ("ekko_libvirt/engine/bitmaps.py", ["test_bitmaps.py", "test_crypto.py"]),
-    "segment": ("ekko_libvirt/segment.py", ["test_manifest_segment.py", "test_copier.py", "test_restore*.py",
+    "segment": ("ekko_libvirt/format/segment.py", ["test_manifest_segment.py", "test_copier.py", "test_restore*.py",
                                             "test_data_path.py", "test_gc.py", "test_crypto.py"]),
-    "manifest": ("ekko_libvirt/manifest.py", ["test_manifest_segment.py", "test_copier.py", "test_crypto.py",
+    "manifest": ("ekko_libvirt/format/manifest.py", ["test_manifest_segment.py", "test_copier.py", "test_crypto.py",
                                               "test_data_path.py", "test_gc.py", "test_prune.py"]),
-    "restore": ("ekko_libvirt/restore.py", ["test_restore*.py"]),
-    "gc": ("ekko_libvirt/gc.py", ["test_gc.py", "test_crypto.py"]),
-    "prune": ("ekko_libvirt/prune.py", ["test_prune.py", "test_agent_lifecycle.py"]),
+    "restore": ("ekko_libvirt/restore/disk.py", ["test_restore*.py"]),
+    "gc": ("ekko_libvirt/lifecycle/gc.py", ["test_gc.py", "test_crypto.py"]),
+    "prune": ("ekko_libvirt/lifecycle/prune.py", ["test_prune.py", "test_agent_lifecycle.py"]),
     "reader": ("ekko_libvirt/nbd/reader.py", ["test_data_path.py", "test_reader*.py"]),
     "extents": ("ekko_libvirt/nbd/extents.py", ["test_extents.py", "test_data_path.py", "test_copier.py",
                                                 "test_gc.py", "test_reader*.py"]),

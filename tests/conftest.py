@@ -139,8 +139,8 @@ def ekko_for(workdir, request):
 def manifest_of(store, contents, segment_size: int, virtual_size=None):
     """A full backup's manifest whose segment i holds contents[i] (None: a zero segment), its
     segments put in `store`: for restore tests that need no QEMU."""
-    from ekko_libvirt import manifest as mf
-    from ekko_libvirt import segment
+    from ekko_libvirt.format import manifest as mf
+    from ekko_libvirt.format import segment
     t = mf.SegmentTable(len(contents))
     for i, raw in enumerate(contents):
         if raw is None:

@@ -23,10 +23,11 @@ import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional
 
-from .. import catalog, units
+from ..store import catalog
+from .. import units
 from ..errors import EkkoError
-from ..lifecycle import prune_store
-from ..prune import UTC, Policy
+from ..lifecycle.retention import prune_store
+from ..lifecycle.prune import UTC, Policy
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _per_namespace(namespaces: Iterable[Optional[str]], cancel: Optional[threadi
 # -- gc ---------------------------------------------------------------------------------------------
 def run_gc(open_store: Callable, namespaces: Iterable[Optional[str]], grace_hours: float, workers: int = 4,
            cancel: Optional[threading.Event] = None) -> Dict:
-    from ..gc import collect
+    from ..lifecycle.gc import collect
     started = time.time_ns()
 
     def progress(phase, _done, _total):
@@ -113,7 +114,7 @@ def run_gc(open_store: Callable, namespaces: Iterable[Optional[str]], grace_hour
 def run_verify(open_store: Callable, namespaces: Iterable[Optional[str]], settings, workers: int = 4,
                cancel: Optional[threading.Event] = None) -> Dict:
     """`settings`: settings.VerifySettings (sample, deep, since_days)."""
-    from ..verify import run
+    from ..lifecycle.verify import run
     started = time.time_ns()
 
     def progress(_done, _total):

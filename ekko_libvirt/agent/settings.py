@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
 from ..errors import ConfigError
-from ..prune import Policy as RetentionPolicy
-from ..prune import RetentionConfig
+from ..lifecycle.prune import Policy as RetentionPolicy
+from ..lifecycle.prune import RetentionConfig
 from . import hookformat
 from .scheduler import Policy, PolicyOverride, override_from_mapping, parse_interval, policy_from_mapping
 from .spool import DEFAULT_HOOK_PATH, DEFAULT_SPOOL_DIR

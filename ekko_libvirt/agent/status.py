@@ -16,7 +16,7 @@ import os
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .. import catalog
+from ..store import catalog
 from ..units import human
 from ..engine import domain_xml as dx
 from ..errors import EkkoError

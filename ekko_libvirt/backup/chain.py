@@ -5,10 +5,10 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from .. import catalog
+from ..store import catalog
 from ..engine.bitmaps import ChainHead, generation_name, known_generations
 from ..errors import ReadBackMismatch
-from ..manifest import Manifest
+from ..format.manifest import Manifest
 from .ledger import Ledger, LedgerError, vanished, vanished_reason
 
 log = logging.getLogger(__name__)

@@ -18,15 +18,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
-from .. import catalog, heap, markers, segment, units
-from ..codec import codec_of
+from ..store import catalog, markers
+from .. import heap, units
+from ..format import segment
 from ..engine.bitmaps import GenerationPlan
 from ..errors import ReaderError, ReadBackMismatch, StoreError
 from ..faults import crash_point, pause_point
-from ..manifest import Manifest, SegmentTable, segment_count
+from ..format.manifest import Manifest, SegmentTable, segment_count
 from ..nbd.extents import SegmentPlan, whole_segment, with_extra_segments
 from ..nbd.reader import ExportReader
-from ..store.base import batch_of
 from . import scratch
 from .options import BackupOptions
 
@@ -201,8 +201,8 @@ class _SegmentCopier:
                  damaged: "set | frozenset" = frozenset(), track: bool = True):
         self.reader = reader
         self.store = store
-        self.batch = batch_of(store)    # segment puts: durable together at each flush
-        self.codec = codec_of(store)    # names segments: xxh3-128, or keyed in an encrypted store
+        self.batch = store.batch()    # segment puts: durable together at each flush
+        self.codec = store.codec    # names segments: xxh3-128, or keyed in an encrypted store
         self.known = known
         self.opts = opts
         self.damaged = damaged      # digests marked damaged: stored again, never reused

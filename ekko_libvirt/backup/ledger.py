@@ -107,7 +107,7 @@ class Ledger:
 def vanished_reasons(ledger: "Ledger", stores, targets: Optional[Iterable[str]] = None) -> List[str]:
     """For every target this host committed (or just those of `targets`): the reason, if the
     given stores (every namespace of the configured store) lost its backups."""
-    from .. import catalog
+    from ..store import catalog
     wanted = None if targets is None else set(targets)
     out = []
     for r in ledger.records():

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 from .. import units
-from ..manifest import Manifest
+from ..format.manifest import Manifest
 
 
 @dataclass(frozen=True)

@@ -29,13 +29,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .. import catalog
-from ..codec import PLAIN, chain_key_reason, codec_of
+from ..store import catalog
+from ..format.codec import PLAIN, chain_key_reason
 from ..engine.base import ChainRefused, DiskInfo, Engine
 from ..engine.bitmaps import INCREMENTAL, GenerationPlan, plan_generation
 from ..errors import IncrementalImpossible, LockBusy
 from ..faults import crash_point, pause_point
-from ..manifest import Manifest
+from ..format.manifest import Manifest
 from . import scratch
 from .chain import ChainView, look_at_chain, record_commit, record_failure
 from .copy import Stats, copy_segments
@@ -91,7 +91,7 @@ def run_transaction(engine: Engine, store, disks: Sequence[DiskJob], opts: Backu
 
 
 def _transaction(engine, store, disks, opts: BackupOptions, progress, broken: Optional[str]) -> List[BackupResult]:
-    codec = codec_of(store)     # an encrypted store reads its key file here, before anything changes
+    codec = store.codec     # an encrypted store reads its key file here, before anything changes
     ledger = Ledger(opts.state_dir) if opts.state_dir else None
     chains = {d.target: look_at_chain(store, d.target, opts.bitmap_prefix, ledger) for d in disks}
     # a chain sealed with a key we do not hold stops the backup here (KeyMismatch), before the engine changes anything
@@ -167,7 +167,7 @@ def _abort(session, target: str) -> None:
 
 def build_manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: Stats, started: float,
                    codec=PLAIN) -> Manifest:
-    """`codec`: the store's (codec_of(store)), which named the table's segments."""
+    """`codec`: the store's (store.codec), which named the table's segments."""
     finished = time.time()
     counts = stats.as_dict()
     counts.update(segments=table.count, data_segments=table.data_count())

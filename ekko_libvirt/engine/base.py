@@ -55,10 +55,6 @@ class Export:
     # "qemu:dirty-bitmap:NAME" for an incremental; None for a full. The reader must refuse an
     # export where this context was not negotiated: a missing context reads as "nothing dirty".
     dirty_context: Optional[str]
-    # The raw file copy-before-write saves the view's old data into (QMP engine): where it holds
-    # data, the guest wrote after the instant, and the view's ZERO answers are not trusted
-    # (nbd.extents.distrust_zero).
-    fleece_file: Optional[str] = None
 
 
 @dataclass(frozen=True)

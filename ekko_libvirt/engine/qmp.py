@@ -1,9 +1,15 @@
 """QMP engine: disks of a plain QEMU or of a qemu-storage-daemon, reached over its QMP socket.
 
-Point-in-time view (QEMU >= 7.1): for each disk, copy-before-write through a sync=none backup
-job into a sparse fleece file, read back through a snapshot-access node, exported over NBD with
-the previous generation's bitmap. The generation switches and the starts of the views of ALL
-disks are one transaction, so no write can fall between them, on any disk.
+Point-in-time view: for each disk, a scratch qcow2 whose backing is the live disk node, filled by
+copy-before-write (a sync=none backup job targeting it) before any guest write lands, and
+exported over NBD with the previous generation's bitmap: what libvirt's pull backup does. The
+generation switches and the starts of the views of ALL disks are one transaction, so no write
+can fall between them, on any disk.
+
+Not snapshot-access over copy-before-write (QEMU 7.2's other fleecing): a range the guest zeroes
+with write-zeroes after the instant reads as zeros through it, and its block status says ZERO,
+while the fleece file holds the old data (found by the chain fuzzer, tests/fuzz; reproduced by
+tests/integration/test_silent_loss.py). The scratch qcow2 answers from the clusters it holds.
 
 Every resource has a deterministic name derived from the QMP socket and the node, and what we
 create is journaled on disk (one journal per disk) before it is created: a killed ekko leaves the
@@ -14,6 +20,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import subprocess
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -57,7 +64,8 @@ class Names:
     def for_target(cls, t: QMPTarget) -> "Names":
         tag = xxhash.xxh64_hexdigest(f"{t.socket}|{t.node}")[:10]
         return cls(f"ekfl{tag}", f"ekcbw{tag}", f"eksnap{tag}", f"ekjob{tag}", f"ekexp{tag}", f"ekko-{tag}",
-                   os.path.join(t.scratch_dir, f"{tag}.fleece"), os.path.join(t.run_dir, f"{tag}.journal.json"))
+                   os.path.join(t.scratch_dir, f"{tag}.fleece.qcow2"),
+                   os.path.join(t.run_dir, f"{tag}.journal.json"))
 
 
 def server_socket(t: QMPTarget) -> str:
@@ -137,7 +145,7 @@ class QMPEngine:
     def recover(self, chains: Mapping) -> Recovered:
         """Tear down what a killed run left (by journal and by our deterministic names), then
         settle each disk's bitmaps (bitmaps.plan_recovery) in one transaction. `chains`: the
-        pipeline's ChainView of each target (its committed generation and known names)."""
+        transaction's ChainView of each target (its committed generation and known names)."""
         notes: List[str] = []
         journals = {name: self._read_journal(name) for name in self.targets}
         if any(j is not None for j in journals.values()) or self._leftovers():
@@ -170,6 +178,7 @@ class QMPEngine:
         node_names = {n.get("node-name") for n in self.qmp.execute("query-named-block-nodes", {"flat": True})}
         jobs = {j.get("device") for j in self.qmp.execute("query-block-jobs")}
         exports = {e.get("id") for e in self.qmp.execute("query-block-exports")}
+        # snap_node: the snapshot-access node of releases before the scratch qcow2, should one be left
         return any({n.fleece_node, n.snap_node, n.cbw_node} & node_names or n.job in jobs
                    or n.export_id in exports or os.path.exists(n.fleece_file) for n in self.names.values())
 
@@ -213,9 +222,6 @@ class QMPEngine:
             self.qmp.drain_events()
             self.qmp.execute("transaction", {"actions": actions})
             session.switched = True
-            for name in self.targets:
-                self.qmp.execute("blockdev-add", {"driver": "snapshot-access", "node-name": self.names[name].snap_node,
-                                                  "file": self.names[name].cbw_node})
             started = self._start_nbd_server()
             for name in self.targets:
                 journal[name]["started_server"] = started
@@ -229,14 +235,18 @@ class QMPEngine:
         return session
 
     def _create_fleece(self, name: str, size: int) -> None:
-        # Sparse: it only grows by the clusters the guest overwrites while the backup runs.
+        """The scratch qcow2 over the live node: it only grows by the clusters the guest
+        overwrites while the backup runs; the rest reads through to the disk."""
         n = self.names[name]
-        fd = os.open(n.fleece_file, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
-        self.qmp.execute("blockdev-add", {"driver": "file", "node-name": n.fleece_node, "filename": n.fleece_file})
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(n.fleece_file)
+        p = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", n.fleece_file, str(size)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            raise EngineError(f"{name}: cannot create the scratch image {n.fleece_file}: {p.stderr.strip()}")
+        os.chmod(n.fleece_file, 0o600)
+        self.qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": n.fleece_node, "backing": self.targets[name].node,
+                                          "file": {"driver": "file", "filename": n.fleece_file}})
 
     def _start_nbd_server(self) -> bool:
         with contextlib.suppress(FileNotFoundError):
@@ -251,7 +261,7 @@ class QMPEngine:
 
     def export_args(self, name: str, plan: GenerationPlan) -> dict:
         n, t = self.names[name], self.targets[name]
-        args = {"type": "nbd", "id": n.export_id, "node-name": n.snap_node, "name": n.export_name, "writable": False}
+        args = {"type": "nbd", "id": n.export_id, "node-name": n.fleece_node, "name": n.export_name, "writable": False}
         if plan.export_bitmap:
             args["bitmaps"] = [{"node": t.node, "name": plan.export_bitmap}]
         return args
@@ -324,8 +334,7 @@ class QMPSession:
         self.settled = False
         self.reaper: Optional[Reaper] = None
         self.exports = {name: Export(engine.socket, engine.names[name].export_name,
-                                     f"qemu:dirty-bitmap:{p.export_bitmap}" if p.export_bitmap else None,
-                                     engine.names[name].fleece_file)
+                                     f"qemu:dirty-bitmap:{p.export_bitmap}" if p.export_bitmap else None)
                         for name, p in plans.items()}
 
     def close_exports(self) -> None:

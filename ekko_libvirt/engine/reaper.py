@@ -4,7 +4,7 @@ While a backup of a QMP target runs, QEMU holds an NBD export, a snapshot node a
 whose copy-before-write filter saves every block the guest overwrites into the fleece file. The
 run undoes them on any failure it lives through, SIGTERM included. SIGKILL (the OOM killer, a
 `kill -9`) it does not live through, and the next run's recovery may be a day away: meanwhile
-the fleece file grows with every guest overwrite, unwatched (scratch.py), until its file system
+the fleece file grows with every guest overwrite, unwatched (backup/scratch.py), until its file system
 is full and QEMU fails the guest's writes.
 
 So a backup starts a reaper: a small process in its own session, reading a pipe from the

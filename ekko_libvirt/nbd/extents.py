@@ -104,45 +104,6 @@ def plan_segments(start_index: int, end_index: int, seg: int, disk_size: int,
     return plans
 
 
-def distrust_zero(alloc: Sequence[Extent], written: Sequence[Range]) -> List[Extent]:
-    """`alloc` with ZERO cleared wherever it overlaps a range of `written` (sorted, disjoint):
-    those ranges are read instead of skipped.
-
-    Why: QEMU 7.2's fleecing view (snapshot-access over copy-before-write) can answer a large
-    block-status request with the CURRENT state of ranges the guest zeroed after the view's
-    instant: ZERO, where the view holds the old data (found by tests/fuzz: write -z during a
-    backup; reads of the view are right, only block status is wrong). Whatever the guest
-    changed after the instant, copy-before-write first saved into the fleece file: the ranges
-    written there are exactly where a ZERO may be a lie.
-
-        alloc    |--data--|---------ZERO---------|--data--|
-        written              |--|      |-----|
-        out      |--data--|-Z-|  |-Z----|     |Z|--data--|
-    """
-    out: List[Extent] = []
-    k = 0
-    for start, end, flags in alloc:
-        if not flags & STATE_ZERO:
-            out.append((start, end, flags))
-            continue
-        while k < len(written) and written[k][0] + written[k][1] <= start:
-            k += 1
-        pos, j = start, k
-        while j < len(written) and written[j][0] < end:
-            w_start, w_end = max(written[j][0], pos), min(written[j][0] + written[j][1], end)
-            if w_start > pos:
-                out.append((pos, w_start, flags))
-            if w_end > w_start:
-                out.append((w_start, w_end, flags & ~STATE_ZERO))
-            pos = max(pos, w_end)
-            if written[j][0] + written[j][1] > end:
-                break
-            j += 1
-        if pos < end:
-            out.append((pos, end, flags))
-    return out
-
-
 def whole_segment(index: int, seg: int, disk_size: int) -> SegmentPlan:
     """A plan that reads all of segment `index`, whatever the allocation says."""
     s, e = index * seg, min((index + 1) * seg, disk_size)

@@ -8,51 +8,22 @@ one segment synchronously, for the odd re-read.
 """
 
 import collections
-import errno
 import logging
-import os
 import queue
 import threading
-from typing import Callable, Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import nbd
 
 from ..engine.base import Export
 from ..errors import ReaderError
-from .extents import CoverageTracker, SegmentPlan, distrust_zero, flat_to_extents, plan_segments, split_reads
+from .extents import CoverageTracker, SegmentPlan, flat_to_extents, plan_segments, split_reads
 
 log = logging.getLogger(__name__)
 
 ALLOCATION = "base:allocation"
 # block_status count is 32 bits on the wire.
 MAX_STATUS_REQUEST = (1 << 32) - (1 << 20)
-
-
-def fleece_written(path: str, start: int, end: int) -> List[Tuple[int, int]]:
-    """The (offset, length) ranges of [start, end) where the fleece file holds data. A fleece
-    file that cannot be looked at counts as written everywhere: every ZERO is read instead."""
-    out: List[Tuple[int, int]] = []
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return [(start, end - start)]
-    try:
-        pos = start
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:       # no data from pos to the end of the file
-                    break
-                return [(start, end - start)]
-            if data >= end:
-                break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-            out.append((data, hole - data))
-            pos = hole
-    finally:
-        os.close(fd)
-    return out
 
 
 def close_handle(h) -> None:
@@ -109,11 +80,6 @@ class ExportReader:
             start, end = tracker.ready()
             if end > start:
                 alloc = tracker.extents.get(ALLOCATION) if self.has_allocation else None
-                if alloc is not None and self.export.fleece_file:
-                    # after the block-status replies came: whatever the guest changed before
-                    # them is in the fleece file by now (copy-before-write saves first)
-                    alloc = distrust_zero(alloc, fleece_written(self.export.fleece_file, start * seg,
-                                                                min(end * seg, self.size)))
                 dirty = tracker.extents.get(self.export.dirty_context) if self.export.dirty_context else None
                 yield from plan_segments(start, end, seg, self.size, alloc, dirty)
                 tracker.take(end)

@@ -13,24 +13,30 @@ Contract every backend must keep (tests/unit/test_store_contract.py runs it agai
 - list(prefix) -> iterator of keys starting with prefix, in no promised order, complete even
   for millions of keys (backends page internally).
 - delete(key): idempotent; deleting a missing key is not an error.
-- stat(key) -> ObjectInfo: size and last-modified time (Unix seconds, the backend's clock: file
-  mtime locally, X-Timestamp / Last-Modified on Swift); ObjectNotFound if absent. No data
-  transfer. GC compares it with its grace period, so a put must set it to the time of the put.
-Optional, for backends that can leave temporary objects behind (local: '.tmp-' files of an
-interrupted put): clean_temp(older_than: float) -> int removes those last modified before
-`older_than` (Unix seconds) and returns how many. GC calls it when the backend has it.
-Optional, for backends where durability costs per object (local: an fsync of the file and of
-its directory): batch() -> a Batch whose put() is atomic but not yet visible nor durable, and
-whose flush() makes every object put so far durable and then visible, together. A backup puts
-its segments through a batch and flushes it before its manifest (the commit point) is written.
-`batch_of(store)` gives every store one (for the others each put is durable on return).
-Retry policy and concurrency limits belong in wrappers or in the backend's transport, not in
-callers.
+- stat(key) -> ObjectInfo: size in the store (a sealing store adds its envelope) and last-modified
+  time (Unix seconds, the backend's clock: file mtime locally, X-Timestamp / Last-Modified on
+  Swift); ObjectNotFound if absent. No data transfer. GC compares it with its grace period, so a put must set it to the time of the put.
+- clean_temp(older_than) -> int: removes temporary objects an interrupted put left behind, last
+  modified before `older_than` (Unix seconds); how many. GC calls it. Default: none to remove.
+- batch() -> Batch: put() atomic but not yet visible nor durable; flush() makes every object put
+  so far durable and then visible, together; abort() drops what was not flushed. A backup puts
+  its segments through a batch and flushes it before its manifest (the commit point) is written.
+  Default: each put is durable on return (ImmediateBatch); the local store batches the fsyncs.
+- codec: how objects are named and sealed (format/codec.py). PLAIN; SealedStore seals.
+- close(): release connections. Default: nothing to release.
+Every method is declared here: a wrapper (SealedStore) implements each one explicitly, so a
+method added later cannot slip through a wrapper unsealed. Retry policy and concurrency limits
+belong in wrappers or in the backend's transport, not in callers. One contract test suite
+(tests/unit/test_store_contract.py; Swift: tests/integration/test_store_contract_swift.py) runs
+against every store.
 """
 
+import abc
 import re
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Iterator
+
+from ..format.codec import PLAIN
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -50,39 +56,59 @@ class ObjectInfo:
     mtime: float         # Unix seconds, when the object was last put
 
 
-class Store(Protocol):
-    def put(self, key: str, data: bytes) -> None: ...
+class Batch(abc.ABC):
+    @abc.abstractmethod
+    def put(self, key: str, data) -> None: ...
 
-    def get(self, key: str) -> bytes: ...
-
-    def exists(self, key: str) -> bool: ...
-
-    def list(self, prefix: str = "") -> Iterator[str]: ...
-
-    def delete(self, key: str) -> None: ...
-
-    def stat(self, key: str) -> ObjectInfo: ...
-
-    def describe(self) -> str:
-        """Where this store is, for messages. Never includes credentials."""
-        ...
-
-
-class Batch(Protocol):
-    def put(self, key: str, data: bytes) -> None: ...
-
+    @abc.abstractmethod
     def flush(self) -> None: ...
 
+    @abc.abstractmethod
     def abort(self) -> None: ...
 
 
-class ImmediateBatch:
+class Store(abc.ABC):
+    codec = PLAIN
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def get(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]: ...
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def stat(self, key: str) -> ObjectInfo: ...
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Where this store is, for messages. Never includes credentials."""
+
+    def batch(self) -> Batch:
+        return ImmediateBatch(self)
+
+    def clean_temp(self, older_than: float) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+class ImmediateBatch(Batch):
     """The batch of a store whose put is durable when it returns (Swift, memory)."""
 
-    def __init__(self, store):
+    def __init__(self, store: Store):
         self.store = store
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data) -> None:
         self.store.put(key, data)
 
     def flush(self) -> None:
@@ -90,8 +116,3 @@ class ImmediateBatch:
 
     def abort(self) -> None:
         pass
-
-
-def batch_of(store) -> Batch:
-    make = getattr(store, "batch", None)
-    return make() if make is not None else ImmediateBatch(store)

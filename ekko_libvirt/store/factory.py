@@ -16,7 +16,8 @@ def open_store(cfg: Config, namespace: Optional[str] = None):
     inner = open_raw_store(cfg, namespace)
     if not cfg.encryption.enabled:
         return inner
-    from ..crypto import DEFAULT_PROJECT, SealedStore, key_loader
+    from ..format.crypto import DEFAULT_PROJECT, key_loader
+    from .sealed import SealedStore
     return SealedStore(inner, key_loader(cfg.encryption.key_file, namespace or DEFAULT_PROJECT, inner))
 
 

@@ -23,7 +23,7 @@ from typing import Iterator
 
 from ..directio import CHUNK, fsync_path, read_direct, write_new_file
 from ..errors import ObjectNotFound, StoreError
-from .base import ObjectInfo, check_key
+from .base import Batch, ObjectInfo, Store, check_key
 
 TMP_MARK = ".tmp-"
 DIRECT_MIN = 64 << 10
@@ -47,7 +47,7 @@ def _read_buffered(path: str) -> bytes:
         return f.read()
 
 
-class LocalStore:
+class LocalStore(Store):
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
         self.direct = hasattr(os, "O_DIRECT")      # until the file system refuses it
@@ -193,7 +193,7 @@ class LocalStore:
         return f"local store {self.root}"
 
 
-class LocalBatch:
+class LocalBatch(Batch):
     """Puts whose durability is settled together, for a backup's segments: one fsync of the
     file and one of its directory per object cost the benchmark's full backup 1 of its 6 CPU
     seconds (2,000 objects; each fsync is a device cache flush).

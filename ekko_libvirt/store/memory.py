@@ -5,10 +5,10 @@ import time
 from typing import Callable, Dict, Iterator
 
 from ..errors import ObjectNotFound
-from .base import ObjectInfo, check_key
+from .base import ObjectInfo, Store, check_key
 
 
-class MemoryStore:
+class MemoryStore(Store):
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._objects: Dict[str, bytes] = {}
         self._mtimes: Dict[str, float] = {}

@@ -41,7 +41,7 @@ from swiftclient.client import Connection
 from swiftclient.exceptions import ClientException
 
 from ..errors import ConfigError, ObjectNotFound, StoreError
-from .base import ObjectInfo, check_key
+from .base import ObjectInfo, Store, check_key
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ class _Connection(Connection):
         return super()._retry(reset_func, attempt, *args, **kwargs)
 
 
-class SwiftStore:
+class SwiftStore(Store):
     def __init__(self, config: SwiftConfig):
         self.config = config
         self.container = config.container

@@ -35,7 +35,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
 from conftest import ROOT, read_raw, release_pauses
-from ekko_libvirt import catalog, config, segment
+from ekko_libvirt.store import catalog
+from ekko_libvirt import config
+from ekko_libvirt.format import segment
 from ekko_libvirt.store.factory import open_raw_store
 
 from . import diff, plan

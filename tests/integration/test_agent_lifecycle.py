@@ -8,7 +8,7 @@ import re
 import time
 
 from conftest import read_raw
-from ekko_libvirt.prune import backup_time
+from ekko_libvirt.lifecycle.prune import backup_time
 from libvirt_fixtures import ekko_hook, images, libvirt_conn, libvirtd, test_domains  # noqa: F401
 from tests.integration.test_agent_libvirt import (agent_ekko, agents, backups_of, lvwork, status_of,  # noqa: F401
                                                   wait_for)

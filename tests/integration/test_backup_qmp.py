@@ -10,7 +10,8 @@ import time
 import pytest
 
 from conftest import ROOT, read_raw, release_pauses, remount, small_fs
-from ekko_libvirt import catalog, segment
+from ekko_libvirt.store import catalog
+from ekko_libvirt.format import segment
 from ekko_libvirt.engine.qmp import QMPEngine, QMPTarget
 from ekko_libvirt.backup.options import BackupOptions
 from ekko_libvirt.backup.transaction import DiskJob, run_transaction

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from conftest import Ekko, make_config, read_raw
-from ekko_libvirt import catalog
+from ekko_libvirt.store import catalog
 from ekko_libvirt.engine.qmp import QMPEngine, QMPTarget
 from ekko_libvirt.errors import ReaderError
 from ekko_libvirt.backup.options import BackupOptions

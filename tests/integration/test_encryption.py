@@ -8,7 +8,8 @@ import random
 import stat
 
 from conftest import Ekko, make_config, read_raw
-from ekko_libvirt import catalog, segment
+from ekko_libvirt.store import catalog
+from ekko_libvirt.format import segment
 from ekko_libvirt.store.local import LocalStore
 
 KiB, MiB = 1024, 1024 * 1024

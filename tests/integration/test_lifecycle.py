@@ -10,7 +10,9 @@ import threading
 import pytest
 
 from conftest import ROOT
-from ekko_libvirt import catalog, markers, segment, verify
+from ekko_libvirt.store import catalog, markers
+from ekko_libvirt.format import segment
+from ekko_libvirt.lifecycle import verify
 from ekko_libvirt.store.local import LocalStore
 from tests.integration.test_backup_qmp import restore_equals
 

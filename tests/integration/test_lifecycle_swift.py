@@ -5,7 +5,9 @@ import time
 
 import pytest
 
-from ekko_libvirt import catalog, gc, markers, segment, verify
+from ekko_libvirt.store import catalog, markers
+from ekko_libvirt.lifecycle import gc, verify
+from ekko_libvirt.format import segment
 from ekko_libvirt.errors import ObjectNotFound
 from tests.unit.test_gc import blocks, key_of, put_backup
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from conftest import Ekko, make_config, manifest_of, read_raw, remount, small_fs
-from ekko_libvirt import catalog
+from ekko_libvirt.store import catalog
 
 KiB, MiB = 1024, 1 << 20
 SEG = 256 * KiB

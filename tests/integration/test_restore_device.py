@@ -12,10 +12,11 @@ import pytest
 
 from conftest import manifest_of
 from harness import in_ci
-from ekko_libvirt import blockdev, catalog
-from ekko_libvirt import segment
+from ekko_libvirt.restore import blockdev
+from ekko_libvirt.store import catalog
+from ekko_libvirt.format import segment
 from ekko_libvirt.errors import IntegrityError, UsageError
-from ekko_libvirt.restore import DEVICE_MIN_UNMAP, data_runs, device_plan, restore
+from ekko_libvirt.restore.disk import DEVICE_MIN_UNMAP, data_runs, device_plan, restore
 from ekko_libvirt.store.memory import MemoryStore
 
 KiB, MiB = 1024, 1024 * 1024

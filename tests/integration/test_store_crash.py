@@ -414,7 +414,7 @@ def test_a_segment_reused_from_a_concurrent_backup_is_durable_before_the_manifes
     backup renames a segment into place, the other finds it with exists() and commits a
     manifest naming it before the first backup's batch has synced the rename. A power cut then
     must not leave that manifest naming a segment that is not there."""
-    from ekko_libvirt import segment
+    from ekko_libvirt.format import segment
     disk = qdisk(256 * KiB)
     s = Scenario(power, disk, workdir, seed=7, encrypted=False)     # it writes a plain segment
     data = os.urandom(64 * KiB)

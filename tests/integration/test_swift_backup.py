@@ -7,7 +7,8 @@ import sys
 import time
 
 from conftest import ROOT, Ekko, make_config, read_raw, swift_section
-from ekko_libvirt import catalog, segment
+from ekko_libvirt.store import catalog
+from ekko_libvirt.format import segment
 
 KiB, MiB = 1024, 1024 * 1024
 

@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from conftest import Ekko, make_config, manifest_of, swift_section  # noqa: E402
-from ekko_libvirt import catalog  # noqa: E402
+from ekko_libvirt.store import catalog  # noqa: E402
 from ekko_libvirt.errors import StoreError  # noqa: E402
 from ekko_libvirt.store.swift import SwiftConfig, SwiftStore  # noqa: E402
 from tests.swift_fixtures import make_swift_store, swift_server  # noqa: E402,F401

@@ -14,11 +14,10 @@ from ekko_libvirt.agent.events import Action, lifecycle_reactions
 from ekko_libvirt.agent.jobs import JobCancelled, JobProgress, request_for_chain
 from ekko_libvirt.agent.scheduler import INHERIT, Policy, TimeWindow, Why, decide, retry_delay_s
 from ekko_libvirt.agent.settings import AgentSettings
-from ekko_libvirt.agent.state import (ChainStatus, DomainState, JobRecord, JobStatus, StateDir, apply_lifecycle,
-                                      record_backup, require_full, seed_chain)
+from ekko_libvirt.agent.state import (ChainStatus, DomainState, JobRecord, JobStatus, StateDir, apply_lifecycle, record_backup, require_full, seed_chain)
 from ekko_libvirt.agent.status import describe, domain_status, newest_head, row
 from ekko_libvirt.backup.domain import DomainBackupRequest
-from ekko_libvirt.domain_restore import disk_of, select
+from ekko_libvirt.restore.domain import disk_of, select
 from ekko_libvirt.engine import domain_xml as dx
 from ekko_libvirt.errors import ConfigError, UsageError
 

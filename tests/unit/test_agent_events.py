@@ -1,7 +1,6 @@
 import pytest
 
-from ekko_libvirt.agent.events import (Action, DomainContext, EventKind, HookEvent, MalformedEvent, classify,
-                                       decide, parse_event)
+from ekko_libvirt.agent.events import (Action, DomainContext, EventKind, HookEvent, MalformedEvent, classify, decide, parse_event)
 
 UUID = "6f1c2e4a-1b2c-4d5e-8f90-123456789abc"
 

@@ -12,13 +12,16 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from ekko_libvirt import catalog, cli, config, manifest as mf, markers, segment, verify
+from ekko_libvirt.store import catalog, markers
+from ekko_libvirt import cli, config
+from ekko_libvirt.format import manifest as mf, segment
+from ekko_libvirt.lifecycle import verify
 from ekko_libvirt.agent import maintenance
 from ekko_libvirt.agent.scheduler import TASK_RETRY_S, TaskRun, task_due, tasks_plan
 from ekko_libvirt.agent.settings import AgentSettings, VerifySettings
 from ekko_libvirt.agent.status import describe, describe_lifecycle, last_task_runs, lifecycle_info, row
 from ekko_libvirt.errors import ConfigError
-from ekko_libvirt.prune import Policy
+from ekko_libvirt.lifecycle.prune import Policy
 from ekko_libvirt.store.local import LocalStore
 
 UTC = timezone.utc

@@ -3,8 +3,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from ekko_libvirt.agent.scheduler import (INHERIT, DomainStatus, Policy, PolicyOverride, TimeWindow, Why, decide,
-                                          override_from_mapping, parse_interval, plan, policy_from_mapping)
+from ekko_libvirt.agent.scheduler import (INHERIT, DomainStatus, Policy, PolicyOverride, TimeWindow, Why, decide, override_from_mapping, parse_interval, plan, policy_from_mapping)
 from ekko_libvirt.errors import ConfigError
 
 TZ = timezone(timedelta(hours=2))

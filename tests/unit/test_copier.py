@@ -6,9 +6,10 @@ import threading
 
 import pytest
 
-from ekko_libvirt import segment
+from ekko_libvirt.format import segment
+from ekko_libvirt.engine.base import Export
 from ekko_libvirt.errors import StoreError
-from ekko_libvirt.manifest import SegmentTable
+from ekko_libvirt.format.manifest import SegmentTable
 from ekko_libvirt.nbd.extents import SegmentPlan
 from ekko_libvirt.backup.copy import _SegmentCopier
 from ekko_libvirt.backup.options import BackupOptions
@@ -21,6 +22,7 @@ class Buf:
     def __init__(self, data):
         self.data = data
         self.released = False
+        self.fleece = None          # no fleece file: nothing to compare
 
     def release(self):
         self.released = True
@@ -48,6 +50,7 @@ class FakeStream:
 class FakeReader:
     def __init__(self, items):
         self.s = FakeStream(items)
+        self.export = Export("/nonexistent", "fake", None)
 
     def stream(self, plans, buffers):
         return self.s

@@ -11,13 +11,15 @@ import stat
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from ekko_libvirt import catalog, config, crypto, segment
-from ekko_libvirt import manifest as mf
-from ekko_libvirt.codec import PLAIN, chain_key_reason, codec_of, refuse_sealed, sealed_fingerprint
+from ekko_libvirt.store.sealed import SealedStore
+from ekko_libvirt.store import catalog
+from ekko_libvirt import config
+from ekko_libvirt.format import crypto, segment
+from ekko_libvirt.format import manifest as mf
+from ekko_libvirt.format.codec import PLAIN, chain_key_reason, refuse_sealed, sealed_fingerprint
 from ekko_libvirt.engine.base import BitmapInfo, DiskInfo
 from ekko_libvirt.engine.bitmaps import ChainHead, plan_generation
-from ekko_libvirt.errors import (ConfigError, EkkoError, IncrementalImpossible, IntegrityError, KeyMismatch,
-                                 ManifestError, UsageError)
+from ekko_libvirt.errors import (ConfigError, EkkoError, IncrementalImpossible, IntegrityError, KeyMismatch, ManifestError, UsageError)
 from ekko_libvirt.store.memory import MemoryStore
 
 KEY_A = bytes(range(32))
@@ -26,7 +28,7 @@ SEG = 1 << 20
 
 
 def sealed(key=KEY_A):
-    return crypto.SealedStore(MemoryStore(), lambda: crypto.SealedCodec(key, "/k/test.key"))
+    return SealedStore(MemoryStore(), lambda: crypto.SealedCodec(key, "/k/test.key"))
 
 
 # -- the spec, from its text ---------------------------------------------------------------------
@@ -43,8 +45,8 @@ def hkdf_sha256(ikm: bytes, info: bytes, length: int) -> bytes:
 def test_spec_decrypts_with_stdlib_hkdf():
     store = sealed()
     raw = os.urandom(5000) + b"known text" * 100
-    name = codec_of(store).name(raw)
-    enc = segment.encode(raw, codec=codec_of(store))
+    name = store.codec.name(raw)
+    enc = segment.encode(raw, codec=store.codec)
     store.put(enc.key, enc.blob)
     blob = store.inner.get(enc.key)
 
@@ -57,8 +59,8 @@ def test_spec_decrypts_with_stdlib_hkdf():
     plain = AESGCM(data_key).decrypt(blob[20:32], blob[32:], blob[:32] + enc.key.encode())
     assert plain == enc.blob                                  # the plain segment object format
     assert plain[12:28] == segment.digest(raw)                # its header holds the xxh3-128
-    assert segment.decode(plain, name, codec=codec_of(store)) == raw
-    assert crypto.fingerprint(KEY_A) == fp.hex() == codec_of(store).fingerprint
+    assert segment.decode(plain, name, codec=store.codec) == raw
+    assert crypto.fingerprint(KEY_A) == fp.hex() == store.codec.fingerprint
 
 
 # -- the envelope ---------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def test_other_key_and_plain_objects_are_key_mismatches_naming_fingerprints():
 
 def test_keys_never_show():
     c = crypto.SealedCodec(KEY_A, "/k/a.key")
-    text = repr(c) + str(c.describe()) + repr(codec_of(sealed()))
+    text = repr(c) + str(c.describe()) + repr(sealed().codec)
     for secret in [KEY_A] + list(crypto.derive(KEY_A)[:2]):
         assert secret.hex() not in text and repr(secret) not in text
     assert c.fingerprint in repr(c)
@@ -142,7 +144,7 @@ def test_plain_codec_keeps_todays_bytes():
 
 # -- the sealed store with catalog, segments and manifests -----------------------------------------
 def manifest_for(store, raws):
-    codec = codec_of(store)
+    codec = store.codec
     t = mf.SegmentTable(len(raws))
     for i, raw in enumerate(raws):
         enc = segment.encode(raw, codec=codec)
@@ -162,7 +164,7 @@ def test_sealed_store_roundtrip_through_catalog():
                                "naming": "hmac-sha256-128"}
     assert back.hash == "hmac-sha256-128"
     for i, d in back.table.data_entries():
-        assert segment.decode(store.get(segment.segment_key(d)), d, codec=codec_of(store)) == raws[i]
+        assert segment.decode(store.get(segment.segment_key(d)), d, codec=store.codec) == raws[i]
     (e,) = catalog.entries(store)
     assert e.header["backup_id"] == m.backup_id and not e.locked and e.key_fingerprint == crypto.fingerprint(KEY_A)
     # nothing of the content, the target's disk path or the header is in the store's bytes
@@ -202,7 +204,7 @@ def test_tampered_segment_and_manifest_are_integrity_errors_naming_the_object():
 def test_wrong_key_and_plain_config_see_locked_manifests():
     a = sealed(KEY_A)
     key = catalog.commit(a, manifest_for(a, [os.urandom(1000)]))
-    b = crypto.SealedStore(a.inner, lambda: crypto.SealedCodec(KEY_B))
+    b = SealedStore(a.inner, lambda: crypto.SealedCodec(KEY_B))
     with pytest.raises(KeyMismatch) as e:
         catalog.load(b, key)
     assert e.value.needed == crypto.fingerprint(KEY_A)
@@ -342,10 +344,10 @@ def test_key_mismatch_forces_a_full_with_the_reason():
 
 # -- the lifecycle commands see a sealed store like any other -----------------------------------------
 def test_gc_and_verify_on_a_sealed_store():
-    from ekko_libvirt import gc, verify
+    from ekko_libvirt.lifecycle import gc, verify
     clock_now = [1_700_000_000.0]
     inner = MemoryStore(clock=lambda: clock_now[0])
-    store = crypto.SealedStore(inner, lambda: crypto.SealedCodec(KEY_A))
+    store = SealedStore(inner, lambda: crypto.SealedCodec(KEY_A))
     kept = manifest_for(store, [b"k" * 5000])
     catalog.commit(store, kept)
     gone = manifest_for(store, [b"g" * 5000])        # segments stored, manifest never committed
@@ -356,7 +358,7 @@ def test_gc_and_verify_on_a_sealed_store():
     assert not store.exists(segment.segment_key(gone.table.get(0)))
     assert verify.verify(store, catalog.keys(store), deep=True).ok
     # with another key gc stops before deleting anything
-    other = crypto.SealedStore(inner, lambda: crypto.SealedCodec(KEY_B))
+    other = SealedStore(inner, lambda: crypto.SealedCodec(KEY_B))
     before = sorted(inner.list())
     with pytest.raises(UsageError, match=f"gc stopped before deleting anything: .* key fingerprint "
                                          f"{crypto.fingerprint(KEY_A)}, but") as e:

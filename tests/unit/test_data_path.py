@@ -5,7 +5,7 @@ import random
 
 import nbd
 
-from ekko_libvirt import manifest as mf, segment
+from ekko_libvirt.format import manifest as mf, segment
 from ekko_libvirt.nbd.extents import SegmentPlan
 from ekko_libvirt.nbd.reader import SegmentBuffer
 

@@ -11,7 +11,9 @@ import json
 import pytest
 import yaml
 
-from ekko_libvirt import catalog, cli, manifest as mf, markers, segment
+from ekko_libvirt.store import catalog, markers
+from ekko_libvirt import cli
+from ekko_libvirt.format import manifest as mf, segment
 from ekko_libvirt.engine.domain_xml import target_name
 from ekko_libvirt.errors import UsageError
 from ekko_libvirt.store.local import LocalStore

@@ -1,5 +1,4 @@
-from ekko_libvirt.nbd.extents import (CoverageTracker, flat_to_extents, plan_segments, segment_indices,
-                                      split_reads)
+from ekko_libvirt.nbd.extents import CoverageTracker, flat_to_extents, plan_segments, segment_indices, split_reads
 
 S = 100  # segment size for readable numbers
 DATA, ZERO, HOLE_ZERO = 0, 2, 3

@@ -7,7 +7,9 @@ import time
 
 import pytest
 
-from ekko_libvirt import catalog, gc, manifest as mf, markers, segment, verify
+from ekko_libvirt.store import catalog, markers
+from ekko_libvirt.lifecycle import gc, verify
+from ekko_libvirt.format import manifest as mf, segment
 from ekko_libvirt.errors import IntegrityError, ObjectNotFound
 from ekko_libvirt.nbd.extents import SegmentPlan, whole_segment, with_extra_segments
 from ekko_libvirt.store.local import LocalStore

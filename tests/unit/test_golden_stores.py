@@ -101,7 +101,7 @@ def test_golden_checksums_are_what_the_seed_regenerates():
 
 
 def test_golden_manifest_v1_decodes_with_its_fields():
-    from ekko_libvirt import manifest as mf
+    from ekko_libvirt.format import manifest as mf
     with open(os.path.join(GOLDEN, "manifest-v1.bin"), "rb") as f:
         blob = f.read()
     m = mf.decode(blob, "manifest-v1.bin")
@@ -126,7 +126,7 @@ def test_golden_manifest_v1_decodes_with_its_fields():
 
 def test_golden_manifest_v1_damage_is_refused():
     """The checksum covers every byte: the golden file with one bit flipped is not read."""
-    from ekko_libvirt import manifest as mf
+    from ekko_libvirt.format import manifest as mf
     from ekko_libvirt.errors import ManifestError
     with open(os.path.join(GOLDEN, "manifest-v1.bin"), "rb") as f:
         blob = bytearray(f.read())

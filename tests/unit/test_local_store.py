@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from ekko_libvirt.store.sealed import SealedStore
 from ekko_libvirt.errors import ObjectNotFound
 from ekko_libvirt.store import local
 from ekko_libvirt.directio import ALIGN
@@ -166,9 +167,9 @@ def test_a_failed_sync_fails_the_flush_and_leaves_no_object(tmp_path, monkeypatc
 
 
 def test_sealed_store_batches_seal_what_they_store(tmp_path):
-    from ekko_libvirt import crypto
+    from ekko_libvirt.format import crypto
     inner = LocalStore(str(tmp_path))
-    store = crypto.SealedStore(inner, lambda: crypto.SealedCodec(bytes(range(32)), "/k/test.key"))
+    store = SealedStore(inner, lambda: crypto.SealedCodec(bytes(range(32)), "/k/test.key"))
     b = store.batch()
     plain = _data(DIRECT_MIN)
     b.put("segments/abc/a", plain)

@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from ekko_libvirt import manifest as mf
-from ekko_libvirt import segment
+from ekko_libvirt.format import manifest as mf
+from ekko_libvirt.format import segment
 from ekko_libvirt.errors import IntegrityError, ManifestError
 
 

@@ -11,8 +11,7 @@ that is not a known generation touched, a disabled head re-enabled only when ekk
 from hypothesis import given, strategies as st
 
 from ekko_libvirt.engine.base import BitmapInfo, DiskInfo
-from ekko_libvirt.engine.bitmaps import (FULL, INCREMENTAL, ChainHead, Interrupted, generation_name,
-                                         known_generations, plan_generation, plan_recovery)
+from ekko_libvirt.engine.bitmaps import (FULL, INCREMENTAL, ChainHead, Interrupted, generation_name, known_generations, plan_generation, plan_recovery)
 from ekko_libvirt.errors import EngineError, IncrementalImpossible
 
 PREFIX = "ekko-"

@@ -15,8 +15,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from ekko_libvirt.nbd import reader as reader_mod
-from ekko_libvirt.nbd.extents import (DIRTY, STATE_ZERO, CoverageTracker, SegmentPlan, flat_to_extents,
-                                      plan_segments, split_reads, whole_segment, with_extra_segments)
+from ekko_libvirt.nbd.extents import (DIRTY, STATE_ZERO, CoverageTracker, SegmentPlan, flat_to_extents, plan_segments, split_reads, whole_segment, with_extra_segments)
 
 ALLOC_FLAGS = st.sampled_from([0, 1, 2, 3])     # DATA, HOLE (data from a backing file), ZERO, HOLE|ZERO
 DIRTY_FLAGS = st.sampled_from([0, 1])

@@ -1,4 +1,4 @@
-"""Property tests of the manifest (ekko_libvirt/manifest.py): the SegmentTable against a list
+"""Property tests of the manifest (ekko_libvirt/format/manifest.py): the SegmentTable against a list
 model, and the codec: random manifests round trip byte for byte, and every damaged variant
 (each byte flipped, each truncation, bytes appended, lengths changed) is refused with
 ManifestError, never another exception and never a different manifest. Variants whose checksum
@@ -14,9 +14,9 @@ import xxhash
 import zstandard
 from hypothesis import given, settings, strategies as st
 
-from ekko_libvirt import manifest as M
+from ekko_libvirt.format import manifest as M
 from ekko_libvirt.errors import ManifestError
-from ekko_libvirt.segment import DIGEST_SIZE, ZERO_DIGEST
+from ekko_libvirt.format.segment import DIGEST_SIZE, ZERO_DIGEST
 
 # the expensive properties decode a manifest once per byte: a tenth of the profile's examples
 FEW = settings(max_examples=max(10, settings.default.max_examples // 6))

@@ -1,4 +1,4 @@
-"""Property tests of retention (ekko_libvirt/prune.py) against a reference written from the rules
+"""Property tests of retention (ekko_libvirt/lifecycle/prune.py) against a reference written from the rules
 in docs/format.md ("Retention") and prune.py's docstring, not from its code:
 
     keep_last N                  the N newest readable backups
@@ -20,7 +20,7 @@ from zoneinfo import ZoneInfo
 
 from hypothesis import given, strategies as st
 
-from ekko_libvirt import prune
+from ekko_libvirt.lifecycle import prune
 
 UTC = datetime.timezone.utc
 ZONES = [UTC, datetime.timezone(datetime.timedelta(hours=5, minutes=30)),

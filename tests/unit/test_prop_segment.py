@@ -1,4 +1,4 @@
-"""Property tests of the segment object (ekko_libvirt/segment.py) and of the sealed envelope
+"""Property tests of the segment object (ekko_libvirt/format/segment.py) and of the sealed envelope
 (crypto.SealedCodec) around objects: random contents round trip, and every single-bit flip,
 truncation or appended byte of a stored object is caught by decode (IntegrityError), never
 another exception and never wrong bytes.
@@ -10,10 +10,10 @@ import pytest
 import xxhash
 from hypothesis import example, given, settings, strategies as st
 
-from ekko_libvirt import manifest as M
-from ekko_libvirt import segment as S
-from ekko_libvirt.codec import PLAIN
-from ekko_libvirt.crypto import SealedCodec
+from ekko_libvirt.format import manifest as M
+from ekko_libvirt.format import segment as S
+from ekko_libvirt.format.codec import PLAIN
+from ekko_libvirt.format.crypto import SealedCodec
 from ekko_libvirt.errors import IntegrityError
 
 # the sealed objects have every bit flipped under AES-GCM: a sixth of the profile's examples

@@ -8,9 +8,11 @@ import os
 import pytest
 import yaml
 
-from ekko_libvirt import catalog, cli, config, manifest as mf, markers, segment
+from ekko_libvirt.store import catalog, markers
+from ekko_libvirt import cli, config
+from ekko_libvirt.format import manifest as mf, segment
 from ekko_libvirt.errors import ConfigError
-from ekko_libvirt.prune import Backup, Policy, RetentionConfig, backup_time, plan, plan_target
+from ekko_libvirt.lifecycle.prune import Backup, Policy, RetentionConfig, backup_time, plan, plan_target
 from ekko_libvirt.store.local import LocalStore
 
 UTC = datetime.timezone.utc

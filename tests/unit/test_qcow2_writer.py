@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from ekko_libvirt import qcow2
+from ekko_libvirt.restore import qcow2
 
 MiB = 1 << 20
 

@@ -12,7 +12,7 @@ import random
 import subprocess
 
 from conftest import manifest_of, read_raw
-from ekko_libvirt.restore import GRAIN, restore
+from ekko_libvirt.restore.disk import GRAIN, restore
 from ekko_libvirt.store.memory import MemoryStore
 
 KiB = 1024

@@ -6,9 +6,9 @@ import os
 import pytest
 
 from conftest import manifest_of
-from ekko_libvirt import segment
+from ekko_libvirt.format import segment
 from ekko_libvirt.errors import IntegrityError
-from ekko_libvirt.restore import RecentSegments, restore
+from ekko_libvirt.restore.disk import RecentSegments, restore
 from ekko_libvirt.store.memory import MemoryStore
 
 SEG = 64 << 10

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import manifest_of, read_raw
 from ekko_libvirt.store.memory import MemoryStore
-from ekko_libvirt.restore import restore
+from ekko_libvirt.restore.disk import restore
 from tests.unit.test_restore_random import first_difference
 
 KiB, MiB = 1024, 1 << 20

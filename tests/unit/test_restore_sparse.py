@@ -9,7 +9,7 @@ import subprocess
 import pytest
 
 from conftest import manifest_of, read_raw
-from ekko_libvirt.restore import GRAIN, data_runs, device_plan, restore
+from ekko_libvirt.restore.disk import GRAIN, data_runs, device_plan, restore
 from ekko_libvirt.store.memory import MemoryStore
 from tests.unit.test_restore_random import first_difference
 
@@ -240,7 +240,7 @@ def test_the_restored_image_is_exact_where_zero_blocks_sit_between_data(workdir)
 def test_a_damaged_segment_is_an_unallocated_hole_in_a_qcow2(workdir):
     """--allow-damaged: the damaged segment's clusters are not mapped (they read as zeros), the
     image stays clean, the rest is exact."""
-    from ekko_libvirt import segment
+    from ekko_libvirt.format import segment
     rnd = random.Random(15)
     seg = 256 * KiB
     segs = [rnd.randbytes(seg) for _ in range(4)]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from ekko_libvirt import segment
+from ekko_libvirt.format import segment
 from ekko_libvirt.errors import EncodeMismatch, IntegrityError
 
 

@@ -2,7 +2,7 @@
 one file per disk, and optionally a new libvirt domain on those files.
 
 The new domain comes from the domain XML stored with the backup (label `domain_xml`, see
-domain_job.backup_domain), rewritten by domain_xml.restored_domain_xml: new name and UUID, Nova
+backup/domain.py), rewritten by domain_xml.restored_domain_xml: new name and UUID, Nova
 metadata gone, its disks on the restored files, no network identity of the original. A domain of
 that name must not exist; if defining fails, the restored files are removed again.
 """
@@ -13,10 +13,10 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import catalog
-from .engine import domain_xml as dx
-from .errors import EngineError, UsageError
-from .restore import RestoreResult, restore
+from ..store import catalog
+from ..engine import domain_xml as dx
+from ..errors import EngineError, UsageError
+from .disk import RestoreResult, restore
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def restore_domain(found: Sequence[Tuple[object, str]], directory: str, *, defin
 
 def _make_dir(path: str) -> None:
     """The directory, reachable by QEMU (it runs as libvirt-qemu and must open the files)."""
-    from .engine.libvirt import qemu_accessible_dir
+    from ..engine.libvirt import qemu_accessible_dir
     existed = os.path.isdir(path)
     os.makedirs(path, mode=0o711, exist_ok=True)
     if not existed:

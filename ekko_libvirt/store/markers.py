@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Set
 
-from .errors import ObjectNotFound, StoreError
+from ..errors import ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
 

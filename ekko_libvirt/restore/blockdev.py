@@ -23,8 +23,8 @@ import errno
 import fcntl
 import os
 import struct
-from .directio import ALIGN, pwrite_all, pwrite_direct
-from .errors import UsageError
+from ..directio import ALIGN, pwrite_all, pwrite_direct
+from ..errors import UsageError
 
 BLKZEROOUT = 0x127F                 # _IO(0x12, 127): zero a byte range, 512-aligned
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02

@@ -11,7 +11,8 @@ both run. The decisions are prune.plan's (pure); this module lists, asks and del
 import datetime
 from typing import Callable, Dict, List, Mapping, Optional
 
-from . import catalog, markers, prune
+from ..store import catalog, markers
+from . import prune
 
 PolicyFor = Callable[[str, Mapping], Optional[prune.Policy]]
 

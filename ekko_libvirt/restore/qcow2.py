@@ -31,7 +31,7 @@ import threading
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
 
-from .directio import pwrite_all
+from ..directio import pwrite_all
 
 CLUSTER_BITS = 16
 C = 1 << CLUSTER_BITS

@@ -22,7 +22,7 @@ import xxhash
 import zstandard
 
 from .codec import PLAIN
-from .errors import EncodeMismatch, IntegrityError
+from ..errors import EncodeMismatch, IntegrityError
 
 MAGIC = b"EKS1"
 HEADER = struct.Struct("<4sBBHI16s")

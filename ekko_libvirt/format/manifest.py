@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 import xxhash
 import zstandard
 
-from .errors import ManifestError
+from ..errors import ManifestError
 from .segment import DIGEST_SIZE, ZERO_DIGEST, digest, frame_size
 
 MAGIC = b"EKKOMAN1"

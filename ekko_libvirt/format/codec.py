@@ -7,9 +7,9 @@
 
 Sealing is done by the store wrapper crypto.SealedStore, so every reader of objects (catalog,
 restore, verify, prune, gc, markers) gets it without knowing; what the wrapper cannot do is
-choose names, so the writers of segments ask `codec_of(store)` for the naming. A chain never
+choose names, so the writers of segments ask `store.codec` for the naming. A chain never
 mixes the two: an incremental copies its parent's table only when the parent was read with
-the same codec (pipeline.run_backup, crypto.chain_key_reason).
+the same codec (backup/transaction.py, codec.chain_key_reason).
 
 Nothing here needs the `cryptography` package: a plain store never imports it.
 """
@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 
 import xxhash
 
-from .errors import KeyMismatch
+from ..errors import KeyMismatch
 
 # Every sealed object starts with: magic (4) | key fingerprint (16) | nonce (12).
 SEALED_MAGIC = b"EKE1"
@@ -46,11 +46,6 @@ class PlainCodec:
 
 
 PLAIN = PlainCodec()
-
-
-def codec_of(store):
-    """The codec of a store: crypto.SealedStore carries one; every other store is plain."""
-    return getattr(store, "codec", PLAIN)
 
 
 def sealed_fingerprint(blob: bytes) -> Optional[str]:

@@ -13,7 +13,7 @@ one is reported with every backup that uses it.
                 segment, naming EVERY backup that uses it (all manifests are read once more
                 when damage was found); such backups get a failed verify/ state too. The next
                 backup of a disk whose newest manifest names a damaged segment reads it from
-                the disk again and stores it (pipeline.copy_segments): self-healing. A marked
+                the disk again and stores it (backup/copy.py): self-healing. A marked
                 segment found intact again loses its mark.
 """
 
@@ -25,9 +25,9 @@ from typing import Callable, Dict, List, Optional, Set
 
 import xxhash
 
-from . import catalog, markers, segment
-from .codec import codec_of
-from .errors import IntegrityError, KeyMismatch, ManifestError, ObjectNotFound, StoreError
+from ..store import catalog, markers
+from ..format import segment
+from ..errors import IntegrityError, KeyMismatch, ManifestError, ObjectNotFound, StoreError
 
 
 @dataclass
@@ -100,7 +100,7 @@ def verify(store, manifest_keys: List[str], deep: bool = False, workers: int = 4
         key = segment.segment_key(d)
         try:
             if deep:
-                segment.decode(store.get(key), d, codec=codec_of(store))
+                segment.decode(store.get(key), d, codec=store.codec)
             elif not store.exists(key):
                 return key, "missing"
         except IntegrityError as e:

@@ -35,13 +35,14 @@ from typing import Callable, List, Optional, Tuple
 
 import nbd
 
-from . import blockdev, heap, qcow2, segment
-from .directio import pwrite_all, pwrite_direct
-from .codec import codec_of
-from .errors import EkkoError, IntegrityError, RestoreTargetError, StoreError, UsageError
-from .faults import pause_point
-from .manifest import Manifest
-from .nbd.reader import close_handle
+from . import blockdev, qcow2
+from .. import heap
+from ..format import segment
+from ..directio import pwrite_all, pwrite_direct
+from ..errors import EkkoError, IntegrityError, RestoreTargetError, StoreError, UsageError
+from ..faults import pause_point
+from ..format.manifest import Manifest
+from ..nbd.reader import close_handle
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ def _copy(store, m: Manifest, writer_factory, workers, allow_damaged, result: Re
         try:
             raw = recent.get(d)
             if raw is None:
-                raw = recent.put(d, segment.decode(store.get(key), d, codec=codec_of(store)))
+                raw = recent.put(d, segment.decode(store.get(key), d, codec=store.codec))
             if len(raw) != length:
                 raise IntegrityError(f"segment {key}: {len(raw)} bytes where the disk needs {length}")
         except (IntegrityError, StoreError) as e:

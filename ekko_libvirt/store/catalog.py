@@ -16,9 +16,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
-from . import manifest as mf
-from .codec import codec_of, refuse_sealed
-from .errors import EkkoError, IntegrityError, KeyMismatch, ManifestError, ObjectNotFound, UsageError
+from ..format import manifest as mf
+from ..format.codec import refuse_sealed
+from ..errors import EkkoError, IntegrityError, KeyMismatch, ManifestError, ObjectNotFound, UsageError
 
 PREFIX = "manifests/"
 
@@ -35,7 +35,7 @@ def manifest_key(target: str, backup_id: str) -> str:
 
 def commit(store, m: mf.Manifest) -> str:
     key = manifest_key(m.target, m.backup_id)
-    codec = codec_of(store)
+    codec = store.codec
     if m.hash != codec.naming or m.encryption != codec.describe():
         raise EkkoError(f"manifest {key} names segments by {m.hash} (encryption {m.encryption}), this store "
                         f"by {codec.naming} (encryption {codec.describe()}): refusing to commit it")
@@ -68,7 +68,7 @@ def keys(store, target: Optional[str] = None) -> List[str]:
 
 
 def entries(store, target: Optional[str] = None) -> Iterator[Entry]:
-    fp = codec_of(store).fingerprint
+    fp = store.codec.fingerprint
     for key in keys(store, target):
         try:
             yield Entry(key, mf.decode_header(_read(store, key), key), key_fingerprint=fp)
@@ -165,7 +165,7 @@ def named(store, name: str, all_keys: Optional[List[str]] = None) -> List[str]:
     itself if it has backups; else the disks of the libvirt domain so named, the targets
     '<domain>.<disk>' (engine/domain_xml.target_name); else, NAME being a UUID, the targets
     whose newest manifest carries it as domain_uuid or instance_uuid. [] if none."""
-    from .engine.domain_xml import target_name
+    from ..engine.domain_xml import target_name
     all_keys = keys(store) if all_keys is None else all_keys
     newest = {_target_of(k): k for k in all_keys}      # keys are sorted by id: the last one wins
     if name in newest:
@@ -201,7 +201,7 @@ def load(store, key: str) -> mf.Manifest:
     """The manifest; KeyMismatch when it is sealed with another key (or sealed/not sealed
     against the config), ManifestError when it is damaged."""
     m = mf.decode(_read(store, key), key)
-    codec = codec_of(store)
+    codec = store.codec
     if m.hash != codec.naming or m.encryption != codec.describe():
         raise ManifestError(f"manifest {key}: names its segments by {m.hash}, the store by {codec.naming}")
     return m

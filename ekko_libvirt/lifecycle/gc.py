@@ -16,8 +16,8 @@ Why a backup running at the same time loses nothing:
   - a segment it PUT is younger than the cutoff as long as the backup takes less than the grace
     period (default 24 h), so the sweep keeps it;
   - a segment it REUSES (carried over from its parent, or found by exists()) may be old; the
-    pipeline checks at commit time that each still exists and stores again, from its export,
-    any that vanished (pipeline._recheck). A parent manifest that still exists at that check
+    backup checks at commit time that each still exists and stores again, from its export,
+    any that vanished (backup/copy.py, _recheck). A parent manifest that still exists at that check
     protects everything carried over from it: it was visible to every mark in between.
   - what remains is a backup whose commit check runs just before gc deletes a segment it reused
     and whose manifest lands just after gc's second look at manifests: the check phase sees that
@@ -38,8 +38,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
-from . import catalog, markers, segment
-from .errors import IntegrityError, KeyMismatch, ManifestError, ObjectNotFound, UsageError
+from ..store import catalog, markers
+from ..format import segment
+from ..errors import IntegrityError, KeyMismatch, ManifestError, ObjectNotFound, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,4 @@ def _tidy(store, referenced: Set[bytes], report: GCReport) -> None:
     live = {k[len(catalog.PREFIX):] for k in catalog.keys(store)}
     stale = markers.stale(store, live, lambda d: d in referenced)
     report.markers_removed = markers.delete_quietly(store, stale)
-    clean = getattr(store, "clean_temp", None)
-    if clean is not None:
-        report.temp_removed = clean(report.cutoff)
+    report.temp_removed = store.clean_temp(report.cutoff)

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 UTC = datetime.timezone.utc
 

@@ -24,8 +24,7 @@ import os
 import re
 import secrets
 import stat
-import threading
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -33,9 +32,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .codec import FINGERPRINT_SIZE, SEALED_MAGIC, sealed_fingerprint
-from .directio import fsync_path, write_new_file
-from .errors import ConfigError, EkkoError, IntegrityError, KeyMismatch, UsageError
-from .store.base import batch_of
+from ..directio import fsync_path, write_new_file
+from ..errors import ConfigError, EkkoError, IntegrityError, KeyMismatch, UsageError
 
 KEY_SIZE = 32
 NONCE_SIZE = 12
@@ -52,7 +50,7 @@ _PROJECT = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # Objects of the plain format: found where a sealed one is expected, they were written without
 # encryption (a KeyMismatch, not damage).
 _PLAIN_MAGICS = (b"EKS1", b"EKKOMAN1", b"{")
-_MANIFESTS = "manifests/"
+MANIFESTS = "manifests/"
 
 
 def _hkdf(key: bytes, info: bytes, length: int) -> bytes:
@@ -126,86 +124,6 @@ class SealedCodec:
         raise IntegrityError(f"{key}: the key fingerprint in its header is damaged")
 
 
-class SealedStore:
-    """Any Store, with every object sealed on put and opened on get. Keys pass unchanged; the
-    codec (and with it the key file) is loaded on first use, so a namespace nobody reads needs
-    no key. Everything else (exists, list, delete, stat, describe) is the inner store's.
-
-    put() opens what it sealed and compares before storing (verify before store)."""
-
-    def __init__(self, inner, load_codec: Callable[[], SealedCodec]):
-        self.inner = inner
-        self._load = load_codec
-        self._codec: Optional[SealedCodec] = None
-        self._lock = threading.Lock()
-
-    @property
-    def codec(self) -> SealedCodec:
-        if self._codec is None:
-            with self._lock:
-                if self._codec is None:
-                    self._codec = self._load()
-        return self._codec
-
-    def put(self, key: str, data) -> None:
-        self.inner.put(key, self._sealed(key, data))
-
-    def _sealed(self, key: str, data) -> bytes:
-        codec = self.codec
-        blob = codec.seal(key, data)
-        if codec.open(key, blob) != data:
-            raise IntegrityError(f"{key}: sealing did not round-trip; nothing stored")
-        return blob
-
-    def batch(self) -> "_SealedBatch":
-        # explicit: __getattr__ would hand out the inner store's batch, which stores unsealed
-        return _SealedBatch(self, batch_of(self.inner))
-
-    def get(self, key: str) -> bytes:
-        blob = self.inner.get(key)
-        try:
-            return self.codec.open(key, blob)
-        except KeyMismatch as e:
-            if key.startswith(_MANIFESTS):
-                raise
-            # Only manifests tell which key a backup needs; anything they lead to was sealed with
-            # the same key, so another key (or none) there means the object was replaced.
-            what = f"sealed with another key (fingerprint {e.needed})" if e.needed else "not encrypted"
-            raise IntegrityError(f"{key}: {what}: not the object this store wrote") from e
-
-    def exists(self, key: str) -> bool:
-        return self.inner.exists(key)
-
-    def list(self, prefix: str = ""):
-        return self.inner.list(prefix)
-
-    def delete(self, key: str) -> None:
-        self.inner.delete(key)
-
-    def describe(self) -> str:
-        return f"{self.inner.describe()} (encrypted)"
-
-    def __getattr__(self, name):
-        if name.startswith("_") or name in ("inner", "codec"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-
-class _SealedBatch:
-    def __init__(self, store: SealedStore, inner):
-        self.store = store
-        self.inner = inner
-
-    def put(self, key: str, data) -> None:
-        self.inner.put(key, self.store._sealed(key, data))
-
-    def flush(self) -> None:
-        self.inner.flush()
-
-    def abort(self) -> None:
-        self.inner.abort()
-
-
 # -- key files ---------------------------------------------------------------------------------
 def check_project(project: str) -> str:
     if not _PROJECT.match(project) or project in (".", ".."):
@@ -262,7 +180,7 @@ def create_key(path: str) -> str:
 def fingerprints_in(store) -> List[str]:
     """The distinct key fingerprints of the sealed manifests in a (raw, unwrapped) store."""
     found = set()
-    for key in store.list(_MANIFESTS):
+    for key in store.list(MANIFESTS):
         try:
             fp = sealed_fingerprint(store.get(key)[:PREFIX_SIZE])
         except EkkoError:

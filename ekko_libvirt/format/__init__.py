@@ -1,0 +1,1 @@
+"""The store's formats: segment objects, manifests, how segments are named and sealed."""

@@ -1,0 +1,1 @@
+"""What keeps a store healthy over time: retention (prune), gc, verify."""
