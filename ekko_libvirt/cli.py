@@ -263,7 +263,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)     # `ekko agent` installs its own
     try:
-        cfg = config.load(args.config)
+        cfg = check_sections(config.load(args.config))
         if cfg.store.type == "swift":
             _REDACT.secrets |= _secrets_of(cfg)
         return COMMANDS[args.command](cfg, args)
@@ -283,6 +283,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         where = f" ({e.filename})" if e.filename else ""
         _fail(args, EkkoError(f"{e.strerror or e}{where}"), 1)
         return 1
+
+
+def check_sections(cfg):
+    """The config sections typed above the core, checked before any command runs: a bad key in
+    them fails every command at once (exit 2, naming the key), not only the one that reads it."""
+    from .agent.settings import AgentSettings
+    from .lifecycle.prune import RetentionConfig
+    RetentionConfig.from_config(cfg)
+    AgentSettings.from_config(cfg)
+    return cfg
 
 
 def _fail(args, e: Exception, code: int) -> None:
@@ -393,10 +403,12 @@ def _backup_libvirt(cfg, target, args, bar):
         req = DomainBackupRequest(domain, disks, args.full, args.incremental)
         base = _backup_options(cfg, domain, prefix)
 
+        sd = StateDir(cfg.state_dir).ensure()
+
         def run(c, r, progress):
             return run_domain_backup(c, r, lambda ns: open_store(cfg, ns), base, cfg.state_dir, cfg.run_dir,
-                                     progress=progress)
-        return run_recorded_backup(StateDir(cfg.state_dir).ensure(), conn, req, run, progress=bar)
+                                     progress=progress, hold_offline_start=sd.offline_backup)
+        return run_recorded_backup(sd, conn, req, run, progress=bar)
     finally:
         conn.close()
 

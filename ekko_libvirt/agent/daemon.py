@@ -53,7 +53,8 @@ from . import maintenance
 from .scheduler import TaskRun, plan, retry_delay_s, tasks_plan
 from .settings import AgentSettings
 from .spool import Spool
-from .state import StateDir, apply_lifecycle, process_start_ticks, seed_chain, write_json_atomic
+from ..procs import process_start_ticks
+from .state import StateDir, apply_lifecycle, seed_chain, write_json_atomic
 from .status import domain_heads, domain_status, last_task_runs, newest_head
 
 log = logging.getLogger("ekko.agent")
@@ -465,7 +466,7 @@ class Agent:
 
             def run(c, req, progress):
                 return run_domain_backup(c, req, self.open_store, base, self.cfg.state_dir, self.cfg.run_dir,
-                                         progress=progress)
+                                         progress=progress, hold_offline_start=self.sd.offline_backup)
             results = run_recorded_backup(self.sd, conn, DomainBackupRequest(w.uuid, tuple(policy.disks or ())), run,
                                           cancel=w.cancel)
             w.outcome = "ok"

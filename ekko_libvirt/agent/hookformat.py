@@ -98,6 +98,14 @@ HEX = frozenset("0123456789abcdef")
 XML_STATUSES = frozenset(("ok", "empty", "oversize", "unreadable", "malformed", "name-mismatch", "unparsed"))
 
 LOCK_NAME = ".lock"
+OFFLINE_SUFFIX = ".offline-backup"
+
+
+def offline_marker_path(state_dir, uuid):
+    """The marker an offline backup of domain `uuid` holds while it runs (agent/state.py writes
+    it, the hook refuses the domain's start while it is there): one rule for both."""
+    return os.path.join(state_dir, "locks", uuid + OFFLINE_SUFFIX)
+
 DEFAULT_BOUND = 1000        # pending events before the hook coalesces (config agent.spool_max_events)
 LETTERS = "PSCXMRI"
 

@@ -38,11 +38,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from .. import durable
 from ..errors import EkkoError, LockBusy
+from ..procs import process_alive, process_start_ticks
+from . import hookformat
 from .events import Action, DomainContext, HookEvent, Reaction, decide
 
 MAX_STATE_FILE = 1 << 20
-OFFLINE_SUFFIX = ".offline-backup"
+OFFLINE_SUFFIX = hookformat.OFFLINE_SUFFIX
 
 
 class StateError(EkkoError):
@@ -371,27 +374,10 @@ def fsync_dir(path: str) -> None:
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    """tmp (0600) + fsync + rename + fsync(dir). Raises StateError."""
-    d, base = os.path.split(path)
-    tmp = os.path.join(d, f".tmp-{base}-{os.getpid()}-{os.urandom(4).hex()}")
-    data = (json.dumps(_to_json(obj), sort_keys=True, indent=1) + "\n").encode()
+    """durable.write_json_atomic of the state's dataclasses. Raises StateError."""
     try:
-        os.makedirs(d, mode=0o700, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        fsync_dir(d)
+        durable.write_json_atomic(path, _to_json(obj))
     except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise StateError(path, f"cannot write: {e.strerror or e}") from e
 
 
@@ -410,36 +396,6 @@ def read_json(path: str) -> Optional[Any]:
         return json.loads(raw)
     except ValueError as e:
         raise StateError(path, f"not valid JSON: {e}") from e
-
-
-def _proc_stat(pid: int) -> Optional[List[bytes]]:
-    """The fields of /proc/PID/stat after the command name (state first), or None if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read(4096).rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields if len(fields) > 19 else None
-
-
-def process_start_ticks(pid: int) -> Optional[int]:
-    """Start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat), or None if gone."""
-    fields = _proc_stat(pid)
-    try:
-        return int(fields[19]) if fields else None
-    except ValueError:
-        return None
-
-
-def process_running(pid: int, start_ticks: int) -> bool:
-    """`pid` is the process that started at `start_ticks` and has not ended (a zombie has)."""
-    fields = _proc_stat(pid)
-    return fields is not None and fields[0] != b"Z" and fields[19] == str(start_ticks).encode()
-
-
-def process_alive(pid: int, start_ticks: Optional[int]) -> bool:
-    ticks = process_start_ticks(pid)
-    return ticks is not None and (start_ticks is None or ticks == start_ticks)
 
 
 def _check_uuid(uuid: str) -> str:
@@ -486,7 +442,7 @@ class StateDir:
         return os.path.join(self.jobs_dir, job_id + ".json")
 
     def offline_marker_path(self, uuid: str) -> str:
-        return os.path.join(self.locks_dir, _check_uuid(uuid) + OFFLINE_SUFFIX)
+        return hookformat.offline_marker_path(self.root, _check_uuid(uuid))
 
     def ensure(self) -> "StateDir":
         for d in (self.domains_dir, self.jobs_dir, self.locks_dir):

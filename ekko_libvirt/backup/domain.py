@@ -41,7 +41,9 @@ def select_disks(all_disks: List[dx.DomainDisk], wanted: Sequence[str], domain: 
 
 
 def run_domain_backup(conn, req: DomainBackupRequest, open_store: Callable, base: BackupOptions, state_dir: str,
-                      run_dir: str, progress=None) -> List[BackupResult]:
+                      run_dir: str, progress=None, hold_offline_start=None) -> List[BackupResult]:
+    """`hold_offline_start(uuid, name)`: what keeps the domain from starting while its images are
+    backed up offline (the agent's marker, which the libvirt hook honours)."""
     dom = lookup_domain(conn, req.domain)
     xml = dom.XMLDesc(0)
     disks = select_disks(dx.parse_disks(xml), req.disks, dom.name())
@@ -59,6 +61,10 @@ def run_domain_backup(conn, req: DomainBackupRequest, open_store: Callable, base
     lock = f"domain-{dom.UUIDString()}"
     if not dom.isActive():
         from .offline import backup_offline
-        return backup_offline(dom, disks, jobs, store, opts, lock, state_dir, run_dir, progress, req.chain_broken)
+        if hold_offline_start is None:
+            raise UsageError(f"domain {dom.name()} is shut off: its offline backup needs the agent's state "
+                             "directory to keep it from starting meanwhile")
+        return backup_offline(dom, disks, jobs, store, opts, lock, state_dir, run_dir, progress, hold_offline_start,
+                              req.chain_broken)
     engine = LibvirtEngine(dom, disks, state_dir, run_dir, opts.bitmap_prefix, opts.granularity)
     return run_transaction(engine, store, jobs, opts, progress, lock=lock, broken=req.chain_broken)

@@ -16,17 +16,19 @@ import socket
 import subprocess
 import time
 from dataclasses import replace
-from typing import List, Optional
+from typing import Callable, ContextManager, List, Optional
 
-from ..agent.state import StateDir, process_start_ticks
 from ..engine import domain_xml as dx
 from ..engine.qmp import Names, QMPEngine, QMPTarget
 from ..engine.reaper import Reaper
 from ..errors import EngineError
+from ..procs import process_start_ticks
 from .options import BackupResult
 from .transaction import run_transaction
 
 log = logging.getLogger(__name__)
+
+HoldStart = Callable[[str, str], ContextManager]
 
 
 class StorageDaemon:
@@ -92,11 +94,12 @@ class StorageDaemon:
 
 
 def backup_offline(dom, disks, jobs, store, opts, lock: str, state_dir: str, run_dir: str, progress,
-                   broken: Optional[str] = None) -> List[BackupResult]:
-    """The transaction over the daemon's QMP: one view of all disks, as an online backup has."""
+                   hold_start: HoldStart, broken: Optional[str] = None) -> List[BackupResult]:
+    """The transaction over the daemon's QMP: one view of all disks, as an online backup has.
+    `hold_start(uuid, name)`: a context manager during which the libvirt hook refuses to start
+    the domain (the agent's offline marker, agent/state.py: the caller's to give)."""
     uuid = dom.UUIDString()
-    sd = StateDir(state_dir).ensure()
-    with sd.offline_backup(uuid, dom.name()):
+    with hold_start(uuid, dom.name()):
         # The marker is in place: from now on the hook refuses a start. Re-check the state, in
         # case the domain started between our first look and the marker.
         if dom.isActive():

@@ -23,11 +23,8 @@ keep needs the store, and the next run's recovery decides it as before.
 """
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 DONE = b"done\n"
 
@@ -42,7 +39,7 @@ class Reaper:
 
     def start(self) -> "Reaper":
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.engine.reaper", self.log_path],
+            self.proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.engine.reaper_main", self.log_path],
                                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
             self.proc.stdin.write(json.dumps(self.fields).encode() + b"\n")
@@ -71,92 +68,3 @@ class Reaper:
 def _log_warning(msg: str) -> None:
     import logging
     logging.getLogger(__name__).warning(msg)
-
-
-def main(argv) -> int:
-    log_path = argv[1]
-    fields = json.loads(sys.stdin.buffer.readline())     # what to end, should the backup die
-    rest = sys.stdin.buffer.read()          # until the backup closes the pipe, or dies
-    if rest == DONE:
-        return 0
-    with open(log_path, "a") as log:
-        log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} backup of {fields['name']} ended without settling its "
-                  "session: ending its point-in-time view\n")
-        try:
-            _ENDS[fields["kind"]](fields)
-            log.write("  done; generations and checkpoints are left to the next run's recovery\n")
-        except Exception as e:  # noqa: BLE001 - nothing else to tell it to; the next run recovers
-            log.write(f"  failed: {e}; the next run recovers\n")
-            return 1
-    return 0
-
-
-def _tear_down(fields: dict) -> None:
-    from ..errors import QMPUnavailable
-    from .qmp import QMPEngine, QMPTarget
-    targets = [QMPTarget(**t) for t in fields["targets"]]
-    deadline = time.monotonic() + 60
-    while True:     # QEMU's monitor takes one client: the dead run's connection may still be closing
-        try:
-            engine = QMPEngine(targets, reaper=False)
-            break
-        except QMPUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
-    try:
-        engine.release_view()
-    finally:
-        engine.close()
-
-
-def _end_libvirt_job(fields: dict) -> None:
-    import libvirt
-    conn = libvirt.open(fields["uri"])
-    try:
-        dom = conn.lookupByUUIDString(fields["uuid"])
-        deadline = time.monotonic() + 60
-        while _libvirt_job_active(dom):
-            try:
-                dom.abortJob()
-            except libvirt.libvirtError:
-                pass                # ended meanwhile, or busy: looked at again below
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the backup job of {fields['name']} is still active 60 s after abortJob")
-            time.sleep(0.1)
-    finally:
-        conn.close()
-
-
-def _stop_process(fields: dict) -> None:
-    from ..agent.state import process_running
-    pid, start = fields["pid"], fields["pid_start"]
-    if process_running(pid, start):     # else ended already (its PID may be another's by now)
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 60
-        while process_running(pid, start):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                time.sleep(0.5)     # the kernel closes its files
-                break
-            time.sleep(0.05)
-    for path in fields.get("remove", ()):
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-
-
-def _libvirt_job_active(dom) -> bool:
-    import libvirt
-    try:
-        dom.backupGetXMLDesc(0)
-        return True
-    except libvirt.libvirtError:
-        return False
-
-
-_ENDS = {"qmp": _tear_down, "libvirt": _end_libvirt_job, "process": _stop_process}
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -1,16 +1,17 @@
-"""Config -> Store. One namespace per project: a sub-directory (local) or a container (Swift)."""
+"""config.Config -> Store. One namespace per project: a sub-directory (local) or a container (Swift).
+(`cfg` is not annotated: config.py types its store section with store/swift.py, and the store
+layer does not import back up.)"""
 
 import os
 import re
 from typing import Optional
 
-from ..config import Config
 from ..errors import ConfigError
 
 _NS = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
-def open_store(cfg: Config, namespace: Optional[str] = None):
+def open_store(cfg, namespace: Optional[str] = None):
     """The store of one project namespace; sealed with the project's key when encryption is on
     (the key file is read on first use: see crypto.SealedStore)."""
     inner = open_raw_store(cfg, namespace)
@@ -21,7 +22,7 @@ def open_store(cfg: Config, namespace: Optional[str] = None):
     return SealedStore(inner, key_loader(cfg.encryption.key_file, namespace or DEFAULT_PROJECT, inner))
 
 
-def open_raw_store(cfg: Config, namespace: Optional[str] = None):
+def open_raw_store(cfg, namespace: Optional[str] = None):
     """The store as it is, objects unopened (`ekko key show` reads fingerprints with it)."""
     if namespace is not None and (not _NS.match(namespace) or namespace in (".", "..")):
         raise ConfigError("namespace", f"invalid project namespace {namespace!r}")
@@ -35,7 +36,7 @@ def open_raw_store(cfg: Config, namespace: Optional[str] = None):
     raise ConfigError("store.type", f"unknown store type {cfg.store.type!r}")
 
 
-def namespaces(cfg: Config):
+def namespaces(cfg):
     """Every namespace the configured store holds: None (the default) and one per project."""
     if cfg.store.type == "local":
         root = os.path.join(cfg.store.path, "projects")

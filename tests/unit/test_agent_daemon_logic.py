@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
+from ekko_libvirt.cli import check_sections
 from ekko_libvirt import config
 from ekko_libvirt.agent.events import Action, lifecycle_reactions
 from ekko_libvirt.agent.jobs import JobCancelled, JobProgress, request_for_chain
@@ -65,8 +66,8 @@ def test_settings_errors_name_the_key_and_fail_at_config_load(raw, key):
     with pytest.raises(ConfigError) as e:
         AgentSettings.from_mapping(raw)
     assert e.value.key == key
-    with pytest.raises(ConfigError) as e:          # config.build checks the sections too: fail fast
-        config.build(raw)
+    with pytest.raises(ConfigError) as e:          # every command checks the sections first: fail fast
+        check_sections(config.build(raw))
     assert e.value.key == key
 
 

@@ -101,3 +101,16 @@ def test_status_tells_whether_the_installed_hook_can_load_its_rule(tmp_path):
     open(dest, "w").write(text)
     info = hook_info(dest, spool)
     assert not info["rule_ok"] and "every event is lost" in describe_hook(info)
+
+
+def test_the_hook_refuses_a_start_exactly_while_the_agents_offline_marker_holds(hook, tmp_path):
+    """One marker path rule (hookformat.offline_marker_path) for the writer (agent/state.py,
+    taken by an offline backup) and the reader (the hook's veto at `prepare begin`)."""
+    from ekko_libvirt.agent.state import StateDir
+    sd = StateDir(str(tmp_path)).ensure()
+    rule = hook.load_rule(hook.rule_path())
+    assert sd.offline_marker_path(UUID) == rule.offline_marker_path(str(tmp_path), UUID)
+    assert hook.offline_backup_veto(rule, str(tmp_path), UUID) is None
+    with sd.offline_backup(UUID, "vm1"):
+        assert hook.offline_backup_veto(rule, str(tmp_path), UUID) is not None
+    assert hook.offline_backup_veto(rule, str(tmp_path), UUID) is None

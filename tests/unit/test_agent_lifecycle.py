@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from ekko_libvirt.cli import check_sections
 from ekko_libvirt.store import catalog, markers
 from ekko_libvirt import cli, config
 from ekko_libvirt.format import manifest as mf, segment
@@ -134,8 +135,8 @@ def test_lifecycle_settings_errors_name_the_key(raw, key):
     with pytest.raises(ConfigError) as e:
         AgentSettings.from_mapping(raw)
     assert e.value.key == key
-    with pytest.raises(ConfigError) as e:          # and config.build fails as early
-        config.build(raw)
+    with pytest.raises(ConfigError) as e:          # and every command fails as early
+        check_sections(config.build(raw))
     assert e.value.key == key and key in str(e.value)
 
 

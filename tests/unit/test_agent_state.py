@@ -7,7 +7,9 @@ import sys
 import pytest
 
 from ekko_libvirt.agent.events import Action, DomainContext, Reaction, decide, parse_event
-from ekko_libvirt.agent.state import (ChainState, ChainStatus, DomainBusy, DomainState, JobRecord, JobStatus, StateDir, StateError, apply_reactions, chain_checked, process_alive, process_start_ticks, record_backup, require_full, stale_jobs)
+from ekko_libvirt.agent.state import (ChainState, ChainStatus, DomainBusy, DomainState, JobRecord, JobStatus, StateDir,
+                                      StateError, apply_reactions, chain_checked, record_backup, require_full, stale_jobs)
+from ekko_libvirt.procs import process_alive, process_start_ticks
 from ekko_libvirt.errors import LockBusy
 
 UUID = "6f1c2e4a-1b2c-4d5e-8f90-123456789abc"

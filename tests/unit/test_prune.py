@@ -8,6 +8,7 @@ import os
 import pytest
 import yaml
 
+from ekko_libvirt.cli import check_sections
 from ekko_libvirt.store import catalog, markers
 from ekko_libvirt import cli, config
 from ekko_libvirt.format import manifest as mf, segment
@@ -183,7 +184,7 @@ def test_retention_config_errors_name_the_key(raw, key):
 
 def test_config_load_checks_retention_early():
     with pytest.raises(ConfigError) as e:
-        config.build({"retention": {"keep_weekly": "lots"}})
+        check_sections(config.build({"retention": {"keep_weekly": "lots"}}))
     assert e.value.key == "retention.keep_weekly"
     cfg = config.build({"retention": {"keep_weekly": 4}})
     assert RetentionConfig.from_config(cfg).default == Policy(weekly=4)

@@ -5,7 +5,7 @@ import os
 import subprocess
 import time
 
-from ekko_libvirt.agent.state import process_running, process_start_ticks
+from ekko_libvirt.procs import process_running, process_start_ticks
 from ekko_libvirt.engine.reaper import Reaper
 
 
