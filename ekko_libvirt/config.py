@@ -54,7 +54,7 @@ class TargetConfig:
     node: str = ""
     domain: str = ""
     disks: Tuple[str, ...] = ()
-    bitmap_prefix: str = "ekko-"
+    bitmap_prefix: str = units.DEFAULT_BITMAP_PREFIX
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,7 @@ def build(raw: Any, source: str = "") -> Config:
     unknown = sorted(_label(k) for k in raw if k not in _TOP_KEYS)
     if unknown:
         raise ConfigError(unknown[0], f"unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
-    state_dir = _str(raw, "state_dir", "/var/lib/ekko")
+    state_dir = _str(raw, "state_dir", units.DEFAULT_STATE_DIR)
     seg = _size(raw, "segment_size", units.DEFAULT_SEGMENT_SIZE)
     if not units.is_power_of_two(seg) or not units.MIN_SEGMENT_SIZE <= seg <= units.MAX_SEGMENT_SIZE:
         raise ConfigError("segment_size", f"{seg} must be a power of two between "
@@ -147,7 +147,7 @@ def build(raw: Any, source: str = "") -> Config:
         raise ConfigError("bitmap_granularity", f"{gran} must be a power of two, >= 512 and <= segment_size")
     comp = _section(raw, "compression", {"enabled", "level"})
     read = _section(raw, "read", {"request_size", "in_flight", "read_back"})
-    level = _int(comp, "compression.level", 1, 1, 19, key="level")
+    level = _int(comp, "compression.level", units.DEFAULT_COMPRESSION_LEVEL, 1, 19, key="level")
     cfg = Config(
         store=_store(raw.get("store")),
         state_dir=state_dir,
@@ -304,7 +304,7 @@ def _targets(raw: Any) -> Tuple[TargetConfig, ...]:
         for k in t:
             if k not in allowed:
                 raise ConfigError(f"{label}.{_label(k)}", f"unknown key (known: {', '.join(sorted(allowed))})")
-        prefix = _str(t, "bitmap_prefix", "ekko-", f"{label}.bitmap_prefix")
+        prefix = _str(t, "bitmap_prefix", units.DEFAULT_BITMAP_PREFIX, f"{label}.bitmap_prefix")
         disks = t.get("disks", [])
         if not isinstance(disks, list) or not all(isinstance(d, str) and d.isprintable() for d in disks):
             raise ConfigError(f"{label}.disks", "must be a list of disk targets like [vda, vdb]")

@@ -12,7 +12,7 @@ import os
 import threading
 
 ALIGN = 4096
-CHUNK = 2 << 20             # a default segment + its header in one write
+CHUNK = 2 << 20             # bytes per O_DIRECT call through the bounce buffer (any object size: in pieces)
 _PAD = bytes(ALIGN)
 
 
@@ -86,7 +86,7 @@ def pwrite_direct(fd: int, data, offset: int) -> None:
 
 
 def read_direct(path: str, size: int) -> bytes:
-    """The `size` bytes of the file at `path` (at most CHUNK), read with O_DIRECT."""
+    """The `size` bytes of the file at `path`, read with O_DIRECT, CHUNK at a time."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
         buf = _aligned.get()

@@ -47,6 +47,9 @@ DEFAULT_WORKERS = 4
 DEFAULT_REQUEST_SIZE = 512 * KiB      # >= 1 MiB makes QEMU's NBD server page-fault on every read
 DEFAULT_IN_FLIGHT = 4
 DEFAULT_GRANULARITY = 64 * KiB
+DEFAULT_STATE_DIR = "/var/lib/ekko"
+DEFAULT_BITMAP_PREFIX = "ekko-"     # generations are <prefix><backup id>
+DEFAULT_COMPRESSION_LEVEL = 1       # zstd
 DEFAULT_READ_BACK = 8             # segments re-read from the export before a commit (backup.copy._read_back)
 READ_BACK_ALL = -1
 DEFAULT_SCRATCH_RESERVE = 1 * GiB  # free room copy-before-write keeps (backup/scratch.py)

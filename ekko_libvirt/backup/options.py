@@ -1,6 +1,7 @@
 """What one backup transaction is asked to do (BackupOptions, built from the config once) and
 what it gives back (BackupResult)."""
 
+import os
 from dataclasses import dataclass, field
 from typing import Dict, List
 
@@ -15,13 +16,13 @@ class BackupOptions:
     require_incremental: bool = False
     segment_size: int = units.DEFAULT_SEGMENT_SIZE
     granularity: int = units.DEFAULT_GRANULARITY
-    bitmap_prefix: str = "ekko-"
+    bitmap_prefix: str = units.DEFAULT_BITMAP_PREFIX
     compress: bool = True
-    compression_level: int = 1
+    compression_level: int = units.DEFAULT_COMPRESSION_LEVEL
     workers: int = units.DEFAULT_WORKERS
     request_size: int = units.DEFAULT_REQUEST_SIZE
     in_flight: int = units.DEFAULT_IN_FLIGHT
-    lock_dir: str = "/var/lib/ekko/locks"
+    lock_dir: str = units.DEFAULT_STATE_DIR + "/locks"
     labels: Dict = field(default_factory=dict)
     scratch_reserve: int = units.DEFAULT_SCRATCH_RESERVE     # free room kept for copy-before-write
     state_dir: str = ""                 # this host's ledger of commits (ledger.py); "": no ledger
@@ -36,11 +37,8 @@ class BackupResult:
     notes: List[str]
 
 
-
-
-def options_from_config(cfg, target: str, prefix: str = "ekko-", **kw) -> BackupOptions:
+def options_from_config(cfg, target: str, prefix: str = units.DEFAULT_BITMAP_PREFIX, **kw) -> BackupOptions:
     """BackupOptions from the config: the CLI's, the agent's and offline backups take the same."""
-    import os
     return BackupOptions(target=target, segment_size=cfg.segment_size, granularity=cfg.granularity,
                          bitmap_prefix=prefix, compress=cfg.compress, compression_level=cfg.compression_level,
                          workers=cfg.workers, request_size=cfg.request_size, in_flight=cfg.in_flight,

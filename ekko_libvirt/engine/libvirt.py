@@ -56,7 +56,7 @@ def qemu_accessible_dir(path: str) -> str:
 
 
 @dataclass
-class JobRecord:
+class PullJobRecord:
     """Written before backupBegin; removed when the job is settled. A record found at start
     means an agent died mid-backup: abort the job, drop the new checkpoint, keep the old one."""
     domain_uuid: str
@@ -95,12 +95,12 @@ class CheckpointState:
         d = self._read(self._path(uuid, "checkpoint"))
         return d["xml"] if d and d.get("name") == name else None
 
-    def save_job(self, job: JobRecord) -> None:
+    def save_job(self, job: PullJobRecord) -> None:
         self._write(self._path(job.domain_uuid, "job"), job.__dict__)
 
-    def job(self, uuid: str) -> Optional[JobRecord]:
+    def job(self, uuid: str) -> Optional[PullJobRecord]:
         d = self._read(self._path(uuid, "job"))
-        return JobRecord(**d) if d else None
+        return PullJobRecord(**d) if d else None
 
     def drop_job(self, uuid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -326,7 +326,7 @@ class LibvirtEngine:
         reaper = Reaper({"kind": "libvirt", "name": self.dom.name(), "uri": self.dom.connect().getURI(),
                          "uuid": self.uuid}, os.path.join(self.state.dir, f"{self.uuid}.reaper.log")).start()
         try:
-            self.state.save_job(JobRecord(self.uuid, new_cp, base_cp, time.time(), reaper.pid))
+            self.state.save_job(PullJobRecord(self.uuid, new_cp, base_cp, time.time(), reaper.pid))
             self.cps.begin_job(dx.backup_xml(specs, socket), dx.checkpoint_xml(new_cp, bitmap_devs, other_devs))
         except BaseException as e:
             self.state.drop_job(self.uuid)

@@ -21,12 +21,15 @@ import secrets
 import threading
 from typing import Iterator
 
-from ..directio import CHUNK, fsync_path, read_direct, write_new_file
+from .. import units
+from ..directio import fsync_path, read_direct, write_new_file
 from ..errors import ObjectNotFound, StoreError
 from .base import Batch, ObjectInfo, Store, check_key
 
 TMP_MARK = ".tmp-"
 DIRECT_MIN = 64 << 10
+# the largest segment object: a segment of the largest size the config allows, plus its header
+DIRECT_MAX = units.MAX_SEGMENT_SIZE + 64
 SEGMENTS = "segments/"
 
 log = logging.getLogger(__name__)
@@ -34,10 +37,11 @@ log = logging.getLogger(__name__)
 
 def _read(path: str) -> bytes:
     """The whole file, read around the page cache when it is a segment-sized object (DIRECT_MIN
-    to CHUNK bytes: a restore reads each segment once, and caching it would evict the guests'
-    pages and cost a page allocation per byte, as writing does). Others are read as usual."""
+    to DIRECT_MAX bytes, whatever the segment size: a restore reads each segment once, and
+    caching it would evict the guests' pages and cost a page allocation per byte, as writing
+    does). Others are read as usual."""
     size = os.stat(path).st_size
-    if DIRECT_MIN <= size <= CHUNK:
+    if DIRECT_MIN <= size <= DIRECT_MAX:
         return read_direct(path, size)
     return _read_buffered(path)
 
