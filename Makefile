@@ -10,6 +10,10 @@ PROP_SEED ?=
 # make torture: chains of the differential fuzzer (tests/integration/test_chain_fuzz.py), SEEDS fresh
 # random seeds, each printed; EKKO_FUZZ_SEED=S replays one, EKKO_FUZZ_EVENTS picks event kinds.
 SEEDS ?= 20
+# ... and SCHEDULES read-ahead schedules (tests/unit/test_reader_schedules.py), CUTS power cuts of the
+# local store (tests/integration/test_store_crash.py; EKKO_CRASH_SEED=N replays one).
+SCHEDULES ?= 50000
+CUTS ?= 100
 
 .PHONY: demo test unit bench torture deps deps-core lint clean
 
@@ -34,6 +38,8 @@ torture: deps
 	HYPOTHESIS_PROFILE=torture HYPOTHESIS_EXAMPLES=$(EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
 		tests/unit/test_prop_*.py --hypothesis-seed=$$seed $(PYTEST_ARGS)
 	EKKO_FUZZ_SEEDS=$(SEEDS) $(PY) -m pytest -q -rA -p no:cacheprovider tests/integration/test_chain_fuzz.py $(PYTEST_ARGS)
+	EKKO_READER_SCHEDULES=$(SCHEDULES) $(PY) -m pytest -q -p no:cacheprovider tests/unit/test_reader_schedules.py
+	EKKO_CRASH_CUTS=$(CUTS) $(PY) -m pytest -q -p no:cacheprovider tests/integration/test_store_crash.py
 
 bench: deps
 	$(PY) bench/run.py $(BENCH_ARGS)
