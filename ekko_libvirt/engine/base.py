@@ -21,9 +21,12 @@ transaction starts over as a full with that reason.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Protocol, Tuple, Type
 
 from ..errors import EngineError
+
+if TYPE_CHECKING:
+    from .bitmaps import GenerationPlan
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,16 @@ class Engine(Protocol):
 
     def inspect(self) -> Dict[str, DiskInfo]: ...
 
-    def begin(self, plans: Mapping, sizes: Mapping[str, int], backup_id: str) -> BackupSession: ...
+    def begin(self, plans: Mapping[str, "GenerationPlan"], sizes: Mapping[str, int], backup_id: str
+              ) -> BackupSession: ...
 
     def close(self) -> None: ...
+
+
+if TYPE_CHECKING:
+    # `make lint` (mypy) checks here that both engines and their sessions keep the protocols above.
+    from .libvirt import LibvirtEngine, LibvirtSession
+    from .qmp import QMPEngine, QMPSession
+
+    _ENGINES: Tuple[Type[Engine], ...] = (QMPEngine, LibvirtEngine)
+    _SESSIONS: Tuple[Type[BackupSession], ...] = (QMPSession, LibvirtSession)

@@ -9,10 +9,10 @@ incremental exports it and, only after its own manifest is committed, removes it
 
 import re
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 from ..errors import EngineError, IncrementalImpossible
-from .base import DiskInfo
+from .base import BitmapInfo, DiskInfo
 
 FULL = "full"
 INCREMENTAL = "incremental"
@@ -71,8 +71,8 @@ def is_generation_name(name: str, prefix: str) -> bool:
     return name.startswith(prefix) and ID_PATTERN.fullmatch(name[len(prefix):]) is not None
 
 
-def known_generations(prefix: str, backup_ids, header_bitmaps=(), interrupted: Optional[Interrupted] = None
-                      ) -> frozenset:
+def known_generations(prefix: str, backup_ids: Iterable[str], header_bitmaps: Iterable[Optional[str]] = (),
+                      interrupted: Optional[Interrupted] = None) -> frozenset:
     """The generation names ekko created for one target: one per backup of it in the store (a
     generation is named after its backup, and the header says so too), and what an interrupted
     run created or disabled. Only these are ever removed or merged; every other bitmap, with
@@ -84,7 +84,7 @@ def known_generations(prefix: str, backup_ids, header_bitmaps=(), interrupted: O
     return frozenset(n for n in names if is_generation_name(n, prefix))
 
 
-def ours(info: DiskInfo, prefix: str, known: frozenset = frozenset()):
+def ours(info: DiskInfo, prefix: str, known: frozenset = frozenset()) -> List[BitmapInfo]:
     """Our generations on the disk: created by ekko for this target (see known_generations)."""
     return [b for b in info.bitmaps if b.name in known and is_generation_name(b.name, prefix)]
 
@@ -163,19 +163,22 @@ def plan_generation(info: DiskInfo, head: Optional[ChainHead], *, backup_id: str
 
     reason = _why_full(info, head, force_full, broken_reason, bitmap_capable, key_mismatch_reason)
     if reason is None:
+        # _why_full gives a reason whenever there is no head or its bitmap is not healthy
+        assert head is not None and base is not None
         return GenerationPlan(INCREMENTAL, f"changes since {head.backup_id} (bitmap {head.bitmap})",
-                              head.backup_id, new, gran, base.name, base.name,
-                              head.segment_size, (base.name,))
+                              parent=head.backup_id, new_bitmap=new, granularity=gran, base_bitmap=base.name,
+                              export_bitmap=base.name, segment_size=head.segment_size, retire=(base.name,))
     if require_incremental:
         raise IncrementalImpossible(f"disk {info.node}: incremental impossible: {reason}")
     # A full starts a new chain: it takes the configured segment size.
     retire = tuple(sorted({b.name for b in info.bitmaps if b.name in known or (base and b.name == base.name)}
                           - {new})) if new else ()
-    return GenerationPlan(FULL, reason, None, new, gran, base.name if base else None, None,
-                          segment_size, retire)
+    return GenerationPlan(FULL, reason, parent=None, new_bitmap=new, granularity=gran,
+                          base_bitmap=base.name if base else None, export_bitmap=None,
+                          segment_size=segment_size, retire=retire)
 
 
-def _healthy_head_bitmap(info: DiskInfo, head: Optional[ChainHead]):
+def _healthy_head_bitmap(info: DiskInfo, head: Optional[ChainHead]) -> Optional[BitmapInfo]:
     if head is None or not head.bitmap:
         return None
     b = info.bitmap(head.bitmap)

@@ -30,10 +30,11 @@ def parse_disks(xml: str) -> List[DomainDisk]:
         if d.get("device", "disk") != "disk" or d.find("readonly") is not None or d.find("shareable") is not None:
             continue
         target, driver, source = d.find("target"), d.find("driver"), d.find("source")
-        if target is None or source is None:
+        dev = target.get("dev") if target is not None else None    # libvirt's schema requires it
+        if dev is None or source is None:
             continue
         path = source.get("file") or source.get("dev") or ""
-        disks.append(DomainDisk(target.get("dev"), path, (driver.get("type") if driver is not None else "raw") or "raw",
+        disks.append(DomainDisk(dev, path, (driver.get("type") if driver is not None else "raw") or "raw",
                                 d.get("type", "file")))
     return disks
 
@@ -80,7 +81,8 @@ class DiskBackupSpec:
 def backup_xml(disks: Sequence[DiskBackupSpec], socket: str) -> str:
     lines = ["<domainbackup mode='pull'>", f"  <server transport='unix' socket={quoteattr(socket)}/>", "  <disks>"]
     for d in disks:
-        mode = (f"backupmode='incremental' incremental={quoteattr(d.incremental_from)} exportbitmap={quoteattr('ekko-' + d.dev)}"
+        mode = (f"backupmode='incremental' incremental={quoteattr(d.incremental_from)} "
+                f"exportbitmap={quoteattr('ekko-' + d.dev)}"
                 if d.incremental_from else "backupmode='full'")
         lines.append(f"    <disk name={quoteattr(d.dev)} backup='yes' type='file' exportname={quoteattr(d.dev)} {mode}>"
                      f"<scratch file={quoteattr(d.scratch)}/></disk>")

@@ -13,7 +13,7 @@ import os
 import pwd
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import libvirt
 
@@ -214,7 +214,7 @@ class Checkpoints:
     def recover_job(self) -> List[str]:
         """Settle what a dead agent left: its job is aborted, its new checkpoint deleted (its
         writes are in the old generation, which kept recording), the old one forgotten."""
-        notes = []
+        notes: List[str] = []
         job = self.state.job(self.uuid)
         if job is None:
             return notes
@@ -274,7 +274,7 @@ class LibvirtEngine:
     def scratch_dir(self) -> str:
         return qemu_accessible_dir(os.path.join(self.state_dir, "scratch"))
 
-    def _capable(self):
+    def _capable(self) -> List[str]:
         return [t for t, d in self.disks.items() if d.bitmap_capable]
 
     def recover(self, chains: Mapping) -> Recovered:
@@ -301,14 +301,15 @@ class LibvirtEngine:
         stands for the bitmap of every qcow2 disk whose chain ends in it (libvirt keeps it
         recording and consistent, or refuses it at redefinition or at begin)."""
         sizes = disk_sizes(self.dom, [d.dev for d in self.disks.values()])
-        out = {}
+        out: Dict[str, DiskInfo] = {}
         for t, d in self.disks.items():
             head = self.chains[t].head if t in self.chains else None
-            bitmaps = ()
+            bitmaps: Tuple[BitmapInfo, ...] = ()
             if self.base_cp and head is not None and head.bitmap == self.base_cp and d.bitmap_capable:
                 bitmaps = (BitmapInfo(self.base_cp, head.granularity or self.granularity, recording=True, busy=False,
                                       inconsistent=False, persistent=True),)
-            out[t] = DiskInfo(d.dev, d.source, d.format if d.bitmap_capable else d.format or "raw", sizes[d.dev], bitmaps)
+            out[t] = DiskInfo(node=d.dev, filename=d.source, format=d.format if d.bitmap_capable else d.format or "raw",
+                              virtual_size=sizes[d.dev], bitmaps=bitmaps)
         return out
 
     def begin(self, plans: Mapping[str, GenerationPlan], sizes: Mapping[str, int], backup_id: str) -> "LibvirtSession":

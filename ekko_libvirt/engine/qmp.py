@@ -18,11 +18,12 @@ journals, and the next run's recover() tears down exactly that and merges the ge
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import xxhash
 
@@ -131,7 +132,7 @@ class QMPEngine:
     # -- inspection -------------------------------------------------------------------------
     def inspect(self) -> Dict[str, DiskInfo]:
         nodes = {n.get("node-name"): n for n in self.qmp.execute("query-named-block-nodes", {"flat": True})}
-        out = {}
+        out: Dict[str, DiskInfo] = {}
         for name, t in self.targets.items():
             n = nodes.get(t.node)
             if n is None:
@@ -152,7 +153,8 @@ class QMPEngine:
             self._teardown(stop_server=any((j or {}).get("started_server") for j in journals.values()), quiet=True)
             notes.append("removed the NBD export and fleecing nodes of an interrupted backup")
         infos = self.inspect()
-        actions, broken = [], {}
+        actions: List[dict] = []
+        broken: Dict[str, Optional[str]] = {}
         for name, t in self.targets.items():
             view = chains[name]
             rec = plan_recovery(infos[name], view.committed_generation, t.bitmap_prefix,
@@ -215,7 +217,7 @@ class QMPEngine:
             for name in self.targets:
                 journal[name]["reaper_pid"] = session.reaper.pid
         try:
-            actions = []
+            actions: List[dict] = []
             for name, t in self.targets.items():
                 self._create_fleece(name, sizes[name])
                 actions += switch_actions(plans[name], t.node, self.names[name])
@@ -245,7 +247,8 @@ class QMPEngine:
         if p.returncode != 0:
             raise EngineError(f"{name}: cannot create the scratch image {n.fleece_file}: {p.stderr.strip()}")
         os.chmod(n.fleece_file, 0o600)
-        self.qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": n.fleece_node, "backing": self.targets[name].node,
+        self.qmp.execute("blockdev-add", {"driver": "qcow2", "node-name": n.fleece_node,
+                                          "backing": self.targets[name].node,
                                           "file": {"driver": "file", "filename": n.fleece_file}})
 
     def _start_nbd_server(self) -> bool:
@@ -273,13 +276,13 @@ class QMPEngine:
         """Remove every disk's export, snapshot node, job and fleece node, then the NBD server
         and the files; each step only if present, so it is safe after any partial begin() and
         after a crash."""
-        steps = []
+        steps: List[Callable[[], None]] = []
         for n in self.names.values():
-            steps += [lambda n=n: self._del_export(n), lambda n=n: self._blockdev_del(n.snap_node),
-                      lambda n=n: self._cancel_job(n), lambda n=n: self._blockdev_del(n.fleece_node)]
+            steps += [functools.partial(self._del_export, n), functools.partial(self._blockdev_del, n.snap_node),
+                      functools.partial(self._cancel_job, n), functools.partial(self._blockdev_del, n.fleece_node)]
         if stop_server:
             steps.append(self._stop_nbd_server)
-        errors = []
+        errors: List[EngineError] = []
         for step in steps:
             try:
                 step()

@@ -71,7 +71,8 @@ class QMPConnection:
         async def _wait():
             while True:
                 ev = await self._listener.get()
-                if ev["event"] == name and match(ev.get("data", {})):
+                data = ev.get("data", {})       # a JSON object in every QMP event that has data
+                if ev["event"] == name and isinstance(data, dict) and match(data):
                     return ev
         try:
             return self._run(_wait(), timeout)

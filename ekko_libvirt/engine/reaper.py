@@ -25,6 +25,7 @@ keep needs the store, and the next run's recovery decides it as before.
 import json
 import subprocess
 import sys
+from typing import Optional
 
 DONE = b"done\n"
 
@@ -35,13 +36,14 @@ class Reaper:
     def __init__(self, what: dict, log_path: str):
         self.fields = what              # {"kind": "qmp", "target": {...}} or {"kind": "libvirt", ...}
         self.log_path = log_path
-        self.proc = None
+        self.proc: Optional[subprocess.Popen[bytes]] = None
 
     def start(self) -> "Reaper":
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.engine.reaper_main", self.log_path],
                                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            assert self.proc.stdin is not None      # stdin=PIPE
             self.proc.stdin.write(json.dumps(self.fields).encode() + b"\n")
             self.proc.stdin.flush()
         except OSError as e:        # no reaper is no reason to fail a backup: the next run recovers
@@ -50,13 +52,14 @@ class Reaper:
         return self
 
     @property
-    def pid(self):
+    def pid(self) -> Optional[int]:
         return self.proc.pid if self.proc else None
 
     def done(self) -> None:
         if self.proc is None:
             return
         try:
+            assert self.proc.stdin is not None      # stdin=PIPE (start)
             self.proc.stdin.write(DONE)
             self.proc.stdin.close()
             self.proc.wait(timeout=10)

@@ -1,20 +1,21 @@
 """How a store names segments and holds objects: the seam between the format and encryption.
 
-    PLAIN           today's format: a segment is named by the xxh3-128 of its raw bytes and
-                    every object is stored as it is (docs/format.md, "Layout")
-    crypto.Sealed   an encrypted store: a segment is named by a keyed hash, and every object is
-                    sealed in an AEAD envelope (docs/format.md, "Encryption")
+    PLAIN               today's format: a segment is named by the xxh3-128 of its raw bytes and
+                        every object is stored as it is (docs/format.md, "Layout")
+    crypto.SealedCodec  an encrypted store: a segment is named by a keyed hash, and every object
+                        is sealed in an AEAD envelope (docs/format.md, "Encryption")
 
-Sealing is done by the store wrapper crypto.SealedStore, so every reader of objects (catalog,
-restore, verify, prune, gc, markers) gets it without knowing; what the wrapper cannot do is
-choose names, so the writers of segments ask `store.codec` for the naming. A chain never
-mixes the two: an incremental copies its parent's table only when the parent was read with
-the same codec (backup/transaction.py, codec.chain_key_reason).
+Both keep the `Codec` protocol below. Sealing is done by the store wrapper SealedStore
+(store/sealed.py), so every reader of objects (catalog, restore, verify, prune, gc, markers)
+gets it without knowing; what the wrapper cannot do is choose names, so the writers of
+segments ask `store.codec` for the naming. A chain never mixes the two: an incremental copies
+its parent's table only when the parent was read with the same codec (backup/transaction.py,
+codec.chain_key_reason).
 
 Nothing here needs the `cryptography` package: a plain store never imports it.
 """
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Protocol
 
 import xxhash
 
@@ -23,6 +24,23 @@ from ..errors import KeyMismatch
 # Every sealed object starts with: magic (4) | key fingerprint (16) | nonce (12).
 SEALED_MAGIC = b"EKE1"
 FINGERPRINT_SIZE = 16
+
+
+class Codec(Protocol):
+    """What the writers and readers of segments and manifests ask of `store.codec`."""
+
+    @property
+    def encrypted(self) -> bool: ...
+
+    @property
+    def fingerprint(self) -> Optional[str]: ...    # the key's (hex); None: not encrypted
+
+    @property
+    def naming(self) -> str: ...                   # the manifest header's `hash`
+
+    def name(self, raw: Any) -> bytes: ...         # a segment's name (raw: bytes-like)
+
+    def describe(self) -> Optional[Dict[str, Any]]: ...     # the manifest header's `encryption`
 
 
 class PlainCodec:

@@ -15,14 +15,15 @@ Contract every backend must keep (tests/unit/test_store_contract.py runs it agai
 - delete(key): idempotent; deleting a missing key is not an error.
 - stat(key) -> ObjectInfo: size in the store (a sealing store adds its envelope) and last-modified
   time (Unix seconds, the backend's clock: file mtime locally, X-Timestamp / Last-Modified on
-  Swift); ObjectNotFound if absent. No data transfer. GC compares it with its grace period, so a put must set it to the time of the put.
+  Swift); ObjectNotFound if absent. No data transfer. GC compares it with its grace period, so a
+  put must set it to the time of the put.
 - clean_temp(older_than) -> int: removes temporary objects an interrupted put left behind, last
   modified before `older_than` (Unix seconds); how many. GC calls it. Default: none to remove.
 - batch() -> Batch: put() atomic but not yet visible nor durable; flush() makes every object put
   so far durable and then visible, together; abort() drops what was not flushed. A backup puts
   its segments through a batch and flushes it before its manifest (the commit point) is written.
   Default: each put is durable on return (ImmediateBatch); the local store batches the fsyncs.
-- codec: how objects are named and sealed (format/codec.py). PLAIN; SealedStore seals.
+- codec: how objects are named and sealed (format/codec.py: a Codec). PLAIN; SealedStore seals.
 - close(): release connections. Default: nothing to release.
 Every method is declared here: a wrapper (SealedStore) implements each one explicitly, so a
 method added later cannot slip through a wrapper unsealed. Retry policy and concurrency limits
@@ -36,7 +37,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-from ..format.codec import PLAIN
+from ..format.codec import PLAIN, Codec
 
 _KEY_PART = re.compile(r"^[A-Za-z0-9._-]+$")
 
@@ -58,7 +59,7 @@ class ObjectInfo:
 
 class Batch(abc.ABC):
     @abc.abstractmethod
-    def put(self, key: str, data) -> None: ...
+    def put(self, key: str, data: bytes) -> None: ...
 
     @abc.abstractmethod
     def flush(self) -> None: ...
@@ -68,7 +69,9 @@ class Batch(abc.ABC):
 
 
 class Store(abc.ABC):
-    codec = PLAIN
+    @property
+    def codec(self) -> Codec:
+        return PLAIN
 
     @abc.abstractmethod
     def put(self, key: str, data: bytes) -> None: ...
@@ -98,7 +101,7 @@ class Store(abc.ABC):
     def clean_temp(self, older_than: float) -> int:
         return 0
 
-    def close(self) -> None:
+    def close(self) -> None:    # noqa: B027 - a default on purpose: most stores hold nothing to release
         pass
 
 
@@ -108,7 +111,7 @@ class ImmediateBatch(Batch):
     def __init__(self, store: Store):
         self.store = store
 
-    def put(self, key: str, data) -> None:
+    def put(self, key: str, data: bytes) -> None:
         self.store.put(key, data)
 
     def flush(self) -> None:

@@ -107,8 +107,8 @@ class Chain:
         return [e.backup_id for e in self.entries]
 
     @property
-    def bitmaps(self) -> List[str]:
-        """The generation bitmaps the readable headers name."""
+    def bitmaps(self) -> List[Optional[str]]:
+        """The generation bitmaps the readable headers name (None: a generation without one)."""
         return [(e.header.get("generation") or {}).get("bitmap") for e in self.entries
                 if e.header is not None and isinstance(e.header.get("generation"), dict)]
 

@@ -19,7 +19,7 @@ import logging
 import os
 import secrets
 import threading
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, List, Tuple, TypeVar
 
 from .. import units
 from ..directio import fsync_path, read_direct, write_new_file
@@ -33,6 +33,7 @@ DIRECT_MAX = units.MAX_SEGMENT_SIZE + 64
 SEGMENTS = "segments/"
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _read(path: str) -> bytes:
@@ -76,7 +77,7 @@ class LocalStore(Store):
     def batch(self) -> "LocalBatch":
         return LocalBatch(self)
 
-    def _write_temp(self, path: str, data, sync: bool) -> str:
+    def _write_temp(self, path: str, data: bytes, sync: bool) -> str:
         """Write `data` to a new temp file next to `path` (fsynced with `sync`) -> its name."""
         self._makedirs(os.path.dirname(path), sync)
         tmp = f"{path}{TMP_MARK}{secrets.token_hex(6)}"
@@ -87,7 +88,7 @@ class LocalStore(Store):
             write_new_file(tmp, data, sync=sync)
         return tmp
 
-    def _around_cache(self, direct, buffered):
+    def _around_cache(self, direct: Callable[[], T], buffered: Callable[[], T]) -> T:
         """direct() while the file system takes O_DIRECT; buffered() from its first refusal on
         (EINVAL: tmpfs before Linux 6.6, some FUSE), for writes and reads alike."""
         if self.direct:
@@ -217,11 +218,11 @@ class LocalBatch(Batch):
 
     def __init__(self, store: LocalStore):
         self.store = store
-        self.pending: list = []          # (temp path, final path)
+        self.pending: List[Tuple[str, str]] = []          # (temp path, final path)
         self.lock = threading.Lock()
         self.flushing = threading.Lock()
 
-    def put(self, key: str, data) -> None:
+    def put(self, key: str, data: bytes) -> None:
         path = self.store._path(key)
         try:
             tmp = self.store._write_temp(path, data, sync=False)
@@ -263,7 +264,7 @@ class LocalBatch(Batch):
         self._remove([tmp for tmp, _ in items])
 
     @staticmethod
-    def _remove(paths) -> None:
+    def _remove(paths: Iterable[str]) -> None:
         for p in paths:
             try:
                 os.unlink(p)
@@ -271,7 +272,7 @@ class LocalBatch(Batch):
                 pass        # renamed already, or gone: gc handles what is left
 
 
-def _sync_files(root: str, paths) -> None:
+def _sync_files(root: str, paths: Iterable[str]) -> None:
     """Make `paths` (files or directories under root) durable: one syncfs of root's file system
     where the C library has it, else an fsync of each."""
     if _syncfs is not None:

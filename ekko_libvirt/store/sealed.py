@@ -2,7 +2,7 @@
 the object's key as associated data). The segments' names are the codec's keyed hashes."""
 
 import threading
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from ..errors import IntegrityError, KeyMismatch
 from ..format.crypto import MANIFESTS, SealedCodec
@@ -17,7 +17,7 @@ class SealedStore(Store):
 
     put() opens what it sealed and compares before storing (verify before store)."""
 
-    def __init__(self, inner, load_codec: Callable[[], SealedCodec]):
+    def __init__(self, inner: Store, load_codec: Callable[[], SealedCodec]):
         self.inner = inner
         self._load = load_codec
         self._codec: Optional[SealedCodec] = None
@@ -31,10 +31,10 @@ class SealedStore(Store):
                     self._codec = self._load()
         return self._codec
 
-    def put(self, key: str, data) -> None:
+    def put(self, key: str, data: bytes) -> None:
         self.inner.put(check_key(key), self._sealed(key, data))
 
-    def _sealed(self, key: str, data) -> bytes:
+    def _sealed(self, key: str, data: bytes) -> bytes:
         codec = self.codec
         blob = codec.seal(key, data)
         if codec.open(key, blob) != data:
@@ -59,7 +59,7 @@ class SealedStore(Store):
     def exists(self, key: str) -> bool:
         return self.inner.exists(key)
 
-    def list(self, prefix: str = ""):
+    def list(self, prefix: str = "") -> Iterator[str]:
         return self.inner.list(prefix)
 
     def delete(self, key: str) -> None:
@@ -79,11 +79,11 @@ class SealedStore(Store):
 
 
 class _SealedBatch(Batch):
-    def __init__(self, store: SealedStore, inner):
+    def __init__(self, store: SealedStore, inner: Batch):
         self.store = store
         self.inner = inner
 
-    def put(self, key: str, data) -> None:
+    def put(self, key: str, data: bytes) -> None:
         self.inner.put(check_key(key), self.store._sealed(key, data))
 
     def flush(self) -> None:

@@ -170,10 +170,10 @@ class SwiftConfig:
             if not lo <= v <= hi:
                 raise ConfigError(f"store.{name}", f"must be an integer from {lo} to {hi}, not "
                                                    f"{v if abs(v) < 10**9 else 'a bigger one'}")
-        for name, hi in _SECONDS.items():
+        for name, most in _SECONDS.items():
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= hi:
-                raise ConfigError(f"store.{name}", f"must be a number of seconds above 0 and at most {hi:g}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= most:
+                raise ConfigError(f"store.{name}", f"must be a number of seconds above 0 and at most {most:g}")
         if not isinstance(self.insecure, bool):
             raise ConfigError("store.insecure", f"must be true or false, not {_type_name(self.insecure)}")
         p = self.listing_page_size
@@ -374,7 +374,7 @@ class SwiftStore(Store):
             if v
         }
         user, key = c.user, c.key
-        if c.application_credential_id:
+        if c.application_credential_id and c.application_credential_secret:    # both or neither (__post_init__)
             os_options.update(
                 auth_type="v3applicationcredential",
                 application_credential_id=c.application_credential_id,
