@@ -1,0 +1,170 @@
+"""argv -> argparse.Namespace: every command, its options and their help, and the argument types
+that refuse a bad value with exit 2 (argparse's usage line, then `ekko: error: ...`)."""
+
+import argparse
+import sys
+
+from .. import config
+from ..lifecycle.prune import RULES
+from .render import EXIT_USAGE
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        sys.stderr.write(f"ekko: error: {message}\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _common(suppress: bool) -> _Parser:
+    """Global options, accepted before or after the command. On the sub-commands their
+    defaults are SUPPRESS, so `ekko -c X list` keeps the X given before the command."""
+    d = (lambda v: argparse.SUPPRESS) if suppress else (lambda v: v)
+    common = _Parser(add_help=False)
+    common.add_argument("-c", "--config", default=d(None),
+                        help=f"config file (default $EKKO_CONFIG or {config.DEFAULT_PATH})")
+    common.add_argument("--json", action="store_true", default=d(False), help="machine-readable output on stdout")
+    common.add_argument("-v", "--verbose", action="count", default=d(0), help="more log output on stderr")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ekko", description="Incremental-forever backups of libvirt/QEMU disks.",
+                parents=[_common(False)])
+    common = _common(True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    b = sub.add_parser("backup", parents=[common], help="back up a target (first run full, then incremental)")
+    b.add_argument("target", help="target name from the config (or a libvirt domain name/UUID)")
+    mode = b.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="take a full backup and start a new chain")
+    mode.add_argument("--incremental", action="store_true", help="fail unless an incremental is possible")
+    b.add_argument("--disk", action="append", help="libvirt engine: only this disk (repeatable)")
+
+    ls = sub.add_parser("list", parents=[common], help="list backups in the store")
+    ls.add_argument("target", nargs="?", help="only this target, or libvirt domain (the targets of its disks)")
+    ls.add_argument("--project", help="only this project's namespace")
+
+    s = sub.add_parser("show", parents=[common], help="details of one backup")
+    s.add_argument("backup", help="backup id or unique prefix; or a target or libvirt domain: its newest backup")
+    s.add_argument("--disk", help="only this disk of a domain backup (default: every disk)")
+    s.add_argument("--project", help="only look in this project's namespace")
+
+    r = sub.add_parser("restore", parents=[common],
+                       help="restore a backup to a raw or qcow2 file or onto a block device, or a domain backup's "
+                            "disks to a directory (--define: as a new libvirt domain)")
+    r.add_argument("backup")
+    r.add_argument("--to", help="output file (.qcow2 -> qcow2, else raw), or a block device (raw, in place, "
+                                "with --force); or an existing directory, or with --define a directory (default "
+                                "STATE_DIR/restore/NEWNAME): one file per disk")
+    r.add_argument("--format", choices=("raw", "qcow2"), help="output format (default: from the file name; "
+                                                                "per disk: the backed-up disk's format)")
+    r.add_argument("--disk", action="append", help="which disk of a domain backup (repeatable with a directory)")
+    r.add_argument("--define", metavar="NEWNAME",
+                   help="define a new libvirt domain NEWNAME on the restored disks, from the domain XML stored "
+                        "with the backup (new UUID, no Nova metadata); refused if NEWNAME exists")
+    r.add_argument("--project", help="only look in this project's namespace")
+    r.add_argument("--allow-damaged", action="store_true", help="restore what is intact; report the holes")
+    r.add_argument("--force", action="store_true", help="overwrite an existing output file or block device")
+
+    v = sub.add_parser("verify", parents=[common], help="check backups: segments exist (--deep: re-hash)")
+    v.add_argument("backup", nargs="?", help="one backup (default: all)")
+    v.add_argument("--deep", action="store_true", help="download, decompress and re-hash every segment")
+    v.add_argument("--sample", type=_fraction, default=1.0, metavar="PCT",
+                   help="check a random share of the distinct segments, e.g. 5%% (default 100%%)")
+    v.add_argument("--since-days", type=_days, metavar="N",
+                   help="skip backups that passed an equally thorough verify in the last N days")
+    v.add_argument("--target")
+    v.add_argument("--disk", help="which disk of a domain backup")
+    v.add_argument("--project", help="only this project's namespace")
+    _lifecycle_parsers(sub, common)
+    _key_parsers(sub, common)
+    _agent_parsers(sub, common)
+    return p
+
+
+def _agent_parsers(sub, common: _Parser) -> None:
+    sub.add_parser("agent", parents=[common],
+                   help="run the host agent: hook events, libvirt events, scheduled backups (see ekko.yaml agent:)")
+    st = sub.add_parser("status", parents=[common],
+                        help="per domain: chain state, last backup, next scheduled, running job and progress")
+    st.add_argument("domain", nargs="?", help="only this domain (libvirt name or UUID)")
+    h = sub.add_parser("hook", parents=[common], help="install or remove the libvirt hook that feeds the agent")
+    hs = h.add_subparsers(dest="hook_command", required=True, parser_class=_Parser)
+    for name, what in (("install", "write the hook (spool and state dirs baked in), then SIGHUP libvirtd"),
+                       ("uninstall", "remove the hook, then SIGHUP libvirtd")):
+        x = hs.add_parser(name, parents=[common], help=what)
+        x.add_argument("--dest", help="hook file (default: agent.hook_path, /etc/libvirt/hooks/qemu.d/ekko)")
+        x.add_argument("--no-reload", action="store_true", help="do not SIGHUP libvirtd")
+
+
+def _key_parsers(sub, common: _Parser) -> None:
+    k = sub.add_parser("key", parents=[common], help="encryption keys: create one, show fingerprints (never a key)")
+    ks = k.add_subparsers(dest="key_command", required=True, parser_class=_Parser)
+    kc = ks.add_parser("create", parents=[common], help="write a new random key file (0600) and print its fingerprint")
+    kc.add_argument("--project", help="fills {project} in encryption.key_file (default: default)")
+    kc.add_argument("--key-file", help="write the key here instead of encryption.key_file")
+    kw = ks.add_parser("show", parents=[common],
+                       help="fingerprints of the configured keys and of the keys the stored backups need")
+    kw.add_argument("--project", help="only this project")
+
+
+def _lifecycle_parsers(sub, common: _Parser) -> None:
+    pr = sub.add_parser("prune", parents=[common],
+                        help="delete the backups no retention rule keeps (their manifests; gc frees the space)")
+    pr.add_argument("target", nargs="?", help="only this target (default: every target)")
+    periods = {"hourly": "hours", "daily": "days", "weekly": "ISO weeks", "monthly": "months", "yearly": "years"}
+    for rule in RULES:
+        pr.add_argument(f"--keep-{rule}", type=_count, metavar="N",
+                        help="keep the N newest backups" if rule == "last" else
+                        f"keep the newest backup of each of the N newest {periods[rule]} that have one")
+    pr.add_argument("--dry-run", action="store_true", help="show what would go and why; delete nothing")
+    pr.add_argument("--project", help="only this project's namespace")
+
+    for name, what in (("protect", "keep a backup whatever the retention policy says"),
+                       ("unprotect", "let the retention policy decide about a backup again")):
+        pp = sub.add_parser(name, parents=[common], help=what)
+        pp.add_argument("backup", help="backup id (or unique prefix); every disk of a domain backup")
+        pp.add_argument("--disk", help="only this disk of a domain backup")
+        pp.add_argument("--project", help="only look in this project's namespace")
+
+    g = sub.add_parser("gc", parents=[common],
+                       help="delete segments that no backup references (safe while backups run)")
+    g.add_argument("--dry-run", action="store_true", help="count what would be deleted; delete nothing")
+    g.add_argument("--grace-hours", type=_days, metavar="H",
+                   help="keep unreferenced segments younger than this (default: retention.gc_grace_hours, 24); "
+                        "must exceed the longest backup")
+    g.add_argument("--project", help="only this project's namespace")
+
+
+# -- argument types: a bad value is argparse's error (exit 2, naming the option) ----------------
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text!r}")
+    return n
+
+
+def _fraction(text: str) -> float:
+    """'5%' -> 0.05; '0.05' -> 0.05. Anything outside (0, 100%] is refused."""
+    t = text.strip()
+    try:
+        f = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        f = -1.0
+    if not 0 < f <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a percentage (5%%) or a fraction in (0, 1]")
+    return f
+
+
+def _days(text: str) -> float:
+    try:
+        f = float(text)
+    except ValueError:
+        f = -1.0
+    if f < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of days >= 0, not {text!r}")
+    return f
