@@ -169,7 +169,8 @@ def build(raw: Any, source: str = "") -> Config:
                     if k in raw),
     )
     if len(os.path.join(cfg.run_dir, "x" * 20)) > 100:
-        raise ConfigError("run_dir", f"{_show(cfg.run_dir)} is too long for a unix socket path (keep it under 80 chars)")
+        raise ConfigError("run_dir",
+                          f"{_show(cfg.run_dir)} is too long for a unix socket path (keep it under 80 chars)")
     if "libvirt" in raw:
         libvirt_uri(cfg)
     # `retention`, `agent`, `schedule`, `domains` are typed by the layers that use them

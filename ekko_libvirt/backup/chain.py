@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..store import catalog
+from ..store.base import Store
 from ..engine.bitmaps import ChainHead, generation_name, known_generations
 from ..errors import ReadBackMismatch
 from ..format.manifest import Manifest
@@ -24,7 +25,7 @@ class ChainView:
     broken: Optional[str] = None          # why nothing can be built on although backups exist
 
 
-def look_at_chain(store, target: str, prefix: str, ledger: Optional[Ledger] = None) -> ChainView:
+def look_at_chain(store: Store, target: str, prefix: str, ledger: Optional[Ledger] = None) -> ChainView:
     """One read of the target's manifest headers. A damaged newest manifest breaks the chain
     (the backup before it is not what the disk's generation tracks changes since); so does a
     store that lost backups this host committed (ledger.vanished), or a full the ledger asks for."""
@@ -32,23 +33,26 @@ def look_at_chain(store, target: str, prefix: str, ledger: Optional[Ledger] = No
     known = known_generations(prefix, ch.backup_ids, ch.bitmaps)
     newest, entry = ch.newest, ch.head
     if newest is not None and newest.header is None and not newest.locked:
-        return ChainView(None, None, generation_name(prefix, newest.backup_id), known,
-                         f"newest manifest {newest.key} is unreadable ({newest.error})")
+        return ChainView(head=None, entry=None, committed_generation=generation_name(prefix, newest.backup_id),
+                         known=known, broken=f"newest manifest {newest.key} is unreadable ({newest.error})")
     record = ledger.get(target) if ledger is not None else None
     broken = vanished_reason(record) if vanished(record, ch.backup_ids) else \
         record.full_required if record is not None else None
     if entry is None:
-        return ChainView(None, None, None, known, broken)
+        return ChainView(head=None, entry=None, committed_generation=None, known=known, broken=broken)
     if entry.locked:     # sealed with another key: nothing to build on, but its generation is no stray
-        return ChainView(None, entry, generation_name(prefix, entry.backup_id), known, broken)
+        return ChainView(head=None, entry=entry, committed_generation=generation_name(prefix, entry.backup_id),
+                         known=known, broken=broken)
     h = entry.header
+    assert h is not None        # ch.head is readable, or locked (above)
     gen = h.get("generation") or {}
-    head = ChainHead(h["backup_id"], gen.get("bitmap"), gen.get("granularity"), h["virtual_size"], h["segment_size"])
-    return ChainView(head, entry, head.bitmap, known, broken)
+    head = ChainHead(backup_id=h["backup_id"], bitmap=gen.get("bitmap"), granularity=gen.get("granularity"),
+                     virtual_size=h["virtual_size"], segment_size=h["segment_size"])
+    return ChainView(head=head, entry=entry, committed_generation=head.bitmap, known=known, broken=broken)
 
 
 
-def record_commit(ledger: Optional[Ledger], m: Manifest, store) -> None:
+def record_commit(ledger: Optional[Ledger], m: Manifest, store: Store) -> None:
     """The ledger follows the commit; a failure to write it costs the vanished check, not the backup."""
     if ledger is None:
         return
@@ -59,7 +63,7 @@ def record_commit(ledger: Optional[Ledger], m: Manifest, store) -> None:
 
 
 
-def record_failure(ledger: Optional[Ledger], target: str, e: BaseException, store) -> None:
+def record_failure(ledger: Optional[Ledger], target: str, e: BaseException, store: Store) -> None:
     """A read-back mismatch means the chain's change tracking cannot be trusted: the next backup
     of the target must be a full, whatever the bitmaps look like then."""
     if ledger is None or not isinstance(e, ReadBackMismatch):

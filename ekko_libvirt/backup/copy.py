@@ -16,9 +16,10 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Set
 
 from ..store import catalog, markers
+from ..store.base import Store
 from .. import heap, units
 from ..format import segment
 from ..engine.bitmaps import GenerationPlan
@@ -26,7 +27,7 @@ from ..errors import ReaderError, ReadBackMismatch, StoreError
 from ..faults import crash_point, pause_point
 from ..format.manifest import Manifest, SegmentTable, segment_count
 from ..nbd.extents import SegmentPlan, whole_segment, with_extra_segments
-from ..nbd.reader import ExportReader
+from ..nbd.reader import ExportReader, SegmentReader
 from . import scratch
 from .options import BackupOptions
 
@@ -50,7 +51,7 @@ class Stats:
 
 
 
-def copy_segments(export, store, plan: GenerationPlan, size: int, parent: Optional[Manifest],
+def copy_segments(export, store: Store, plan: GenerationPlan, size: int, parent: Optional[Manifest],
                    opts: BackupOptions, progress, watch: Optional[Callable[[], None]] = None
                    ) -> "tuple[SegmentTable, Stats]":
     """`watch`: called every scratch.WATCH_INTERVAL while segments are read; it raises to stop
@@ -174,11 +175,12 @@ def _named(d: Optional[bytes]) -> str:
     return "zeros" if d is None else segment.segment_key(d)
 
 
-def _missing(store, digests, workers: int, watch: Optional[Callable[[], None]] = None) -> set:
+def _missing(store: Store, digests: Iterable[bytes], workers: int,
+             watch: Optional[Callable[[], None]] = None) -> Set[bytes]:
     """The digests whose segment object does not exist; exists() in parallel, in batches. The
     export stays open meanwhile (a vanished segment is read again from it), and a full's check
     on Swift takes a HEAD per segment: `watch` looks at the scratch space between batches."""
-    out = set()
+    out: Set[bytes] = set()
     it = iter(digests)
     with cf.ThreadPoolExecutor(workers, thread_name_prefix="ekko-check") as pool:
         while True:
@@ -187,7 +189,7 @@ def _missing(store, digests, workers: int, watch: Optional[Callable[[], None]] =
             batch = list(itertools.islice(it, 256))
             if not batch:
                 return out
-            for d, ok in zip(batch, pool.map(lambda x: store.exists(segment.segment_key(x)), batch)):
+            for d, ok in zip(batch, pool.map(lambda x: store.exists(segment.segment_key(x)), batch), strict=True):
                 if not ok:
                     out.add(d)
 
@@ -197,7 +199,7 @@ class _SegmentCopier:
     worker threads take each segment: zero check -> encode (hash, compress, verify) -> store.
     Memory: the pool, 2 segments per worker + 2, whatever the disk size."""
 
-    def __init__(self, reader: ExportReader, store, known: set, opts: BackupOptions,
+    def __init__(self, reader: ExportReader, store: Store, known: set, opts: BackupOptions,
                  damaged: "set | frozenset" = frozenset(), track: bool = True):
         self.reader = reader
         self.store = store
@@ -211,7 +213,7 @@ class _SegmentCopier:
         self.touched: Optional[set] = set() if track else None
         self.stats = Stats()
         self._local = threading.local()
-        self._conns = []
+        self._conns: List[SegmentReader] = []
         self._lock = threading.Lock()
 
     def run(self, plans, table: SegmentTable, progress, size: int,
@@ -331,7 +333,7 @@ class _SegmentCopier:
             for k, v in kw.items():
                 setattr(self.stats, k, getattr(self.stats, k) + v)
 
-    def _worker(self):
+    def _worker(self) -> SegmentReader:
         w = getattr(self._local, "reader", None)
         if w is None:
             w = self._local.reader = self.reader.worker()

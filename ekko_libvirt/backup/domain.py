@@ -8,15 +8,19 @@ same transaction (deduplicated by the store). Every disk of the backup has the s
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence
 
 import libvirt
 
 from ..engine import domain_xml as dx
 from ..engine.libvirt import LibvirtEngine, lookup_domain
 from ..errors import UsageError
+from ..store.base import Store
 from .options import BackupOptions, BackupResult
 from .transaction import DiskJob, run_transaction
+
+if TYPE_CHECKING:
+    from .offline import HoldStart
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,9 @@ def select_disks(all_disks: List[dx.DomainDisk], wanted: Sequence[str], domain: 
     return [known[w] for w in wanted]
 
 
-def run_domain_backup(conn, req: DomainBackupRequest, open_store: Callable, base: BackupOptions, state_dir: str,
-                      run_dir: str, progress=None, hold_offline_start=None) -> List[BackupResult]:
+def run_domain_backup(conn, req: DomainBackupRequest, open_store: Callable[[Optional[str]], Store], base: BackupOptions,
+                      state_dir: str, run_dir: str, progress: Optional[Callable[[int, int], None]] = None,
+                      hold_offline_start: Optional["HoldStart"] = None) -> List[BackupResult]:
     """`hold_offline_start(uuid, name)`: what keeps the domain from starting while its images are
     backed up offline (the agent's marker, which the libvirt hook honours)."""
     dom = lookup_domain(conn, req.domain)

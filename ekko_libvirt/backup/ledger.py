@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Iterable, List, Optional, TypeGuard
 
 from ..durable import write_json_atomic
 from ..errors import EkkoError
@@ -43,9 +43,9 @@ class Record:
     full_required: Optional[str] = None
 
 
-def vanished(record: Optional[Record], present_ids: Iterable[str]) -> bool:
+def vanished(record: Optional[Record], present_ids: Iterable[str]) -> TypeGuard[Record]:
     """Whether the store lost backups of the record's target: its backup is gone and no newer
-    backup of the target is there (ids sort by time). Pure."""
+    backup of the target is there (ids sort by time). Pure. True only for a record."""
     if record is None or record.backup_id is None:
         return False
     ids = set(present_ids)

@@ -18,13 +18,14 @@ import time
 from dataclasses import replace
 from typing import Callable, ContextManager, List, Optional
 
+from ..store.base import Store
 from ..engine import domain_xml as dx
 from ..engine.qmp import Names, QMPEngine, QMPTarget
 from ..engine.reaper import Reaper
 from ..errors import EngineError
 from ..procs import process_start_ticks
-from .options import BackupResult
-from .transaction import run_transaction
+from .options import BackupOptions, BackupResult
+from .transaction import DiskJob, run_transaction
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,8 @@ class StorageDaemon:
         self.log_path = os.path.join(run_dir, f"qsd-{tag}.log")
         self.disks = disks
         self.leftovers: List[str] = []      # files to remove should we die with the daemon running
-        self.proc = None
-        self.reaper = None
+        self.proc: Optional[subprocess.Popen[bytes]] = None
+        self.reaper: Optional[Reaper] = None
 
     def __enter__(self) -> "StorageDaemon":
         with contextlib.suppress(FileNotFoundError):
@@ -53,15 +54,15 @@ class StorageDaemon:
             args += ["--blockdev", f"driver=file,node-name=f-{d.dev},filename={d.source}",
                      "--blockdev", f"driver={d.format},node-name={d.dev},file=f-{d.dev}"]
         args += ["--chardev", f"socket,id=m0,path={self.qmp_socket},server=on,wait=off", "--monitor", "chardev=m0"]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(self.log_path, "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=open(self.log_path, "ab"),
+                                            stderr=subprocess.STDOUT, start_new_session=True)
         self.reaper = Reaper({"kind": "process", "name": f"qemu-storage-daemon {self.qmp_socket}",
-                              "pid": self.proc.pid, "pid_start": process_start_ticks(self.proc.pid),
+                              "pid": proc.pid, "pid_start": process_start_ticks(proc.pid),
                               "remove": self.leftovers},
                              self.log_path + ".reaper.log").start()
         deadline = time.monotonic() + 20
         while True:
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 self._stop()
                 with open(self.log_path, errors="replace") as f:
                     raise EngineError(f"qemu-storage-daemon could not open the images: {f.read()[-500:].strip()}")
@@ -93,7 +94,8 @@ class StorageDaemon:
             self.reaper = None
 
 
-def backup_offline(dom, disks, jobs, store, opts, lock: str, state_dir: str, run_dir: str, progress,
+def backup_offline(dom, disks: List[dx.DomainDisk], jobs: List[DiskJob], store: Store, opts: BackupOptions, lock: str,
+                   state_dir: str, run_dir: str, progress: Optional[Callable[[int, int], None]],
                    hold_start: HoldStart, broken: Optional[str] = None) -> List[BackupResult]:
     """The transaction over the daemon's QMP: one view of all disks, as an online backup has.
     `hold_start(uuid, name)`: a context manager during which the libvirt hook refuses to start
@@ -107,7 +109,7 @@ def backup_offline(dom, disks, jobs, store, opts, lock: str, state_dir: str, run
                               "nothing was done: run the backup again")
         qsd = StorageDaemon(disks, run_dir, uuid[:8])
         targets = [QMPTarget(j.target, qsd.qmp_socket, d.dev, os.path.join(state_dir, "scratch"), run_dir,
-                             opts.bitmap_prefix) for d, j in zip(disks, jobs)]
+                             opts.bitmap_prefix) for d, j in zip(disks, jobs, strict=True)]
         qsd.leftovers = [Names.for_target(t).fleece_file for t in targets]
         with qsd:
             # no reaper of the engine's own: should we die, the daemon's reaper ends it, views and all

@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..store import catalog
-from ..format.codec import PLAIN, chain_key_reason
-from ..engine.base import ChainRefused, DiskInfo, Engine
+from ..store.base import Store
+from ..format.codec import PLAIN, Codec, chain_key_reason
+from ..engine.base import BackupSession, ChainRefused, DiskInfo, Engine
 from ..engine.bitmaps import INCREMENTAL, GenerationPlan, plan_generation
 from ..errors import IncrementalImpossible, LockBusy
 from ..faults import crash_point, pause_point
-from ..format.manifest import Manifest
+from ..format.manifest import Manifest, SegmentTable
 from . import scratch
 from .chain import ChainView, look_at_chain, record_commit, record_failure
 from .copy import Stats, copy_segments
@@ -73,7 +74,7 @@ class TargetLock:
         os.close(self.fd)
 
 
-def run_transaction(engine: Engine, store, disks: Sequence[DiskJob], opts: BackupOptions,
+def run_transaction(engine: Engine, store: Store, disks: Sequence[DiskJob], opts: BackupOptions,
                     progress: Optional[Callable[[int, int], None]] = None, lock: Optional[str] = None,
                     broken: Optional[str] = None) -> List[BackupResult]:
     """Back up `disks` (all of one engine) as one transaction. `lock`: the name serialising
@@ -90,7 +91,8 @@ def run_transaction(engine: Engine, store, disks: Sequence[DiskJob], opts: Backu
             return _transaction(engine, store, disks, opts, progress, str(e))
 
 
-def _transaction(engine, store, disks, opts: BackupOptions, progress, broken: Optional[str]) -> List[BackupResult]:
+def _transaction(engine: Engine, store: Store, disks: Sequence[DiskJob], opts: BackupOptions,
+                 progress: Optional[Callable[[int, int], None]], broken: Optional[str]) -> List[BackupResult]:
     codec = store.codec     # an encrypted store reads its key file here, before anything changes
     ledger = Ledger(opts.state_dir) if opts.state_dir else None
     chains = {d.target: look_at_chain(store, d.target, opts.bitmap_prefix, ledger) for d in disks}
@@ -105,8 +107,7 @@ def _transaction(engine, store, disks, opts: BackupOptions, progress, broken: Op
                              or recovered.broken.get(d.target)) for d in disks}
     for d in disks:
         log.info("%s: %s backup %s: %s", d.target, plans[d.target].kind, backup_id, plans[d.target].reason)
-    parents = {d.target: catalog.load(store, chains[d.target].entry.key) if plans[d.target].kind == INCREMENTAL
-               else None for d in disks}
+    parents = {d.target: _parent(store, chains[d.target], plans[d.target]) for d in disks}
     guard = scratch.guard_for(engine.scratch_dir, opts.scratch_reserve)
     if guard:
         guard.check_start()
@@ -136,7 +137,7 @@ def _transaction(engine, store, disks, opts: BackupOptions, progress, broken: Op
     notes = recovered.notes + session.commit()
     for m in manifests:
         record_commit(ledger, m, store)
-    return [BackupResult(m, k, notes) for m, k in zip(manifests, keys)]
+    return [BackupResult(m, k, notes) for m, k in zip(manifests, keys, strict=True)]
 
 
 def _plan(info: DiskInfo, chain: ChainView, key_reason: Optional[str], opts: BackupOptions, backup_id: str,
@@ -147,14 +148,23 @@ def _plan(info: DiskInfo, chain: ChainView, key_reason: Optional[str], opts: Bac
                            broken_reason=broken or chain.broken, key_mismatch_reason=key_reason, known=chain.known)
 
 
-def _whole_job(progress, before: int, total: int):
+def _parent(store: Store, chain: ChainView, plan: GenerationPlan) -> Optional[Manifest]:
+    """An incremental's parent: the manifest of its chain's head (an incremental has one)."""
+    if plan.kind != INCREMENTAL:
+        return None
+    assert chain.entry is not None      # plan_generation plans an incremental only on a head
+    return catalog.load(store, chain.entry.key)
+
+
+def _whole_job(progress: Optional[Callable[[int, int], None]], before: int, total: int
+               ) -> Optional[Callable[[int, int], None]]:
     """Progress of one disk -> progress of the whole transaction (its disks one after the other)."""
     if progress is None:
         return None
     return lambda done, _size: progress(before + done, total)
 
 
-def _abort(session, target: str) -> None:
+def _abort(session: BackupSession, target: str) -> None:
     """Undo the backup in QEMU after a failure, without hiding that failure: when the undo fails
     too (QEMU gone, say), the error that stopped the backup is the one reported. The engine's
     journal stays until an undo succeeds: the next run finishes it before it decides anything."""
@@ -165,8 +175,8 @@ def _abort(session, target: str) -> None:
 
 
 
-def build_manifest(opts, info, plan: GenerationPlan, backup_id, table, stats: Stats, started: float,
-                   codec=PLAIN) -> Manifest:
+def build_manifest(opts: BackupOptions, info: DiskInfo, plan: GenerationPlan, backup_id: str, table: SegmentTable,
+                   stats: Stats, started: float, codec: Codec = PLAIN) -> Manifest:
     """`codec`: the store's (store.codec), which named the table's segments."""
     finished = time.time()
     counts = stats.as_dict()

@@ -17,11 +17,12 @@ the store seals the object in an envelope that authenticates it together with it
 import struct
 import threading
 from dataclasses import dataclass
+from typing import Dict
 
 import xxhash
 import zstandard
 
-from .codec import PLAIN
+from .codec import PLAIN, Codec
 from ..errors import EncodeMismatch, IntegrityError
 
 MAGIC = b"EKS1"
@@ -48,7 +49,7 @@ def digest_from_key(key: str) -> bytes:
     return bytes.fromhex(key.rsplit("/", 1)[1])
 
 
-_zero_cache = {}
+_zero_cache: Dict[int, bytes] = {}
 
 
 def is_zero(data) -> bool:
@@ -107,7 +108,7 @@ def _compressible(raw, level: int) -> bool:
 
 
 def encode(raw, level: int = 1, compress: bool = True, known_digest: "bytes | None" = None,
-           codec=PLAIN) -> EncodedSegment:
+           codec: Codec = PLAIN) -> EncodedSegment:
     """raw bytes -> verified object. Decodes what it built and re-hashes it before returning,
     so a compressor bug can never reach the store (verify before upload). `known_digest` is the
     segment's name under `codec` when the caller has it already."""
@@ -164,7 +165,7 @@ def _check_frame(payload, length: int, name: str) -> None:
         raise IntegrityError(f"segment {name}: {len(payload) - end} byte(s) after the zstd frame (damaged)")
 
 
-def decode(blob: bytes, expected: bytes, where: str = "", codec=PLAIN) -> bytes:
+def decode(blob: bytes, expected: bytes, where: str = "", codec: Codec = PLAIN) -> bytes:
     """Object bytes -> raw bytes, or IntegrityError if anything does not match `expected` (the
     segment's name). Under an encrypting codec `blob` is what the store opened (the envelope
     already proved it is the object stored under that name): the header's xxh3-128 is checked

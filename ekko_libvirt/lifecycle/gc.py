@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 from ..store import catalog, markers
+from ..store.base import Store
 from ..format import segment
 from ..errors import IntegrityError, KeyMismatch, ManifestError, ObjectNotFound, UsageError
 
@@ -82,7 +83,7 @@ class GCReport:
 class _Marker:
     """The referenced set, and which manifests it already holds."""
 
-    def __init__(self, store, progress: Optional[ProgressFn]):
+    def __init__(self, store: Store, progress: Optional[ProgressFn]):
         self.store = store
         self.progress = progress
         self.referenced: Set[bytes] = set()
@@ -110,7 +111,7 @@ class _Marker:
                 self.progress("mark", n, len(keys))
 
 
-def collect(store, grace_hours: float, dry_run: bool = False, workers: int = 4,
+def collect(store: Store, grace_hours: float, dry_run: bool = False, workers: int = 4,
             progress: Optional[ProgressFn] = None, now: Optional[Callable[[], float]] = None) -> GCReport:
     clock = now or time.time
     started = clock()
@@ -135,7 +136,7 @@ def collect(store, grace_hours: float, dry_run: bool = False, workers: int = 4,
     return report
 
 
-def _unreferenced(store, referenced: Set[bytes], report: GCReport,
+def _unreferenced(store: Store, referenced: Set[bytes], report: GCReport,
                   progress: Optional[ProgressFn]) -> List[Tuple[str, bytes]]:
     out = []
     for key in store.list(SEGMENTS):
@@ -156,7 +157,7 @@ def _unreferenced(store, referenced: Set[bytes], report: GCReport,
     return out
 
 
-def _sweep(store, candidates: List[Tuple[str, bytes]], report: GCReport, dry_run: bool, workers: int,
+def _sweep(store: Store, candidates: List[Tuple[str, bytes]], report: GCReport, dry_run: bool, workers: int,
            progress: Optional[ProgressFn]) -> Set[bytes]:
     """stat + delete each candidate put before the cutoff; returns the digests deleted."""
     deleted: Set[bytes] = set()
@@ -174,7 +175,7 @@ def _sweep(store, candidates: List[Tuple[str, bytes]], report: GCReport, dry_run
         return key, d, info.size
 
     with cf.ThreadPoolExecutor(max(1, workers), thread_name_prefix="ekko-gc") as pool:
-        for n, (key, d, size) in enumerate(_bounded(pool, one, candidates, workers * 4), 1):
+        for n, (_key, d, size) in enumerate(_bounded(pool, one, candidates, workers * 4), 1):
             if size == -1:
                 report.kept_young += 1
             elif size is not None:
@@ -197,7 +198,7 @@ def _bounded(pool, fn, items: Iterable, depth: int) -> Iterator:
         yield f.result()
 
 
-def _check_late_manifests(store, marker: _Marker, deleted: Set[bytes], report: GCReport) -> None:
+def _check_late_manifests(store: Store, marker: _Marker, deleted: Set[bytes], report: GCReport) -> None:
     """A backup committed during the sweep that names a segment we deleted lost the race: mark
     the segment damaged so the next backup of that disk stores it again."""
     late = [k for k in catalog.keys(store) if k not in marker.seen]
@@ -220,7 +221,7 @@ def _check_late_manifests(store, marker: _Marker, deleted: Set[bytes], report: G
         report.raced[key] = sorted(set(ids))
 
 
-def _tidy(store, referenced: Set[bytes], report: GCReport) -> None:
+def _tidy(store: Store, referenced: Set[bytes], report: GCReport) -> None:
     live = {k[len(catalog.PREFIX):] for k in catalog.keys(store)}
     stale = markers.stale(store, live, lambda d: d in referenced)
     report.markers_removed = markers.delete_quietly(store, stale)

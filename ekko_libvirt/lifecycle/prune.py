@@ -18,14 +18,14 @@ they stop gc from knowing which segments are garbage). A manifest that is merely
 with a key this host does not hold) is never pruned: with the right key it is a good backup.
 
 Deleting a backup deletes only its manifest: every manifest is a synthetic full, so no other
-backup depends on it; gc frees the segments that nothing references any more. Periods are calendar periods in `tz` (the CLI passes
-the host's local time zone; UTC by default).
+backup depends on it; gc frees the segments that nothing references any more. Periods are
+calendar periods in `tz` (the CLI passes the host's local time zone; UTC by default).
 """
 
 import datetime
 import re
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..errors import ConfigError
 
@@ -37,7 +37,7 @@ _PERIODS: Tuple[Tuple[str, Callable[[datetime.datetime], Tuple], Callable[[Tuple
     ("daily", lambda t: (t.year, t.month, t.day), lambda p: "%04d-%02d-%02d" % p),
     ("weekly", lambda t: tuple(t.isocalendar())[:2], lambda p: "%04d-W%02d" % p),
     ("monthly", lambda t: (t.year, t.month), lambda p: "%04d-%02d" % p),
-    ("yearly", lambda t: (t.year,), lambda p: "%04d" % p),
+    ("yearly", lambda t: (t.year,), lambda p: "%04d" % p[0]),
 )
 RULES = ("last",) + tuple(name for name, _, _ in _PERIODS)
 
@@ -139,10 +139,11 @@ def plan_target(backups: Iterable[Backup], policy: Optional[Policy],
             reasons[b.backup_id].append(f"last {k + 1}/{policy.last}")
         for name, period, label in _PERIODS:
             n = getattr(policy, name)
-            seen = set()
+            seen: Set[Tuple] = set()
             for b in newest_first:
                 if len(seen) >= n:
                     break
+                assert b.time is not None       # every readable one has a time (above)
                 p = period(b.time.astimezone(tz))
                 if p not in seen:
                     seen.add(p)

@@ -12,12 +12,13 @@ import datetime
 from typing import Callable, Dict, List, Mapping, Optional
 
 from ..store import catalog, markers
+from ..store.base import Store
 from . import prune
 
 PolicyFor = Callable[[str, Mapping], Optional[prune.Policy]]
 
 
-def prune_store(store, policy_for: PolicyFor, target: Optional[str] = None,
+def prune_store(store: Store, policy_for: PolicyFor, target: Optional[str] = None,
                 tz: datetime.tzinfo = prune.UTC, dry_run: bool = False) -> List[Dict]:
     """-> one row per backup (by target, oldest first): backup_id, target, time, keep, reasons,
     deleted, policy. `keep` is False for the backups deleted (or, dry run, that would be)."""

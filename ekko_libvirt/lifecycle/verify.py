@@ -4,7 +4,7 @@ Cheap: every segment a manifest names exists. Deep: every segment is fetched, de
 re-hashed. Each distinct segment is checked once per run, however many backups use it; a bad
 one is reported with every backup that uses it.
 
-`run` adds what a scheduled check needs, with its results in the store (markers.py):
+`run` adds what a scheduled check needs, with its results in the store (store/markers.py):
     sample      check a random fraction of the distinct segments (chosen by a keyed hash of the
                 digest, so the choice is spread evenly and differs from run to run)
     since_days  skip backups whose verify/<backup-id> says they passed, at least as deep and at
@@ -21,11 +21,12 @@ import concurrent.futures as cf
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Set
+from typing import AbstractSet, Callable, Dict, List, Optional, Set, Tuple
 
 import xxhash
 
 from ..store import catalog, markers
+from ..store.base import Store
 from ..format import segment
 from ..errors import IntegrityError, KeyMismatch, ManifestError, ObjectNotFound, StoreError
 
@@ -75,9 +76,9 @@ def sampler(fraction: float, salt: Optional[int] = None) -> Callable[[bytes], bo
     return lambda d: xxhash.xxh3_64_intdigest(d, seed=seed) < limit
 
 
-def verify(store, manifest_keys: List[str], deep: bool = False, workers: int = 4,
+def verify(store: Store, manifest_keys: List[str], deep: bool = False, workers: int = 4,
            progress: Optional[Callable[[int, int], None]] = None,
-           pick: Optional[Callable[[bytes], bool]] = None, watch: Set[bytes] = frozenset()) -> VerifyReport:
+           pick: Optional[Callable[[bytes], bool]] = None, watch: AbstractSet[bytes] = frozenset()) -> VerifyReport:
     """Check the segments of these manifests (those `pick` selects; all by default). Digests in
     `watch` that are checked and found intact are listed in `watched_ok`."""
     report = VerifyReport()
@@ -96,7 +97,7 @@ def verify(store, manifest_keys: List[str], deep: bool = False, workers: int = 4
             if pick is None or pick(d):
                 wanted.setdefault(d, set()).add(m.backup_id)
 
-    def check(d: bytes):
+    def check(d: bytes) -> Tuple[str, Optional[str]]:
         key = segment.segment_key(d)
         try:
             if deep:
@@ -139,7 +140,7 @@ def _rel(manifest_key: str) -> "tuple[str, str]":
     return target, bid
 
 
-def run(store, manifest_keys: List[str], deep: bool = False, sample: float = 1.0,
+def run(store: Store, manifest_keys: List[str], deep: bool = False, sample: float = 1.0,
         since_days: Optional[float] = None, workers: int = 4,
         progress: Optional[Callable[[int, int], None]] = None, now: Optional[float] = None,
         salt: Optional[int] = None) -> VerifyRun:
@@ -149,7 +150,7 @@ def run(store, manifest_keys: List[str], deep: bool = False, sample: float = 1.0
     checked, skipped = [], []
     for key in manifest_keys:
         state = markers.read_verify(store, *_rel(key)) if since is not None else None
-        if state is not None and state.covers(deep, sample, since):
+        if since is not None and state is not None and state.covers(deep, sample, since):
             skipped.append(key)
         else:
             checked.append(key)

@@ -16,7 +16,7 @@ does not mean zero (a hole over a backing file has data).
 """
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 STATE_HOLE = 1
 STATE_ZERO = 2
@@ -152,7 +152,7 @@ class CoverageTracker:
     def __init__(self, contexts: Sequence[str], seg: int, disk_size: int):
         self.seg = seg
         self.size = disk_size
-        self.extents = {c: [] for c in contexts}
+        self.extents: Dict[str, List[Extent]] = {c: [] for c in contexts}
         self.covered = {c: 0 for c in contexts}
         self.next_index = 0
 
@@ -181,7 +181,7 @@ class CoverageTracker:
         """Segments below end_index are planned: forget extents that end before them."""
         self.next_index = end_index
         cut = end_index * self.seg
-        for c, lst in self.extents.items():
+        for lst in self.extents.values():
             k = 0
             while k < len(lst) and lst[k][1] <= cut:
                 k += 1

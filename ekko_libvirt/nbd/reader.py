@@ -11,7 +11,7 @@ import collections
 import logging
 import queue
 import threading
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import nbd
 
@@ -197,7 +197,7 @@ class SegmentStream:
     worker, and requests under 1 MiB avoid its page faults (see bench/, README "Benchmark")."""
 
     def __init__(self, export: Export, plans, request_size: int, in_flight: int, buffers: int,
-                 connect: Callable[[Export], "nbd.NBD"] = None):
+                 connect: Optional[Callable[[Export], "nbd.NBD"]] = None):
         """`connect`: opens the read connection (libnbd; a fake handle in the schedule tests)."""
         self.export = export
         self.connect = connect or _connect
@@ -210,7 +210,7 @@ class SegmentStream:
         self.planned: queue.Queue = queue.Queue(maxsize=64)     # batches of plans
         self.out: queue.Queue = queue.Queue(maxsize=64)         # batches of (plan, buffer)
         self.stop = threading.Event()
-        self.threads = []
+        self.threads: List[threading.Thread] = []
 
     def __iter__(self) -> Iterator[Tuple[SegmentPlan, Optional[SegmentBuffer]]]:
         self.threads = [threading.Thread(target=self._plan, name="ekko-plan", daemon=True),
@@ -272,9 +272,10 @@ class SegmentStream:
                     if plan.is_zero:
                         order.append(_Slot(plan, None, sealed=True))
                         continue
-                    slot = _Slot(plan, self._buffer(plan.length, h, pending, order))
+                    buf = self._buffer(plan.length, h, pending, order)
+                    slot = _Slot(plan, buf)
                     order.append(slot)
-                    for view, off in slot.buf.requests(plan, self.request_size):
+                    for view, off in buf.requests(plan, self.request_size):
                         while len(pending) >= self.in_flight:
                             self._progress(h, pending, order)
                         pending[h.aio_pread(view, off)] = slot
@@ -385,7 +386,7 @@ class SegmentReader:
     def read(self, plan: SegmentPlan):
         if self._sb is None or len(self._sb.buf) < plan.length:
             self._sb = SegmentBuffer(plan.length)
-        pending = []
+        pending: List[int] = []             # libnbd's cookies
         try:
             for view, off in self._sb.requests(plan, self.request_size):
                 while len(pending) >= self.in_flight:

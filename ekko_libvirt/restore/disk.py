@@ -35,6 +35,7 @@ from typing import Callable, List, Optional, Tuple
 
 import nbd
 
+from ..store.base import Store
 from . import blockdev, qcow2
 from .. import heap
 from ..format import segment
@@ -73,7 +74,7 @@ def output_format(path: str, fmt: Optional[str]) -> str:
     return "qcow2" if path.endswith(".qcow2") else "raw"
 
 
-def restore(store, m: Manifest, path: str, fmt: Optional[str] = None, workers: int = 4,
+def restore(store: Store, m: Manifest, path: str, fmt: Optional[str] = None, workers: int = 4,
             allow_damaged: bool = False, overwrite: bool = False,
             progress: Optional[Callable[[int, int], None]] = None) -> RestoreResult:
     fmt = output_format(path, fmt)
@@ -162,7 +163,7 @@ def _damage_error(m: Manifest, holes: List[Hole], outcome: str = "nothing restor
 DEVICE_PARTIAL = "the device holds a partial restore: its earlier content is partly overwritten"
 
 
-def _restore_to_device(store, m: Manifest, path: str, fmt: str, workers: int, allow_damaged: bool,
+def _restore_to_device(store: Store, m: Manifest, path: str, fmt: str, workers: int, allow_damaged: bool,
                        overwrite: bool, progress) -> RestoreResult:
     """In place (a device cannot be renamed into place): the checks of blockdev.open_for_restore
     come first, then the zero runs are zeroed, then the data segments written, each verified
@@ -199,7 +200,7 @@ def _restore_to_device(store, m: Manifest, path: str, fmt: str, workers: int, al
     return result
 
 
-def _copy(store, m: Manifest, writer_factory, workers, allow_damaged, result: RestoreResult, progress) -> None:
+def _copy(store: Store, m: Manifest, writer_factory, workers, allow_damaged, result: RestoreResult, progress) -> None:
     entries = list(m.table.data_entries()) if m.table.count <= (1 << 22) else m.table.data_entries()
     total = m.table.data_count() * m.segment_size
     lock = threading.Lock()
@@ -479,7 +480,7 @@ def _qemu_nbd_qcow2(path: str, size: int, workers: int):
                 proc.kill()
                 proc.wait()
         if proc.returncode not in (0, -15):
-            raise EkkoError(f"qemu-nbd exited with {proc.returncode}: {proc.stderr.read().decode(errors='replace')}")
+            raise EkkoError(f"qemu-nbd exited with {proc.returncode}: {_stderr(proc)}")
 
 
 def _cache_mode(path: str) -> str:
@@ -494,11 +495,17 @@ def _cache_mode(path: str) -> str:
     return "none" if hasattr(os, "O_DIRECT") else "writeback"
 
 
-def _wait_socket(path: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+def _stderr(proc: "subprocess.Popen[bytes]") -> str:
+    """What qemu-nbd wrote to its stderr (started with stderr=PIPE)."""
+    assert proc.stderr is not None
+    return proc.stderr.read().decode(errors="replace")
+
+
+def _wait_socket(path: str, proc: "subprocess.Popen[bytes]", timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise EkkoError(f"qemu-nbd failed: {proc.stderr.read().decode(errors='replace').strip()}")
+            raise EkkoError(f"qemu-nbd failed: {_stderr(proc).strip()}")
         with socket.socket(socket.AF_UNIX) as s:
             try:
                 s.connect(path)

@@ -11,9 +11,10 @@ import contextlib
 import os
 import uuid as uuidlib
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 from ..store import catalog
+from ..store.base import Store
 from ..engine import domain_xml as dx
 from ..errors import EngineError, UsageError
 from .disk import RestoreResult, restore
@@ -47,7 +48,10 @@ def disk_of(key: str) -> str:
     return key[len(catalog.PREFIX):].rsplit("/", 1)[0].rsplit(".", 1)[-1]
 
 
-def select(found: Sequence[Tuple[object, str]], disks: Sequence[str], backup: str) -> List[Tuple[object, str]]:
+S = TypeVar("S")       # whatever travels with each manifest key: its store
+
+
+def select(found: Sequence[Tuple[S, str]], disks: Sequence[str], backup: str) -> List[Tuple[S, str]]:
     """The manifests of one backup id, restricted to `disks` (all when empty). Pure."""
     ids = {k.rsplit("/", 1)[1] for _, k in found}
     if not found:
@@ -61,7 +65,7 @@ def select(found: Sequence[Tuple[object, str]], disks: Sequence[str], backup: st
     return [by_dev[d] for d in (disks or sorted(by_dev))]
 
 
-def restore_domain(found: Sequence[Tuple[object, str]], directory: str, *, define: Optional[str] = None,
+def restore_domain(found: Sequence[Tuple[Store, str]], directory: str, *, define: Optional[str] = None,
                    conn=None, fmt: Optional[str] = None, workers: int = 4, allow_damaged: bool = False,
                    overwrite: bool = False, progress_for: Optional[Callable[[str], Callable]] = None) -> DomainRestore:
     """Restore the manifests `found` (one backup id; see `select`) into `directory` as <dev>.qcow2
@@ -91,6 +95,7 @@ def restore_domain(found: Sequence[Tuple[object, str]], directory: str, *, defin
                           progress=progress_for(dev) if progress_for else None)
             out.disks.append(RestoredDisk(dev, k, path, f, res))
         if define is not None:
+            assert xml is not None      # checked before anything was written
             out.uuid = str(uuidlib.uuid4())
             new_xml, out.notes = dx.restored_domain_xml(xml, define, out.uuid,
                                                         {d.dev: (d.path, d.format) for d in out.disks})

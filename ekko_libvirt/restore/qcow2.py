@@ -29,7 +29,7 @@ import struct
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Sequence, Set, Tuple
 
 from ..directio import pwrite_all
 
@@ -121,7 +121,7 @@ def plan(virtual_size: int, segment_size: int, data_segments: Iterable[int]) -> 
     given ones. Pure: no I/O."""
     if not can_write(segment_size):
         raise ValueError(f"segment size {segment_size} is not a multiple of the {C}-byte cluster")
-    regions = set()
+    regions: Set[int] = set()
     data_clusters = 0
     for i in data_segments:
         o = i * segment_size
@@ -143,7 +143,7 @@ def plan(virtual_size: int, segment_size: int, data_segments: Iterable[int]) -> 
     refcount_table, pos = pos, pos + table * C
     refcount_blocks, pos = pos, pos + blocks * C
     l1_table, pos = pos, pos + l1_clusters * C
-    l2_tables = {}
+    l2_tables: Dict[int, int] = {}
     for r in sorted(regions):
         l2_tables[r], pos = pos, pos + C
     return Layout(virtual_size, segment_size, refcount_table, table, refcount_blocks, blocks, l1_table,
@@ -173,7 +173,7 @@ def metadata(layout: Layout, data_segments: Iterable[int],
     for r, off in layout.l2_tables.items():
         l1[r] = off | COPIED
     yield layout.l1_table, _be(l1)
-    region, l2 = None, None
+    region, l2 = -1, array.array("Q")              # the L2 table being filled (-1: none yet)
     per_segment = layout.segment_size // C
     for rank, i in enumerate(data_segments):
         host = layout.host_offset(rank)
@@ -184,11 +184,11 @@ def metadata(layout: Layout, data_segments: Iterable[int],
                 continue                                        # zeros: unallocated
             r = (first + k) // L2_ENTRIES
             if r != region:
-                if l2 is not None:
+                if region >= 0:
                     yield layout.l2_tables[region], _be(l2)
                 region, l2 = r, array.array("Q", bytes(C))
             l2[(first + k) % L2_ENTRIES] = (host + k * C) | COPIED
-    if l2 is not None:
+    if region >= 0:
         yield layout.l2_tables[region], _be(l2)
 
 

@@ -4,7 +4,7 @@ The store is the only source of truth: a new host lists and restores with nothin
 config. A manifest is committed by one put under a name no other backup uses; there is no
 index to update and no pointer to overwrite.
 
-In an encrypted store every manifest is sealed (crypto.SealedStore). One sealed with a key we do
+In an encrypted store every manifest is sealed (sealed.py: SealedStore). One sealed with a key we do
 not hold, or a plain one where a key is configured, is listed as `locked`: its id and (from the
 envelope's plaintext prefix) its key fingerprint are known, nothing else.
 """
@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional
 
+from .base import Store
 from ..format import manifest as mf
 from ..format.codec import refuse_sealed
 from ..errors import EkkoError, IntegrityError, KeyMismatch, ManifestError, ObjectNotFound, UsageError
@@ -33,7 +34,7 @@ def manifest_key(target: str, backup_id: str) -> str:
     return f"{PREFIX}{target}/{backup_id}"
 
 
-def commit(store, m: mf.Manifest) -> str:
+def commit(store: Store, m: mf.Manifest) -> str:
     key = manifest_key(m.target, m.backup_id)
     codec = store.codec
     if m.hash != codec.naming or m.encryption != codec.describe():
@@ -62,12 +63,12 @@ class Entry:
         return self.key[len(PREFIX):].rsplit("/", 1)[0]
 
 
-def keys(store, target: Optional[str] = None) -> List[str]:
+def keys(store: Store, target: Optional[str] = None) -> List[str]:
     prefix = f"{PREFIX}{target}/" if target else PREFIX
     return sorted(store.list(prefix), key=lambda k: k.rsplit("/", 1)[1])
 
 
-def entries(store, target: Optional[str] = None) -> Iterator[Entry]:
+def entries(store: Store, target: Optional[str] = None) -> Iterator[Entry]:
     fp = store.codec.fingerprint
     for key in keys(store, target):
         try:
@@ -80,7 +81,7 @@ def entries(store, target: Optional[str] = None) -> Iterator[Entry]:
             continue     # deleted between list and get
 
 
-def head(store, target: str) -> Optional[Entry]:
+def head(store: Store, target: str) -> Optional[Entry]:
     """The newest readable (or locked) manifest of a target: what the next incremental builds
     on, or (locked) what tells the next backup that it cannot (codec.chain_key_reason)."""
     return chain(store, target).head
@@ -113,11 +114,11 @@ class Chain:
                 if e.header is not None and isinstance(e.header.get("generation"), dict)]
 
 
-def chain(store, target: str) -> Chain:
+def chain(store: Store, target: str) -> Chain:
     return Chain(tuple(entries(store, target)))
 
 
-def matching(store, backup_id: str, disk: Optional[str] = None) -> List[str]:
+def matching(store: Store, backup_id: str, disk: Optional[str] = None) -> List[str]:
     """Keys of the backups with this id (or id prefix; an exact id wins); one per disk of a
     domain backup unless `disk` picks one (the target's '.<disk>' suffix). What no backup id
     starts with may be the name of a target or of a libvirt domain (`named`): it stands for its
@@ -152,7 +153,7 @@ def choose(matches: List[str], backup_id: str, disk: Optional[str] = None) -> st
     return matches[0]
 
 
-def find(store, backup_id: str, disk: Optional[str] = None) -> str:
+def find(store: Store, backup_id: str, disk: Optional[str] = None) -> str:
     """Key of a backup by id, unique id prefix, or target or domain name (its newest backup)."""
     return choose(matching(store, backup_id, disk), backup_id, disk)
 
@@ -160,7 +161,7 @@ def find(store, backup_id: str, disk: Optional[str] = None) -> str:
 _DISK = re.compile(r"^[A-Za-z0-9_-]+$")       # a libvirt target dev: vda, sdb, hdc, nvme0n1
 
 
-def named(store, name: str, all_keys: Optional[List[str]] = None) -> List[str]:
+def named(store: Store, name: str, all_keys: Optional[List[str]] = None) -> List[str]:
     """The targets NAME stands for, as the store alone knows them (no libvirtd needed): NAME
     itself if it has backups; else the disks of the libvirt domain so named, the targets
     '<domain>.<disk>' (engine/domain_xml.target_name); else, NAME being a UUID, the targets
@@ -197,7 +198,7 @@ def _is_uuid(text: str) -> bool:
     return True
 
 
-def load(store, key: str) -> mf.Manifest:
+def load(store: Store, key: str) -> mf.Manifest:
     """The manifest; KeyMismatch when it is sealed with another key (or sealed/not sealed
     against the config), ManifestError when it is damaged."""
     m = mf.decode(_read(store, key), key)
@@ -207,7 +208,7 @@ def load(store, key: str) -> mf.Manifest:
     return m
 
 
-def _read(store, key: str) -> bytes:
+def _read(store: Store, key: str) -> bytes:
     """A manifest's bytes, opened by the store when it seals. A sealed manifest in a plain store
     means no key is configured; a failed opening is damage, reported like any other."""
     try:

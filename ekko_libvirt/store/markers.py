@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Set
 
+from .base import Store
 from ..errors import ObjectNotFound, StoreError
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,11 @@ def _now_iso(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def _put_json(store, key: str, obj: Dict) -> None:
+def _put_json(store: Store, key: str, obj: Dict) -> None:
     store.put(key, json.dumps(obj, sort_keys=True, separators=(",", ":")).encode())
 
 
-def _get_json(store, key: str) -> Optional[Dict]:
+def _get_json(store: Store, key: str) -> Optional[Dict]:
     try:
         obj = json.loads(store.get(key))
     except ObjectNotFound:
@@ -49,7 +50,7 @@ def _get_json(store, key: str) -> Optional[Dict]:
     return obj if isinstance(obj, dict) else None
 
 
-def _ids(store, prefix: str) -> Iterable[str]:
+def _ids(store: Store, prefix: str) -> Iterable[str]:
     for key in store.list(prefix):
         yield key[len(prefix):]
 
@@ -59,13 +60,13 @@ def protected_key(target: str, backup_id: str) -> str:
     return f"{PROTECTED}{target}/{backup_id}"
 
 
-def protect(store, target: str, backup_id: str, now: Optional[float] = None) -> None:
+def protect(store: Store, target: str, backup_id: str, now: Optional[float] = None) -> None:
     now = time.time() if now is None else now
     _put_json(store, protected_key(target, backup_id), {"backup_id": backup_id, "target": target,
                                                         "protected_at": _now_iso(now)})
 
 
-def unprotect(store, target: str, backup_id: str) -> bool:
+def unprotect(store: Store, target: str, backup_id: str) -> bool:
     """Remove the protection; False if there was none."""
     key = protected_key(target, backup_id)
     if not store.exists(key):
@@ -74,11 +75,11 @@ def unprotect(store, target: str, backup_id: str) -> bool:
     return True
 
 
-def is_protected(store, target: str, backup_id: str) -> bool:
+def is_protected(store: Store, target: str, backup_id: str) -> bool:
     return store.exists(protected_key(target, backup_id))
 
 
-def protected(store) -> Set[str]:
+def protected(store: Store) -> Set[str]:
     """'<target>/<backup-id>' of every protected backup."""
     return set(_ids(store, PROTECTED))
 
@@ -88,18 +89,18 @@ def damaged_key(d: bytes) -> str:
     return DAMAGED + d.hex()
 
 
-def mark_damaged(store, d: bytes, segment_key: str, problem: str, used_by: Iterable[str],
+def mark_damaged(store: Store, d: bytes, segment_key: str, problem: str, used_by: Iterable[str],
                  now: Optional[float] = None) -> None:
     now = time.time() if now is None else now
     _put_json(store, damaged_key(d), {"digest": d.hex(), "segment": segment_key, "problem": problem,
                                       "found": _now_iso(now), "used_by": sorted(used_by)})
 
 
-def clear_damaged(store, d: bytes) -> None:
+def clear_damaged(store: Store, d: bytes) -> None:
     store.delete(damaged_key(d))
 
 
-def damaged_digests(store) -> Set[bytes]:
+def damaged_digests(store: Store) -> Set[bytes]:
     out = set()
     for name in _ids(store, DAMAGED):
         try:
@@ -109,7 +110,7 @@ def damaged_digests(store) -> Set[bytes]:
     return out
 
 
-def read_damaged(store, d: bytes) -> Optional[Dict]:
+def read_damaged(store: Store, d: bytes) -> Optional[Dict]:
     return _get_json(store, damaged_key(d))
 
 
@@ -134,14 +135,14 @@ def verify_key(target: str, backup_id: str) -> str:
     return f"{VERIFY}{target}/{backup_id}"
 
 
-def write_verify(store, s: VerifyState) -> None:
+def write_verify(store: Store, s: VerifyState) -> None:
     _put_json(store, verify_key(s.target, s.backup_id), {
         "backup_id": s.backup_id, "target": s.target, "verified": _now_iso(s.verified),
         "verified_ts": s.verified, "deep": s.deep, "sample": s.sample, "ok": s.ok,
         "damaged_segments": list(s.damaged_segments), "problem": s.problem})
 
 
-def read_verify(store, target: str, backup_id: str) -> Optional[VerifyState]:
+def read_verify(store: Store, target: str, backup_id: str) -> Optional[VerifyState]:
     obj = _get_json(store, verify_key(target, backup_id))
     if obj is None:
         return None
@@ -154,12 +155,12 @@ def read_verify(store, target: str, backup_id: str) -> Optional[VerifyState]:
         return None
 
 
-def forget_backup(store, target: str, backup_id: str) -> None:
+def forget_backup(store: Store, target: str, backup_id: str) -> None:
     """The backup's manifest is gone: drop its verify state (protection is checked before)."""
     store.delete(verify_key(target, backup_id))
 
 
-def stale(store, live_backups: Set[str], live_digests_check) -> List[str]:
+def stale(store: Store, live_backups: Set[str], live_digests_check) -> List[str]:
     """Marker keys that refer to nothing any more: verify/ and protected/ of backups that are
     gone (`live_backups` holds '<target>/<backup-id>' of those that exist), damaged/ of segments
     `live_digests_check(digest)` says no manifest references."""
@@ -170,7 +171,7 @@ def stale(store, live_backups: Set[str], live_digests_check) -> List[str]:
     return out
 
 
-def delete_quietly(store, keys: Iterable[str]) -> int:
+def delete_quietly(store: Store, keys: Iterable[str]) -> int:
     """Delete markers; a store error is logged, not raised (a stale marker is harmless)."""
     n = 0
     for k in keys:

@@ -32,7 +32,7 @@ import os
 import threading
 import weakref
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, List, Mapping, Optional
 from urllib.parse import urlsplit
 
 import swiftclient.client
@@ -640,11 +640,12 @@ def open_swift_store(options: Mapping, namespace: Optional[str] = None) -> Swift
     return SwiftStore(swift_config(options, namespace))
 
 
-def list_namespaces(options: Mapping) -> list:
+def list_namespaces(options: Mapping) -> List[str]:
     """Project namespaces that have a container in the account: names after "<base>-"."""
     store = SwiftStore(swift_config(options))
     prefix = store.container + "-"
-    found, marker = [], None
+    found: List[str] = []
+    marker = None
     try:
         while True:
             try:
