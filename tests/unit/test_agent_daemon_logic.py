@@ -269,13 +269,13 @@ def _event(op, subop="begin", wall_ns=100):
 
 
 def test_daemon_handles_hook_events(tmp_path):
-    from ekko_libvirt.agent.daemon import Worker
+    from ekko_libvirt.agent.job_runner import Worker
     a = _agent(tmp_path)
     a.handle_event(_event("started"))
-    assert a.sd.load_domain(UUID).running and not a.to_settle
+    assert a.sd.load_domain(UUID).running and not a.jobs.to_settle
     a.handle_event(_event("reconnect"))
-    assert a.to_settle == {UUID}                                   # RECONCILE: settled through libvirt later
-    w = a.workers[UUID] = Worker(UUID, "vm1", 3600, started_ns=200)
+    assert a.jobs.to_settle == {UUID}                              # RECONCILE: settled through libvirt later
+    w = a.jobs.workers[UUID] = Worker(UUID, "vm1", 3600, started_ns=200)
     a.sd.begin_job(UUID, "online")
     a.handle_event(_event("stopped", "end", wall_ns=150))          # written before the job started: stale
     assert not w.cancel.is_set()
@@ -297,12 +297,12 @@ def test_daemon_migration_needs_a_full_unless_shared_storage(tmp_path):
 
 
 def test_daemon_backs_off_failed_domains(tmp_path):
-    from ekko_libvirt.agent.daemon import BUSY_RETRY_S, Worker
-    a = _agent(tmp_path)
+    from ekko_libvirt.agent.job_runner import BUSY_RETRY_S, Worker
+    a = _agent(tmp_path).jobs
     for n, outcome in enumerate(("failed", "failed", "busy", "ok"), 1):
         a.workers[UUID] = Worker(UUID, "vm1", 86400, outcome=outcome)
         before = time.monotonic()
-        a._reap()
+        a.reap()
         after = time.monotonic()       # retry_at = (a monotonic time between the two) + the delay
         assert UUID not in a.workers
         if outcome == "failed":

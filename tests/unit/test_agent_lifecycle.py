@@ -276,37 +276,35 @@ def test_daemon_runs_gc_then_verify_records_them_and_waits_for_the_interval(tmp_
                           "retention": {"gc_grace_hours": 0}})
     store = a.open_store(None)
     put(store, "vm.vda", day(1), "x")
-    wait = a._maintain()
-    a.tasks_thread.join(30)
+    wait = a.maintenance.start_due()
+    a.maintenance.thread.join(30)
     rec = a.sd.load_lifecycle()
     assert rec["gc"]["ok"] and rec["verify"]["ok"] and rec["gc"]["finished_ns"] <= rec["verify"]["started_ns"]
     assert wait == a.settings.poll_interval_s
-    first = a.tasks_thread
-    wait = a._maintain()                                             # not due again for an hour
-    assert a.tasks_thread is first and 3500 < wait <= 3600
+    first = a.maintenance.thread
+    wait = a.maintenance.start_due()                                 # not due again for an hour
+    assert a.maintenance.thread is first and 3500 < wait <= 3600
     runs = last_task_runs(rec)                                       # what a restarted agent starts from
     assert set(runs) == {"gc", "verify"} and all(r.ok for r in runs.values())
 
 
 def test_daemon_prunes_after_a_scheduled_backup_under_the_domain_lock(tmp_path):
-    from ekko_libvirt.agent.daemon import Worker
     a = _agent(tmp_path, {"retention": {"keep_last": 5}, "domains": {"vm": {"retention": {"keep_last": 2}}}})
     store = a.open_store(None)
     bids = [put(store, "vm.vda", day(d), f"v{d}", labels={"domain_name": "vm"}) for d in range(1, 6)]
     markers.protect(store, "vm.vda", bids[0])
     results = [SimpleNamespace(manifest=SimpleNamespace(target="vm.vda", labels={"domain_name": "vm"}))]
-    w = Worker(UUID, "vm", 3600)
     with a.sd.lock_domain(UUID, "backup"):                          # a backup by hand holds the domain
-        a._prune_after(w, results)
+        a.maintenance.prune_after(UUID, "vm", results)
     assert ids(store, "vm.vda") == bids and "prune" not in a.sd.load_lifecycle()
-    a._prune_after(w, results)
+    a.maintenance.prune_after(UUID, "vm", results)
     assert ids(store, "vm.vda") == [bids[0], bids[3], bids[4]]     # newest 2 + the protected one
     rec = a.sd.load_lifecycle()["prune"][UUID]
     assert rec["ok"] and len(rec["deleted"]) == 2 and rec["policies"] == {"vm.vda": "--keep-last 2"}
 
     a.settings = AgentSettings.from_config(config.build({"agent": {"prune_after_backup": False},
                                                          "retention": {"keep_last": 1}}))
-    a._prune_after(w, results)
+    a.maintenance.prune_after(UUID, "vm", results)
     assert len(ids(store, "vm.vda")) == 3                           # switched off
 
 
