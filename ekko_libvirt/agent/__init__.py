@@ -8,4 +8,12 @@
     state                      per-domain state and job records on disk; per-domain lock;
                                the offline-backup marker the hook checks before a start
     scheduler                  (pure) which domains are due now, under which policy
+    settings                   the agent's part of ekko.yaml, typed
+    daemon                     `ekko agent`: the Agent wires the parts below and runs the loop
+    connection                 the libvirt connection, its domain events, reconnection
+    intake                     spool and libvirt events -> domain state
+    job_runner                 backup workers, cancel, settling interrupted jobs
+    jobs                       one recorded backup job (what `ekko backup DOMAIN` runs too)
+    maintenance_runner         prune after a backup, gc and verify, their records (maintenance)
+    status                     `ekko status`
 """

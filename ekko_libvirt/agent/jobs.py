@@ -6,7 +6,7 @@ worker threads both run.
       -> end_job (succeeded | failed, with the error) -> record_backup in the domain's chain state
 
 A job whose process dies stays "running" on disk; the next agent start marks it ABANDONED and
-settles what it left in libvirt (daemon.recover_at_start).
+settles what it left in libvirt (job_runner.JobRunner.recover_at_start).
 """
 
 import dataclasses
