@@ -57,14 +57,15 @@ def _backup_libvirt(cfg, target, args, bar):
     """A libvirt domain: by a configured target (engine: libvirt) or directly by name/UUID. Recorded
     as a job in the agent's state directory, like the agent's own: `ekko status` shows it, and it
     never runs on a domain at the same time as another job."""
+    domain = target.domain if target is not None else args.target
+    disks = tuple(args.disk or (target.disks if target is not None else ()))
+    prefix = target.bitmap_prefix if target is not None else units.DEFAULT_BITMAP_PREFIX
+    # connect first: without libvirt-python it says so (libvirt_connect), not an ImportError below
+    conn = libvirt_connect(cfg, args.target)
     # Imported here: both import libvirt-python, which a QMP target's backup does without (and
     # ~40 ms less to start).
     from ..backup.domain import DomainBackupRequest, run_domain_backup
     from ..engine.libvirt import lookup_domain
-    domain = target.domain if target is not None else args.target
-    disks = tuple(args.disk or (target.disks if target is not None else ()))
-    prefix = target.bitmap_prefix if target is not None else "ekko-"
-    conn = libvirt_connect(cfg, args.target)
     if target is None:
         try:
             lookup_domain(conn, domain)
@@ -75,7 +76,6 @@ def _backup_libvirt(cfg, target, args, bar):
     try:
         req = DomainBackupRequest(domain, disks, args.full, args.incremental)
         base = options_from_config(cfg, domain, prefix)
-
         sd = StateDir(cfg.state_dir).ensure()
 
         def run(c, r, progress):

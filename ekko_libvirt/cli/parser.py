@@ -156,7 +156,7 @@ def _fraction(text: str) -> float:
     except ValueError:
         f = -1.0
     if not 0 < f <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a percentage (5%%) or a fraction in (0, 1]")
+        raise argparse.ArgumentTypeError(f"{text!r}: give a percentage (5%) or a fraction in (0, 1]")
     return f
 
 

@@ -17,7 +17,7 @@ Transport facts this relies on (measured, see shared notes/swift.md):
   errors) become StoreError. Messages never carry the key, secret or token.
 - swiftclient logs every request that did not answer 2xx at INFO (the 404 of exists() too), and
   by default the first 16 characters of X-Auth-Token / X-Auth-Key: set to none below. The CLI
-  shows swiftclient's lines only with -vv (cli._setup_logging).
+  shows swiftclient's lines only with -vv (cli/logs.py, setup_logging).
 
 Secrets: `key` and `application_credential_secret` (SECRET_FIELDS). A config error about one
 names the field, never its value; repr() leaves them out.
