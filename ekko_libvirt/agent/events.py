@@ -173,7 +173,7 @@ def decide(event: HookEvent, ctx: DomainContext = DomainContext()) -> Tuple[Reac
         return (Reaction(Action.MARK_RUNNING, "domain started"),
                 Reaction(Action.CHECK_CHAIN, "domain started: verify checkpoints and bitmaps before the next backup"))
     if k in (EventKind.STOPPED, EventKind.RELEASED):
-        out = (Reaction(Action.MARK_STOPPED, f"libvirt reported {event.op} {event.subop}"),)
+        out: Tuple[Reaction, ...] = (Reaction(Action.MARK_STOPPED, f"libvirt reported {event.op} {event.subop}"),)
         if ctx.job_running and not ctx.job_offline:
             out += (Reaction(Action.FAIL_JOB, "the domain stopped during the backup"),)
         return out

@@ -360,7 +360,7 @@ def plan_coalesce(names):
         if letter is None:
             start = k + 1               # an untagged event: it and everything before it stay
     drop = []
-    by_domain = {}
+    by_domain: dict[str, list[tuple[str, str]]] = {}     # uuid -> (name, letter), oldest first
     for name, (_wall, letter, uuid) in parsed[start:]:
         if letter == "I" or uuid is None:
             drop.append(name)           # the agent ignores it

@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 from ..store import catalog
 from .. import units
 from ..errors import EkkoError
-from ..lifecycle.retention import prune_store
+from ..lifecycle.retention import PolicyFor, prune_store
 from ..lifecycle.prune import UTC, Policy
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,8 @@ def run_verify(open_store: Callable, namespaces: Iterable[Optional[str]], settin
                 "error": None if rep.ok else f"damage found in backup(s) {', '.join(bad)}"}
     stores = _per_namespace(namespaces, cancel, "verify", one)
     done_ = [s for s in stores if "backups" in s]
-    how = ("deep" if settings.deep else "existence") + ("" if settings.sample >= 1 else f", {settings.sample:.1%} sample")
+    how = ("deep" if settings.deep else "existence") + (
+        "" if settings.sample >= 1 else f", {settings.sample:.1%} sample")
     summary = (f"checked {sum(s['backups'] for s in done_)} backup(s), "
                f"{sum(s['segments_checked'] for s in done_)} segment(s) ({how}), skipped "
                f"{sum(s['skipped'] for s in done_)} verified recently; {len(done_)} of {len(stores)} namespace(s)")
@@ -146,6 +147,11 @@ def run_verify(open_store: Callable, namespaces: Iterable[Optional[str]], settin
 
 
 # -- retention after a scheduled backup ---------------------------------------------------------
+def _always(policy: Policy) -> PolicyFor:
+    """The policy_for of one target: `policy`, whatever its labels."""
+    return lambda _target, _labels: policy
+
+
 def prune_domain(store, ns: Optional[str], targets: Iterable[str], policy_for: Callable[[str], Optional[Policy]],
                  tz: datetime.tzinfo = UTC) -> Dict:
     """Apply each target's policy (targets without one are left alone). -> the prune record."""
@@ -157,7 +163,7 @@ def prune_domain(store, ns: Optional[str], targets: Iterable[str], policy_for: C
         if policy is None:
             continue
         policies[t] = policy.describe()
-        rows += prune_store(store, lambda _t, _labels, p=policy: p, t, tz)
+        rows += prune_store(store, _always(policy), t, tz)
     deleted = [f"{r['target']}/{r['backup_id']}" for r in rows if r["deleted"]]
     kept = sum(1 for r in rows if r["keep"])
     return {"time": iso(now), "time_ns": now, "ok": True, "error": None, "project": ns, "policies": policies,

@@ -16,7 +16,7 @@ the key, whichever command runs.
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, overload
 
 from ..errors import ConfigError
 from ..lifecycle.prune import Policy as RetentionPolicy
@@ -151,6 +151,14 @@ def _domain_retention(raw: Any) -> Tuple[Tuple[str, RetentionPolicy], ...]:
                                      "keep_weekly, keep_monthly, keep_yearly), at least one")
         out.append((_uuid_or_name(key), RetentionPolicy.from_mapping(rules, label)))
     return tuple(out)
+
+
+@overload
+def _interval(raw: Mapping, key: str, label: Optional[str] = None, default: None = None) -> Optional[int]: ...
+
+
+@overload
+def _interval(raw: Mapping, key: str, label: Optional[str], default: int) -> int: ...
 
 
 def _interval(raw: Mapping, key: str, label: Optional[str] = None, default: Optional[int] = None) -> Optional[int]:

@@ -289,6 +289,11 @@ def rule_file() -> str:
     return os.path.abspath(hookformat.__file__)
 
 
+def _literal(text: str) -> Callable[["re.Match[str]"], str]:
+    """A replacement for re.sub that inserts `text` as it is (no backslash escapes)."""
+    return lambda _m: text
+
+
 def render_hook(source: str, spool_dir: str, state_dir: str, rule: Optional[str] = None,
                 spool_max: int = hookformat.DEFAULT_BOUND) -> str:
     """The hook's text with SPOOL_DIR, STATE_DIR, RULE_FILE (default: `rule_file()`) and
@@ -298,12 +303,12 @@ def render_hook(source: str, spool_dir: str, state_dir: str, rule: Optional[str]
     if isinstance(spool_max, bool) or not isinstance(spool_max, int) or spool_max < 1:
         raise ValueError(f"SPOOL_MAX must be a positive integer: {spool_max!r}")
     for key, value in (("SPOOL_DIR", spool_dir), ("STATE_DIR", state_dir), ("RULE_FILE", rule or rule_file()),
-                       ("SPOOL_MAX", spool_max)):
+                       ("SPOOL_MAX", str(spool_max))):
         if key != "SPOOL_MAX" and (not os.path.isabs(value) or any(c in value for c in '"\\\n')
                                    or not value.isprintable()):
             raise ValueError(f"{key} must be an absolute path without quotes or backslashes: {value!r}")
         line = f"{key} = {value}" if key == "SPOOL_MAX" else f'{key} = "{value}"'
-        out, n = _BAKED[key].subn(lambda _m, _line=line: _line, out)
+        out, n = _BAKED[key].subn(_literal(line), out)
         if n != 1:
             raise ValueError(f"hook source has {n} lines `{key} = ...` (expected exactly one)")
     return out

@@ -254,19 +254,24 @@ def host_clock() -> Tuple[Optional[str], int]:
     return boot, time.monotonic_ns()
 
 
+def _known_clock(clock: Optional[Tuple[Optional[str], int]]) -> Optional[Tuple[str, int]]:
+    """`clock` when its boot id is known, else None (host_clock could not read it)."""
+    return (clock[0], clock[1]) if clock is not None and clock[0] else None
+
+
 def record_backup(st: DomainState, backup_id: str, checkpoint: Optional[str], now_ns: int,
                   full: bool = False, clock: Optional[Tuple[Optional[str], int]] = None) -> DomainState:
     """A backup was committed (`now_ns` and `clock` (host_clock): when it started; `full`: it
     was a full): the chain continues from it. What the backup did not settle stays: full-required
     unless it was a full that started after the cause, check-required unless it started after
     the cause (events the agent takes in while a backup runs may be older or newer than it)."""
-    clock = clock if clock is not None and clock[0] else None
-    last_full, full_clock = (now_ns, clock) if full else (st.chain.last_full_ns, st.chain.full_clock)
+    started = _known_clock(clock)
+    last_full, full_clock = (now_ns, started) if full else (st.chain.last_full_ns, st.chain.full_clock)
     old = st.chain
-    chain = ChainState(ChainStatus.OK, "", backup_id, checkpoint, now_ns, last_full, clock, full_clock)
+    chain = ChainState(ChainStatus.OK, "", backup_id, checkpoint, now_ns, last_full, started, full_clock)
 
     def after_start(ns: Optional[int], at) -> bool:
-        return ns is not None and not happened_before(ns, at, now_ns, clock)
+        return ns is not None and not happened_before(ns, at, now_ns, started)
     if old.check_ns is not None and after_start(old.check_ns, old.check_clock):
         chain = dataclasses.replace(chain, check_ns=old.check_ns, check_clock=old.check_clock)
     if old.status is ChainStatus.FULL_REQUIRED and (not full or after_start(old.marked_ns, old.marked_clock)):

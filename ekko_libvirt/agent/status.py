@@ -14,7 +14,7 @@ without it the domains known from the state directory are shown, with their last
 import logging
 import os
 from datetime import datetime, timezone
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..store import catalog
 from ..units import human
@@ -94,8 +94,11 @@ def last_task_runs(record: Dict) -> Dict[str, TaskRun]:
     out = {}
     for name in TASKS:
         rec = record.get(name)
-        if isinstance(rec, dict) and isinstance(rec.get("started_ns"), int):
-            out[name] = TaskRun(ns_to_dt(rec["started_ns"]), rec.get("ok") is True)
+        if not isinstance(rec, dict) or not isinstance(rec.get("started_ns"), int):
+            continue
+        started = ns_to_dt(rec["started_ns"])       # None for 0: as odd as the rest
+        if started is not None:
+            out[name] = TaskRun(started, rec.get("ok") is True)
     return out
 
 
@@ -107,11 +110,12 @@ def lifecycle_info(record: Dict, gc_interval_s: Optional[int], verify, now: date
     for name, interval in (("gc", gc_interval_s), ("verify", verify.interval_s if verify else None)):
         rec = record.get(name) if isinstance(record.get(name), dict) else None
         dec = task_due(now, name, interval, runs.get(name))
-        info = {"enabled": interval is not None, "interval_s": interval,
-                "interval": format_interval(interval) if interval is not None else None,
-                "last": None if rec is None else {k: rec.get(k) for k in (
-                    "started", "finished", "seconds", "ok", "error", "summary")},
-                "due": dec.due, "next": dec.next_due.isoformat(timespec="seconds") if dec.next_due else None}
+        info: Dict[str, Any] = {
+            "enabled": interval is not None, "interval_s": interval,
+            "interval": format_interval(interval) if interval is not None else None,
+            "last": None if rec is None else {k: rec.get(k) for k in (
+                "started", "finished", "seconds", "ok", "error", "summary")},
+            "due": dec.due, "next": dec.next_due.isoformat(timespec="seconds") if dec.next_due else None}
         if name == "gc" and rec is not None:
             info["last"]["grace_hours"] = rec.get("grace_hours")
         if name == "verify" and verify is not None:
@@ -130,7 +134,8 @@ def describe_lifecycle(info: Dict) -> str:
             lines.append(f"{name + ':':<8}off (no {key})" + (f"; last {last['started']}" if last else ""))
             continue
         last = t["last"]
-        what = "never run" if last is None else             f"last {last['started']} {'ok' if last['ok'] else 'FAILED'}: {last['error'] or last['summary']}"
+        what = "never run" if last is None else \
+            f"last {last['started']} {'ok' if last['ok'] else 'FAILED'}: {last['error'] or last['summary']}"
         lines.append(f"{name + ':':<8}{what}; next {'now' if t['due'] else t['next']} (every {t['interval']})")
     return "\n".join(lines)
 
@@ -167,8 +172,8 @@ def collect(sd: StateDir, conn, open_store: Optional[Callable], default: Policy,
         for d in conn.listAllDomains():
             doms[d.UUIDString().lower()] = {"name": d.name(), "active": bool(d.isActive()), "dom": d}
     states = {st.uuid: st for st in sd.list_domains()}
-    for uuid, st in states.items():
-        doms.setdefault(uuid, {"name": st.name, "active": None, "dom": None})
+    for uuid, state in states.items():
+        doms.setdefault(uuid, {"name": state.name, "active": None, "dom": None})
     if only is not None:
         doms = {u: d for u, d in doms.items() if only.lower() == u or only == d["name"]}
     pruned = sd.load_lifecycle().get("prune") or {}
