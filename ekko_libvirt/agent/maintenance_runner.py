@@ -99,7 +99,7 @@ class MaintenanceRunner:
         p = tasks_plan(now, self._tasks(), self.thread is not None and self.thread.is_alive())
         if p.run:
             for name in p.run:        # marked started now: not started again while it runs
-                self.task_runs[name] = TaskRun(now, True)
+                self.task_runs[name] = TaskRun(now, ok=True)
             self.thread = threading.Thread(target=self._run, args=(p.run,), name="ekko-lifecycle", daemon=True)
             self.thread.start()
         if p.next_wakeup is None:
@@ -134,7 +134,7 @@ class MaintenanceRunner:
             self.wakeup.set()
 
     def _record(self, name: str, started_ns: int, rec: Dict[str, Any]) -> None:
-        self.task_runs[name] = TaskRun(datetime.fromtimestamp(started_ns / 1e9).astimezone(), rec["ok"])
+        self.task_runs[name] = TaskRun(datetime.fromtimestamp(started_ns / 1e9).astimezone(), ok=rec["ok"])
         (log.info if rec["ok"] else log.error)("%s %s: %s", name, "done" if rec["ok"] else "FAILED",
                                                rec["error"] or rec["summary"])
         try:

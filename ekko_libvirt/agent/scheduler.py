@@ -322,12 +322,12 @@ def task_due(now: datetime, name: str, interval_s: Optional[int], last: Optional
     after at most TASK_RETRY_S). interval_s None: the task is off."""
     _aware(now, "now")
     if interval_s is None:
-        return TaskDecision(name, False, None)
+        return TaskDecision(name, due=False, next_due=None)
     if last is None:
-        return TaskDecision(name, True, now)
+        return TaskDecision(name, due=True, next_due=now)
     wait = interval_s if last.ok else min(interval_s, TASK_RETRY_S)
     at = _aware(last.started, f"last run of {name}").astimezone(now.tzinfo) + timedelta(seconds=wait)
-    return TaskDecision(name, now >= at, max(at, now))
+    return TaskDecision(name, due=now >= at, next_due=max(at, now))
 
 
 def tasks_plan(now: datetime, tasks: Sequence[Tuple[str, Optional[int], Optional[TaskRun]]],

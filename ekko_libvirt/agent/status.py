@@ -79,7 +79,7 @@ def row(uuid: str, name: Optional[str], active: Optional[bool], st: Optional[Dom
             "window": str(decision.policy.window or "any"),
             "disks": list(decision.policy.disks) if decision.policy.disks else "all"},
         "job": job_dict(*running[-1]) if running else None,
-        "last_job": job_dict(finished[-1], False) if finished else None,
+        "last_job": job_dict(finished[-1], alive=False) if finished else None,
         "last_prune": None if not pruned else {k: pruned.get(k) for k in (
             "time", "ok", "error", "summary", "deleted", "kept", "policies", "project")},
     }
@@ -98,7 +98,7 @@ def last_task_runs(record: Dict) -> Dict[str, TaskRun]:
             continue
         started = ns_to_dt(rec["started_ns"])       # None for 0: as odd as the rest
         if started is not None:
-            out[name] = TaskRun(started, rec.get("ok") is True)
+            out[name] = TaskRun(started, ok=rec.get("ok") is True)
     return out
 
 

@@ -319,9 +319,9 @@ class LibvirtEngine:
         other_devs = [d.dev for d in self.disks.values() if not d.bitmap_capable]
         sock_dir = qemu_accessible_dir(os.path.join(self.run_dir, f"lv-{self.uuid[:8]}"))
         socket = os.path.join(sock_dir, "backup.sock")
-        specs = [dx.DiskBackupSpec(d.dev, base_cp if plans[t].kind == INCREMENTAL else None,
-                                   os.path.join(self.scratch_dir, f"{self.uuid}.{d.dev}.scratch.qcow2"),
-                                   d.bitmap_capable) for t, d in self.disks.items()]
+        specs = [dx.DiskBackupSpec(d.dev, incremental_from=base_cp if plans[t].kind == INCREMENTAL else None,
+                                   scratch=os.path.join(self.scratch_dir, f"{self.uuid}.{d.dev}.scratch.qcow2"),
+                                   checkpoint=d.bitmap_capable) for t, d in self.disks.items()]
         # should this process die (SIGKILL, the OOM killer), the reaper ends libvirt's job at once:
         # its copy-before-write must not go on filling the scratch until the next run
         reaper = Reaper({"kind": "libvirt", "name": self.dom.name(), "uri": self.dom.connect().getURI(),

@@ -152,9 +152,10 @@ def plan_target(backups: Iterable[Backup], policy: Optional[Policy],
     for b in items:
         why = reasons[b.backup_id]
         if why:
-            out.append(Decision(b, True, tuple(why)))
+            out.append(Decision(b, keep=True, reasons=tuple(why)))
         else:
-            out.append(Decision(b, False, ("unreadable manifest",) if not b.readable else ("no rule keeps it",)))
+            out.append(Decision(b, keep=False,
+                                reasons=("unreadable manifest",) if not b.readable else ("no rule keeps it",)))
     return out
 
 
