@@ -26,8 +26,14 @@ deps:
 demo: deps-core
 	$(PY) scripts/demo.py
 
-test: deps
+# make test: lint first (a finding of ruff or mypy fails it), then every test
+test: deps lint
 	$(PY) -m pytest -q -p no:cacheprovider tests $(PYTEST_ARGS)
+
+# make lint: ruff (ruff.toml) over the package and the hook, then mypy (mypy.ini) over the package
+lint: deps-core
+	$(VENV)/bin/ruff check ekko_libvirt hooks/qemu
+	$(VENV)/bin/mypy
 
 unit: deps-core
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit $(PYTEST_ARGS)
