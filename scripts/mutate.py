@@ -17,6 +17,7 @@ import glob
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -119,32 +120,61 @@ def collect(module: str, work: str, seconds: int, returncode: int, rev: str | No
     counts: dict = {}
     for st in status.values():
         counts[st] = counts.get(st, 0) + 1
-    survivors = sorted(n for n, st in status.items() if st not in ("killed", "timeout"))
+    # "timeout", "segfault", "suspicious": the mutant hung or crashed its test process (an endless
+    # loop filling memory): killed, and counted together in the report's "timeout/crash".
+    # "no tests": no unit test reaches the mutated function; listed by name in summary.json.
+    survivors = sorted(n for n, st in status.items() if st == "survived")
+    untested = sorted(n for n, st in status.items() if st == "no tests")
     with open(os.path.join(work, "survivors.txt"), "w") as f:
         subprocess.run([sys.executable, "-c", _DIFFS], cwd=work, input="\n".join(survivors), text=True,
                        stdout=f, check=True)
     summary = {"module": module, "source": MODULES[module][0], "mutants": len(status), "counts": counts,
                "seconds": seconds, "exit": returncode, "rev": rev or "working tree",
-               "tests": test_files(module, os.path.join(work, "tests", "unit"))}
+               "tests": test_files(module, os.path.join(work, "tests", "unit")), "no_tests": untested}
     with open(os.path.join(work, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
 
 
-def run(module: str, rev: str | None, jobs: int) -> dict:
+def _limit_memory(gib: float):
+    """RLIMIT_DATA for mutmut and every test process it forks: a mutant that loops appending to a
+    list (split_reads with `length` never decreasing) otherwise grows until mutmut's timeout, 19 GB
+    on the shared machine; with the limit its test fails with MemoryError, and the mutant is killed."""
+    def apply():
+        n = int(gib * (1 << 30))
+        resource.setrlimit(resource.RLIMIT_DATA, (n, n))
+    return apply
+
+
+def run(module: str, rev: str | None, jobs: int, max_memory: float) -> dict:
     work = prepare(module, rev)
     started = time.monotonic()
     with open(os.path.join(work, "mutmut.log"), "w") as log:
-        p = subprocess.run([MUTMUT, "run", "--max-children", str(jobs)], cwd=work, stdout=log, stderr=subprocess.STDOUT)
+        p = subprocess.run([MUTMUT, "run", "--max-children", str(jobs)], cwd=work, stdout=log, stderr=subprocess.STDOUT,
+                           preexec_fn=_limit_memory(max_memory))
     return collect(module, work, round(time.monotonic() - started), p.returncode, rev)
 
 
+def score(killed: int, survived: int) -> str:
+    """The mutation score: killed / (killed + survived); timeouts and "no tests" count in neither."""
+    return f"{100 * killed / (killed + survived):.1f}%" if killed + survived else "-"
+
+
+def _function(name: str) -> str:
+    """mutmut's mutant name -> the function: x_func__mutmut_3 -> func, x__private__mutmut_3 -> _private,
+    xǁClassǁmethod__mutmut_3 -> Class.method (xǁClassǁ__init____mutmut_3 -> Class.__init__)."""
+    func = re.sub(r"^x(ǁ[^ǁ]+ǁ|_)", "", name.rsplit("__mutmut_", 1)[0])
+    cls = re.match(r"^xǁ([^ǁ]+)ǁ", name)
+    return f"{cls.group(1)}.{func}" if cls else func
+
+
 def report(modules) -> str:
-    """The last run of each module as markdown: a table of counts, then each survivor as
-    `function#n: - old line / + new line` (what the tests let through)."""
-    rows = ["| module | mutants | killed | survived | timeout | no tests | run (s) | source |",
-            "|---|---|---|---|---|---|---|---|"]
+    """The last run of each module as markdown: a table of counts and scores with a total row, then
+    each survivor as `function#n: - old line / + new line` (what the tests let through)."""
+    rows = ["| module | mutants | killed | survived | timeout/crash | no tests | score | run (s) | source |",
+            "|---|---|---|---|---|---|---|---|---|"]
     details = []
+    total = dict.fromkeys(("mutants", "killed", "survived", "timeout", "no tests", "seconds"), 0)
     for module in modules:
         work = os.path.join(ROOT, "build", "mutate", module)
         try:
@@ -153,20 +183,34 @@ def report(modules) -> str:
         except FileNotFoundError:
             continue
         c = s["counts"]
-        rows.append(f"| {module} | {s['mutants']} | {c.get('killed', 0)} | {c.get('survived', 0)} | "
-                    f"{c.get('timeout', 0)} | {c.get('no tests', 0)} | {s['seconds']} | {s['rev'][:12]} |")
+        row = {"mutants": s["mutants"], "seconds": s["seconds"],
+               **{k: c.get(k, 0) for k in ("killed", "survived", "no tests")},
+               "timeout": s["mutants"] - sum(c.get(k, 0) for k in ("killed", "survived", "no tests"))}
+        for k, v in row.items():
+            total[k] += v
+        rows.append(f"| {module} | {row['mutants']} | {row['killed']} | {row['survived']} | {row['timeout']} | "
+                    f"{row['no tests']} | {score(row['killed'], row['survived'])} | {row['seconds']} | "
+                    f"{s['rev'][:12]} |")
         with open(os.path.join(work, "survivors.txt")) as f:
             text = f.read()
         details.append(f"\n### {module}\n")
         for block in filter(None, text.split("\n\n")):
             head = block.splitlines()[0]                    # "# ekko_libvirt.x.x_func__mutmut_7: survived"
             name = head[2:].split(":")[0].rsplit(".", 1)[-1]
-            func = re.sub(r"^x(ǁ\w+ǁ)?_?", "", name.rsplit("__mutmut_", 1)[0]).replace("ǁ", ".")
-            cls = re.match(r"^xǁ(\w+)ǁ", name)
-            func = f"{cls.group(1)}.{func}" if cls else func
+            func = _function(name)
             changed = [ln for ln in block.splitlines()[1:] if ln[:1] in "-+" and ln[:3] not in ("---", "+++")]
             details.append(f"- `{func}#{name.rsplit('_', 1)[-1]}`: " + " / ".join(
                 f"`{ln[0]} {ln[1:].strip()}`" for ln in changed))
+        untested: dict = {}
+        for name in s.get("no_tests", []):
+            f = _function(name.rsplit(".", 1)[-1])
+            untested[f] = untested.get(f, 0) + 1
+        if untested:
+            details.append("- no tests: " + ", ".join(f"`{f}` {n}" for f, n in untested.items()))
+    if len(rows) > 3:
+        t = total
+        rows.append(f"| **total** | {t['mutants']} | {t['killed']} | {t['survived']} | {t['timeout']} | "
+                    f"{t['no tests']} | {score(t['killed'], t['survived'])} | {t['seconds']} | |")
     return "\n".join(rows + details) + "\n"
 
 
@@ -175,6 +219,8 @@ def main() -> int:
     ap.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
     ap.add_argument("--rev", help="mutate this commit (git archive) instead of the working tree")
     ap.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1)")
+    ap.add_argument("--max-memory", type=float, default=4, metavar="GIB",
+                    help="data size limit of mutmut and each test process, GiB (default 4)")
     ap.add_argument("--report", action="store_true", help="print the last runs' results as markdown, run nothing")
     a = ap.parse_args()
     bad = [m for m in a.modules if m not in MODULES]
@@ -185,7 +231,7 @@ def main() -> int:
         return 0
     rc = 0
     for module in a.modules or list(MODULES):
-        s = run(module, a.rev, a.jobs)
+        s = run(module, a.rev, a.jobs, a.max_memory)
         c = s["counts"]
         print(f"{module:9} {s['mutants']:4} mutants: killed {c.get('killed', 0)}, survived {c.get('survived', 0)}, "
               f"timeout {c.get('timeout', 0)}, no tests {c.get('no tests', 0)}"
