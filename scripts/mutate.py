@@ -152,7 +152,15 @@ def run(module: str, rev: str | None, jobs: int, max_memory: float) -> dict:
     with open(os.path.join(work, "mutmut.log"), "w") as log:
         p = subprocess.run([MUTMUT, "run", "--max-children", str(jobs)], cwd=work, stdout=log, stderr=subprocess.STDOUT,
                            preexec_fn=_limit_memory(max_memory))
-    return collect(module, work, round(time.monotonic() - started), p.returncode, rev)
+    return collect(module, work, round(time.monotonic() - started), p.returncode, source_label(rev))
+
+
+def source_label(rev: str | None) -> str:
+    """What was mutated, as a commit: "1a2b3c4" for --rev, "1a2b3c4+" for the working tree on it
+    (HEAD moves while other work is committed; the label says which code a run saw)."""
+    head = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", rev or "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    return head if rev else head + "+"
 
 
 def score(killed: int, survived: int) -> str:
@@ -190,7 +198,7 @@ def report(modules) -> str:
             total[k] += v
         rows.append(f"| {module} | {row['mutants']} | {row['killed']} | {row['survived']} | {row['timeout']} | "
                     f"{row['no tests']} | {score(row['killed'], row['survived'])} | {row['seconds']} | "
-                    f"{s['rev'][:12]} |")
+                    f"{s['rev']} |")
         with open(os.path.join(work, "survivors.txt")) as f:
             text = f.read()
         details.append(f"\n### {module}\n")
