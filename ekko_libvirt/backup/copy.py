@@ -28,7 +28,7 @@ from ..faults import crash_point, pause_point
 from ..format.manifest import Manifest, SegmentTable, segment_count
 from ..nbd.extents import SegmentPlan, whole_segment, with_extra_segments
 from ..nbd.reader import ExportReader, SegmentReader
-from . import scratch
+from . import presence, scratch
 from .options import BackupOptions
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,10 @@ def copy_segments(export, store: Store, plan: GenerationPlan, size: int, parent:
         log.warning("%s: reading %d segment(s) again that are marked damaged in the store (self-healing)",
                     opts.target, len(heal))
     reader = ExportReader(export, opts.request_size, opts.in_flight)
-    copier = _SegmentCopier(reader, store, known, opts, damaged, track=parent is not None)
+    # A full asks about every distinct segment: on Swift one listing beats a HEAD each (an
+    # incremental asks about its few dirty ones). The segment count bounds the questions.
+    present = presence.presence(store, table.count) if parent is None else presence.PerObject(store)
+    copier = _SegmentCopier(reader, store, known, opts, damaged, track=parent is not None, present=present)
     try:
         if reader.size != size:
             raise ReaderError(f"NBD export is {reader.size} bytes, the disk {size}: refusing a torn view")
@@ -123,7 +126,11 @@ def _recheck(copier: "_SegmentCopier", table: SegmentTable, parent: Optional[Man
         wanted = copier.touched | late
     else:
         wanted = table.unique_digests()
-    missing = _missing(store, wanted, max(2, copier.opts.workers * 2), watch)
+    if watch is not None:
+        watch()
+    missing = presence.missing(store, wanted)     # one listing when the store prefers it
+    if missing is None:
+        missing = _missing(store, wanted, max(2, copier.opts.workers * 2), watch)
     if not missing:
         return
     log.warning("%s: %d segment(s) vanished from the store before the commit (gc?): storing them again "
@@ -200,9 +207,11 @@ class _SegmentCopier:
     Memory: the pool, 2 segments per worker + 2, whatever the disk size."""
 
     def __init__(self, reader: ExportReader, store: Store, known: set, opts: BackupOptions,
-                 damaged: "set | frozenset" = frozenset(), track: bool = True):
+                 damaged: "set | frozenset" = frozenset(), track: bool = True,
+                 present: Optional[presence.Presence] = None):
         self.reader = reader
         self.store = store
+        self.present = present if present is not None else presence.PerObject(store)   # a Listed may be empty: falsy
         self.batch = store.batch()    # segment puts: durable together at each flush
         self.codec = store.codec    # names segments: xxh3-128, or keyed in an encrypted store
         self.known = known
@@ -302,7 +311,6 @@ class _SegmentCopier:
             self._count(zero_segments=1)
             return p.index, None, p.offset + p.length
         d = self.codec.name(data)
-        key = segment.segment_key(d)
         with self._lock:
             heal = d in self.damaged and d not in self.healed
             if heal:
@@ -316,7 +324,7 @@ class _SegmentCopier:
         if heal:
             # exists() would say yes to a corrupt object: overwrite it with verified data
             self.store_segment(data, d, healed_segments=1)
-        elif not claimed or self.store.exists(key):
+        elif not claimed or self.present.exists(d):
             self._count(reused_segments=1)
         else:
             self.store_segment(data, d)

@@ -23,6 +23,9 @@ Contract every backend must keep (tests/unit/test_store_contract.py runs it agai
   so far durable and then visible, together; abort() drops what was not flushed. A backup puts
   its segments through a batch and flushes it before its manifest (the commit point) is written.
   Default: each put is durable on return (ImmediateBatch); the local store batches the fsyncs.
+- prefers_listing(checks) -> bool: whether answering `checks` existence questions about segments
+  costs less by one listing of segments/ than by one exists() each (Swift: a HEAD per object
+  against a page of 10,000 names). Default False: exists() is cheap (a stat).
 - codec: how objects are named and sealed (format/codec.py: a Codec). PLAIN; SealedStore seals.
 - close(): release connections. Default: nothing to release.
 Every method is declared here: a wrapper (SealedStore) implements each one explicitly, so a
@@ -100,6 +103,9 @@ class Store(abc.ABC):
 
     def clean_temp(self, older_than: float) -> int:
         return 0
+
+    def prefers_listing(self, checks: int) -> bool:
+        return False
 
     def close(self) -> None:    # noqa: B027 - a default on purpose: most stores hold nothing to release
         pass

@@ -74,6 +74,9 @@ class SealedStore(Store):
     def clean_temp(self, older_than: float) -> int:
         return self.inner.clean_temp(older_than)
 
+    def prefers_listing(self, checks: int) -> bool:
+        return self.inner.prefers_listing(checks)
+
     def close(self) -> None:
         self.inner.close()
 
