@@ -1,6 +1,7 @@
 """Backups into a real Swift whose servers fail: object server killed mid-backup, proxy down at
 start, another project's credentials, and restore on a host that has nothing but the config."""
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from conftest import ROOT, Ekko, make_config, read_raw, swift_section
 from ekko_libvirt.store import catalog
 from ekko_libvirt.format import segment
+from ekko_libvirt.store.swift import open_swift_store
 
 KiB, MiB = 1024, 1024 * 1024
 
@@ -137,3 +139,50 @@ def test_restore_on_another_host_with_only_the_config(swift_server, qdisk, workd
     host2.run("restore", b["backup_id"], "--to", out)
     assert read_raw(out) == expected
     assert host2.run("verify", "--deep").returncode == 0
+
+
+def _proxy_requests(server, since: int, method: str, needle: str) -> int:
+    """Requests `method` whose path holds `needle`, in the proxy's log after byte `since`."""
+    text = server.log_path("proxy").read_bytes()[since:].decode(errors="replace")
+    return sum(1 for line in text.splitlines() if f" {method} " in line and needle in line)
+
+
+def test_a_full_lists_segments_once_instead_of_a_head_each_and_a_segment_gc_took_is_stored_again(
+        swift_server, qdisk, workdir):
+    """A full asks Swift about each distinct segment: by one listing, not a HEAD per segment
+    (backup/presence.py); the commit-time check lists again, after the flush, and stores again
+    what vanished meanwhile (here: deleted behind the paused backup's back, as gc would)."""
+    disk = qdisk(16 * MiB)
+    ekko = swift_ekko(workdir, disk, swift_server)
+    disk.write(0, os.urandom(9 * MiB))              # 36 distinct segments: more questions than
+    disk.write(10 * MiB, b"text " * 200_000)        # a listing page costs in HEADs (store/swift.py)
+    log = swift_server.log_path("proxy")
+    since = log.stat().st_size
+    first = ekko.backup()
+    assert first["kind"] == "full"
+    time.sleep(1)   # the proxy logs a request after answering it
+    assert _proxy_requests(swift_server, since, "HEAD", "/segments/") == 0
+    assert _proxy_requests(swift_server, since, "GET", "prefix%3Dsegments") >= 2   # copy + commit check
+
+    # A second full of the same disk reuses every segment: the listing says they are there.
+    # Paused before its commit-time check, three of them vanish; the check finds them.
+    fifo = os.path.join(workdir, "pause")
+    os.mkfifo(fifo)
+    env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"after-segments:{fifo}")
+    proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "backup", "t1", "--full",
+                             "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(fifo, "wb"):
+        store = open_swift_store(ekko.cfg["store"])
+        manifest = catalog.load(store, catalog.manifest_key("t1", first["backup_id"]))
+        gone = sorted(manifest.table.unique_digests())[:3]
+        for d in gone:
+            store.delete(segment.segment_key(d))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "3 segment(s) vanished from the store before the commit" in err
+    second = json.loads(out)["backup"]
+    shown = ekko.run("show", second["backup_id"], json_out=True).data["backup"]["counts"]
+    assert shown["restored_segments"] == 3 and shown["new_segments"] == 3     # put again: only those
+    assert ekko.run("verify", "--deep", json_out=True).data["ok"]
+    assert restore_exact(ekko, second["backup_id"], disk.snapshot(), workdir)
+    assert restore_exact(ekko, first["backup_id"], disk.snapshot(), workdir)
