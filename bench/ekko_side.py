@@ -36,7 +36,7 @@ class Ekko:
         self.path = os.path.join(workdir, "ekko.yaml")
         with open(self.path, "w") as f:
             yaml.safe_dump(cfg, f)
-        self.store = cfg["store"]["path"]
+        self.store = cfg["store"].get("path")     # None: not a local store (bench/swift_full.py)
         self.env = dict(os.environ, PYTHONPATH=procs.ROOT)
         if os.environ.get("EKKO_BENCH_PYCACHE"):
             # As installed: byte-compiled once (pip does it), not compiled again at every command.
