@@ -44,6 +44,19 @@ def list_by_prefix_is_complete(store: Store) -> None:
     assert list(store.list("nothing/")) == []
 
 
+def list_sorted_is_in_byte_order(store: Store) -> None:
+    """Byte order of the whole key, across directories: 'abc-1' < 'abc/x' < 'abc0' ('-' < '/' <
+    '0'), uppercase before lowercase; gc and verify merge it with sorted digests."""
+    keys = ["segments/abc/abc" + "0" * 29, "segments/abc/abc" + "f" * 29, "segments/abc-1", "segments/abc0",
+            "segments/ABC/x", "segments/abc/sub/y", "segments/fff/fff" + "1" * 29, "segments/000/z", "zz/top"]
+    for k in keys:
+        store.put(k, b"x")
+    assert list(store.list_sorted("segments/")) == sorted(k for k in keys if k.startswith("segments/"))
+    assert list(store.list_sorted("")) == sorted(keys)
+    assert list(store.list_sorted("segments/abc/")) == sorted(k for k in keys if k.startswith("segments/abc/"))
+    assert list(store.list_sorted("nothing/")) == []
+
+
 def stat_gives_size_and_time(store: Store) -> None:
     store.put("k/one", b"x" * 1234)
     info = store.stat("k/one")
@@ -88,6 +101,7 @@ def describe_says_where_and_close_is_safe(store: Store) -> None:
     store.close()
 
 
-CONTRACT = [put_get_exists_delete, empty_and_binary_objects, list_by_prefix_is_complete, stat_gives_size_and_time,
+CONTRACT = [put_get_exists_delete, empty_and_binary_objects, list_by_prefix_is_complete, list_sorted_is_in_byte_order,
+            stat_gives_size_and_time,
             bad_keys_are_refused, a_flushed_batch_is_visible, an_aborted_batch_leaves_no_partial_object,
             describe_says_where_and_close_is_safe]

@@ -18,6 +18,7 @@ from ..lifecycle.verify import run as verify_run
 from ..store import catalog, markers
 from ..store.factory import namespaces, open_store
 from .lookup import locate, locate_all, namespaces_of
+from ..progress import Progress
 from .render import EXIT_DAMAGED, EXIT_OK, emit, progress_bar
 
 
@@ -42,7 +43,7 @@ def cmd_verify(cfg, args) -> int:
         vanished = vanished_reasons(Ledger(cfg.state_dir), everywhere,
                                     {args.target, *(t for st in everywhere for t in catalog.named(st, args.target))}
                                     if args.target else None)
-    bar = progress_bar("verify", args.json)
+    bar = progress_bar("verify", args.json, unit="segments")
     try:
         rep, skipped, marked, cleared, not_recorded = None, [], [], [], []
         for store, keys in groups:
@@ -157,20 +158,41 @@ def cmd_protect(cfg, args) -> int:
     return EXIT_OK
 
 
+class _PhaseProgress:
+    """gc's progress(phase, done, total): one line per phase (mark: manifests; sweep: segments
+    listed, total unknown; delete: candidates), each with its rate and, when known, ETA."""
+
+    UNITS = {"mark": "manifests", "sweep": "listed", "delete": "candidates"}
+
+    def __init__(self, label: str, as_json: bool):
+        self.label, self.as_json = label, as_json
+        self.phase: Optional[str] = None
+        self.bar: Optional[Progress] = None
+
+    def __call__(self, phase: str, done: int, total: Optional[int]) -> None:
+        if phase != self.phase:
+            self.finish()
+            self.phase = phase
+            self.bar = progress_bar(f"{self.label} {phase}", self.as_json, unit=self.UNITS.get(phase, ""))
+        assert self.bar is not None
+        self.bar(done, total)
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.finish()
+            self.bar = None
+
+
 def cmd_gc(cfg, args) -> int:
     grace = args.grace_hours if args.grace_hours is not None else RetentionConfig.from_config(cfg).gc_grace_hours
-    show = not args.json and sys.stderr.isatty()
     results = []
     for ns in namespaces_of(cfg, args.project):
-        label = f"gc{' ' + ns if ns else ''}"
-
-        def progress(phase, done, total, _label=label):
-            if show:
-                sys.stderr.write(f"\r{_label}: {phase} {done}{'/' + str(total) if total else ''} ")
-                sys.stderr.flush()
-        rep = collect(open_store(cfg, ns), grace, dry_run=args.dry_run, workers=cfg.workers + 1, progress=progress)
-        if show:
-            sys.stderr.write("\n")
+        progress = _PhaseProgress(f"gc{' ' + ns if ns else ''}", args.json)
+        try:
+            rep = collect(open_store(cfg, ns), grace, dry_run=args.dry_run, workers=cfg.workers + 1,
+                          progress=progress)
+        finally:
+            progress.finish()
         results.append((ns, rep))
     ok = all(r.ok for _, r in results)
     if args.json:

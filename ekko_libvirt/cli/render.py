@@ -27,9 +27,9 @@ def emit(obj: Any) -> None:
     sys.stdout.write("\n")
 
 
-def progress_bar(label: str, as_json: bool) -> Progress:
+def progress_bar(label: str, as_json: bool, unit: str = "B") -> Progress:
     """The progress line of long work: on a terminal's stderr, never with --json."""
-    return Progress(label, enabled=None if not as_json else False)
+    return Progress(label, enabled=None if not as_json else False, unit=unit)
 
 
 def summary(h: Dict, key: str) -> Dict:

@@ -12,6 +12,10 @@ Contract every backend must keep (tests/unit/test_store_contract.py runs it agai
 - exists(key) -> bool: cheap; no data transfer.
 - list(prefix) -> iterator of keys starting with prefix, in no promised order, complete even
   for millions of keys (backends page internally).
+- list_sorted(prefix) -> the same keys in ascending byte order, as they come (gc and verify merge
+  the listing of segments/ with the sorted digests the manifests name: lifecycle/sorted_merge.py,
+  which fails on a listing out of order). Default: list() sorted in memory, for small stores
+  (memory); the local store walks its directories in order, Swift lists in name order.
 - delete(key): idempotent; deleting a missing key is not an error.
 - stat(key) -> ObjectInfo: size in the store (a sealing store adds its envelope) and last-modified
   time (Unix seconds, the backend's clock: file mtime locally, X-Timestamp / Last-Modified on
@@ -87,6 +91,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def list(self, prefix: str = "") -> Iterator[str]: ...
+
+    def list_sorted(self, prefix: str = "") -> Iterator[str]:
+        return iter(sorted(self.list(prefix)))
 
     @abc.abstractmethod
     def delete(self, key: str) -> None: ...

@@ -57,9 +57,13 @@ class LocalStore(Store):
         self.root = os.path.abspath(root)
         self.direct = hasattr(os, "O_DIRECT")      # until the file system refuses it
         try:
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            # top down, each new directory 0700 (os.makedirs(mode=) gives it to the last one only:
+            # 'projects/' of a namespace, or the store's own parents, were 0755)
+            self._makedirs(self.root, sync=False)
         except OSError as e:
             raise StoreError(f"cannot create store directory {self.root}: {e.strerror}") from e
+        if not os.path.isdir(self.root):
+            raise StoreError(f"cannot create store directory {self.root}: a file of that name is in the way")
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *check_key(key).split("/"))
@@ -149,6 +153,16 @@ class LocalStore(Store):
                 if key.startswith(prefix):
                     yield key
 
+    def list_sorted(self, prefix: str = "") -> Iterator[str]:
+        """list() in ascending byte order of the keys, a directory at a time (segments/ of 10^7
+        objects is 4096 directories of ~2,500). A directory 'abc' sorts as 'abc/': its keys
+        come after a file 'abc-1' ('-' < '/') and before 'abc0'."""
+        base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = os.path.join(self.root, *base.split("/")) if base else self.root
+        for key in _walk_sorted(start, base + "/" if base else ""):
+            if key.startswith(prefix):
+                yield key
+
     def delete(self, key: str) -> None:
         """Remove the object; durably (its directory synced) unless it is a segment. A manifest
         that prune deleted must stay deleted before gc frees the segments only it named: after a
@@ -196,6 +210,22 @@ class LocalStore(Store):
 
     def describe(self) -> str:
         return f"local store {self.root}"
+
+
+def _walk_sorted(directory: str, rel: str) -> Iterator[str]:
+    """Keys under `directory` (whose key prefix is `rel`) in ascending order; temp files skipped."""
+    try:
+        with os.scandir(directory) as it:
+            entries = sorted((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e.name) for e in it)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StoreError(f"cannot list {directory}: {e.strerror}") from e
+    for sort_name, name in entries:
+        if sort_name.endswith("/"):
+            yield from _walk_sorted(os.path.join(directory, name), rel + sort_name)
+        elif TMP_MARK not in name:
+            yield rel + name
 
 
 class LocalBatch(Batch):

@@ -12,7 +12,7 @@ from .base import Batch, ObjectInfo, Store, check_key
 class SealedStore(Store):
     """Any Store, with every object sealed on put and opened on get. Keys pass unchanged; the
     codec (and with it the key file) is loaded on first use, so a namespace nobody reads needs
-    no key. Everything else (exists, list, delete, stat, clean_temp, close) is the inner store's,
+    no key. Everything else (exists, list, list_sorted, delete, stat, clean_temp, close) is the inner store's,
     each forwarded explicitly (store/base.py: a new method must be written here, or it is abstract).
 
     put() opens what it sealed and compares before storing (verify before store)."""
@@ -61,6 +61,9 @@ class SealedStore(Store):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         return self.inner.list(prefix)
+
+    def list_sorted(self, prefix: str = "") -> Iterator[str]:
+        return self.inner.list_sorted(prefix)
 
     def delete(self, key: str) -> None:
         self.inner.delete(key)

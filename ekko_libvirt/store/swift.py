@@ -592,6 +592,10 @@ class SwiftStore(Store):
                 yield item["name"]
             marker = page[-1]["name"]
 
+    def list_sorted(self, prefix: str = "") -> Iterator[str]:
+        """Swift lists a container in name order (UTF-8 bytes; keys are ASCII): list() as it is."""
+        return self.list(prefix)
+
     def delete(self, key: str) -> None:
         check_key(key)
         try:
