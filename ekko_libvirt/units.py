@@ -43,7 +43,22 @@ def is_power_of_two(n: int) -> bool:
 # 1 MiB: the smallest store after scattered writes and the fastest full in bench/ (README "Benchmark",
 # docs/format.md "Trade-offs of the segment size").
 DEFAULT_SEGMENT_SIZE = 1 * MiB
-DEFAULT_WORKERS = 4
+
+
+def default_workers() -> int:
+    """Segment workers when the config does not say: one per core this process may run on
+    (taskset and cgroup cpusets count), at least 4 (a worker also waits for its store writes),
+    at most 64. The per-segment work runs without the GIL (format/_segcore.c), so more cores are
+    more throughput."""
+    import os
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(4, min(64, cores))
+
+
+DEFAULT_WORKERS = default_workers()
 DEFAULT_REQUEST_SIZE = 512 * KiB      # >= 1 MiB makes QEMU's NBD server page-fault on every read
 DEFAULT_IN_FLIGHT = 4
 DEFAULT_GRANULARITY = 64 * KiB

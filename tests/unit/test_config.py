@@ -1,3 +1,4 @@
+import os
 import pytest
 
 from ekko_libvirt import config, units
@@ -113,3 +114,10 @@ def test_a_request_size_outside_what_nbd_allows_is_refused(size):
     """request_size 0 made the reader split every read into 0-byte requests for ever."""
     with pytest.raises(ConfigError, match=r"read.request_size: must be from 512 bytes to 32MiB"):
         config.build({"read": {"request_size": size}})
+
+
+def test_workers_default_to_the_cores_ekko_may_run_on(monkeypatch):
+    from ekko_libvirt import units
+    for cores, expected in ((1, 4), (2, 4), (6, 6), (32, 32), (200, 64)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert units.default_workers() == expected, cores
