@@ -17,6 +17,8 @@ CUTS ?= 100
 
 .PHONY: demo test unit bench torture deps deps-core lint clean
 
+# Both build the C extension ekko_libvirt/format/_segcore.c in place (pip install -e: setup.py ext_modules),
+# again whenever the .c is newer than the .so; so every target below runs the code of the checkout.
 deps-core:
 	bash scripts/install-deps.sh core
 
@@ -57,4 +59,4 @@ mutate: deps-core
 	nice -n 19 $(PY) scripts/mutate.py $(MODULE) $(MUTATE_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-work
+	rm -rf $(VENV) build *.egg-info demo-work ekko_libvirt/format/_segcore*.so

@@ -9,7 +9,12 @@ WHAT=${1:-all}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${EKKO_VENV:-$HERE/.venv}
 
-CORE_PKGS="qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd libnbd-bin python3-venv python3-dev gcc pkg-config"
+CORE_PKGS="qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd libnbd-bin python3-venv python3-dev gcc pkg-config
+ libzstd-dev libxxhash-dev python3-zstandard"
+# libzstd-dev + libxxhash-dev: the C extension ekko_libvirt/format/_segcore.c (segment.py's data path with
+# the GIL released) links Debian's libzstd and inlines xxhash.h. python3-zstandard: Debian's zstandard links
+# that same libzstd, so the Python path (and the tests comparing the two) writes the very same zstd frames;
+# pip's wheel bundles its own zstd (1.5.6 in 0.23), whose frames may differ from 1.5.4's.
 ALL_PKGS="$CORE_PKGS libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-libvirt
  seabios ipxe-qemu swift swift-proxy swift-account swift-container swift-object python3-swiftclient memcached xfsprogs
  fuse3"
@@ -33,8 +38,21 @@ fi
 if [ ! -x "$VENV/bin/python" ]; then
     /usr/bin/python3.11 -m venv --system-site-packages "$VENV"
 fi
+# One zstd in the venv: the system's. A zstandard that pip put into the venv (an older install-deps, or
+# a dependency's) shadows Debian's python3-zstandard; remove it when its zstd is not the system libzstd.
+# Then requirements.txt's zstandard>=0.19 is already satisfied by Debian's.
+venv_zstd=$("$VENV/bin/python" -c 'import zstandard; print("%d.%d.%d" % zstandard.ZSTD_VERSION)' 2>/dev/null || true)
+sys_zstd=$(/usr/bin/python3.11 -c 'import ctypes; v = ctypes.CDLL("libzstd.so.1").ZSTD_versionNumber(); print(f"{v // 10000}.{v // 100 % 100}.{v % 100}")')
+if [ -n "$venv_zstd" ] && [ "$venv_zstd" != "$sys_zstd" ]; then
+    echo "install-deps: the venv's zstandard bundles zstd $venv_zstd, the system has $sys_zstd: using Debian's python3-zstandard" >&2
+    "$VENV/bin/python" -m pip uninstall -q -y zstandard
+fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$HERE/requirements.txt" -r "$HERE/requirements-test.txt"
+# Editable install; it also builds the C extension in place (setup.py ext_modules). `make` rebuilds it
+# when _segcore.c changes (Makefile: native).
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$HERE"
 "$VENV/bin/python" -c 'import nbd, qemu.qmp, xxhash, zstandard, yaml, cryptography' || {
     echo "install-deps: the venv at $VENV cannot import its dependencies" >&2; exit 1; }
+"$VENV/bin/python" -c 'from ekko_libvirt.format import _segcore' || {
+    echo "install-deps: the C extension ekko_libvirt/format/_segcore.c did not build" >&2; exit 1; }
 echo "install-deps: ok ($WHAT) venv=$VENV" >&2

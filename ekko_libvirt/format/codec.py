@@ -15,7 +15,8 @@ codec.chain_key_reason).
 Nothing here needs the `cryptography` package: a plain store never imports it.
 """
 
-from typing import Any, Dict, Optional, Protocol
+import os
+from typing import Any, Callable, Dict, Optional, Protocol
 
 import xxhash
 
@@ -43,6 +44,18 @@ class Codec(Protocol):
     def describe(self) -> Optional[Dict[str, Any]]: ...     # the manifest header's `encryption`
 
 
+def _xxh3_128() -> Callable[[Any], bytes]:
+    """xxh3-128 as segment.digest computes it: the C extension's, GIL released (segment.py's
+    BACKEND, same rule), else python-xxhash's; the same 16 bytes either way."""
+    if os.environ.get("EKKO_NATIVE", "1") != "0":
+        try:
+            from ._segcore import xxh3_128
+            return xxh3_128
+        except ImportError:
+            pass
+    return xxhash.xxh3_128_digest
+
+
 class PlainCodec:
     """Segments named by xxh3-128 of their raw bytes; objects stored as they are."""
 
@@ -50,9 +63,7 @@ class PlainCodec:
     fingerprint: Optional[str] = None
     naming = "xxh3-128"          # the manifest header's `hash`: what the table's digests are
 
-    @staticmethod
-    def name(raw) -> bytes:
-        return xxhash.xxh3_128_digest(raw)
+    name = staticmethod(_xxh3_128())
 
     @staticmethod
     def describe() -> Optional[Dict[str, Any]]:

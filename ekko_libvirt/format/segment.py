@@ -12,12 +12,26 @@ project), where every writer is already trusted with every reader's data.
 In an encrypted store (codec.py, crypto.py) the object is the same, but its name is a keyed
 hash of the raw bytes (the codec's `name`) while the header keeps the xxh3-128 of the raw bytes;
 the store seals the object in an envelope that authenticates it together with its name.
+
+Two implementations of the same bytes:
+
+    native   _segcore.c: hash, zero test, encode and decode in C with the GIL released for the
+             whole segment, so the backup's workers use every core (issue 15). Used when the
+             extension is built (`make`, scripts/install-deps.sh) and EKKO_NATIVE is not "0".
+    python   the functions named _py_* below: the reference. python-xxhash holds the GIL while it
+             hashes, so this path runs on about one core whatever the host has.
+
+Both write byte-identical objects and refuse damaged ones with the same IntegrityError messages
+(tests/unit/test_segment_native.py). That needs one zstd library under both: Debian's libzstd,
+which its python3-zstandard links and the extension links (scripts/install-deps.sh sees to it).
+`BACKEND` says which one this process uses.
 """
 
+import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import xxhash
 import zstandard
@@ -36,7 +50,7 @@ ZERO_DIGEST = bytes(DIGEST_SIZE)
 MIN_SAVING = 1 / 32
 
 
-def digest(data) -> bytes:
+def _py_digest(data) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
@@ -52,7 +66,7 @@ def digest_from_key(key: str) -> bytes:
 _zero_cache: Dict[int, bytes] = {}
 
 
-def is_zero(data) -> bool:
+def _py_is_zero(data) -> bool:
     n = len(data)
     zeros = _zero_cache.get(n)
     if zeros is None:
@@ -107,13 +121,13 @@ def _compressible(raw, level: int) -> bool:
     return len(_codecs.compressor(level).compress(sample)) <= len(sample) * (1 - MIN_SAVING)
 
 
-def encode(raw, level: int = 1, compress: bool = True, known_digest: "bytes | None" = None,
-           codec: Codec = PLAIN) -> EncodedSegment:
+def _py_encode(raw, level: int = 1, compress: bool = True, known_digest: "bytes | None" = None,
+               codec: Codec = PLAIN) -> EncodedSegment:
     """raw bytes -> verified object. Decodes what it built and re-hashes it before returning,
     so a compressor bug can never reach the store (verify before upload). `known_digest` is the
     segment's name under `codec` when the caller has it already."""
     name = known_digest or codec.name(raw)
-    d = digest(raw) if codec.encrypted else name
+    d = _py_digest(raw) if codec.encrypted else name
     comp, payload = COMP_NONE, raw
     if compress and _compressible(raw, level):
         packed = _codecs.compressor(level).compress(raw)
@@ -123,10 +137,10 @@ def encode(raw, level: int = 1, compress: bool = True, known_digest: "bytes | No
     blob = b"".join((HEADER.pack(MAGIC, comp, HASH_XXH3_128, 0, len(raw), d), payload))
     if comp == COMP_ZSTD:
         try:
-            decode(blob, name, codec=codec)
+            _py_decode(blob, name, codec=codec)
         except IntegrityError as e:
             raise EncodeMismatch(segment_key(name), str(e)) from e
-    elif len(blob) != HEADER.size + len(raw) or digest(memoryview(blob)[HEADER.size:]) != d:
+    elif len(blob) != HEADER.size + len(raw) or _py_digest(memoryview(blob)[HEADER.size:]) != d:
         # Stored as is: decoding is taking the payload, so re-hash it in place (no copy).
         raise EncodeMismatch(segment_key(name), "object does not match its digest after encoding")
     return EncodedSegment(name, blob, len(raw))
@@ -145,9 +159,42 @@ def frame_size(frame) -> int:
         kind = (block >> 1) & 3
         if kind == 3:
             raise ValueError("reserved zstd block type")
+        if kind == 2 and _reserved_modes(frame, pos, block >> 3):
+            raise ValueError("reserved bits of a zstd sequences header are set")
         pos += 1 if kind == 1 else block >> 3          # RLE: one byte; raw and compressed: the size
         if block & 1:                                  # the last block
             return pos + (4 if frame[4] & 4 else 0)
+
+
+def _reserved_modes(frame, start: int, size: int) -> bool:
+    """Whether the compressed block frame[start:start + size] sets the two reserved bits of its
+    Symbol_Compression_Modes (RFC 8878 3.1.1.3.2.1: "must be all-zeroes"). zstd 1.5.4 (Debian 12)
+    decodes such a block as if they were clear (1.5.5 refuses it), so a flipped bit there would go
+    unseen, like the frame descriptor's unused bit (_check_frame). Finds the byte by skipping the
+    literals section by its header's sizes; whatever is cut short is zstd's to refuse."""
+    end = min(start + size, len(frame))
+    if start >= end:
+        return False
+    b0 = frame[start]
+    kind, size_format = b0 & 3, (b0 >> 2) & 3
+    if kind < 2:                                       # raw or RLE literals: a 1, 2 or 3-byte header
+        hdr = (1, 2, 1, 3)[size_format]
+        if start + hdr > end:
+            return False
+        v = int.from_bytes(frame[start:start + hdr], "little")
+        regenerated = v >> 3 if hdr == 1 else v >> 4
+        literals = hdr + (regenerated if kind == 0 else 1)
+    else:                                              # compressed or treeless: 3, 3, 4 or 5 bytes
+        hdr, bits = ((3, 10), (3, 10), (4, 14), (5, 18))[size_format]
+        if start + hdr > end:
+            return False
+        v = int.from_bytes(frame[start:start + hdr], "little")
+        literals = hdr + ((v >> (4 + bits)) & ((1 << bits) - 1))
+    p = start + literals
+    if p >= end or frame[p] == 0:                      # no sequences: no modes byte
+        return False
+    p += 1 if frame[p] < 128 else 2 if frame[p] < 255 else 3
+    return p < end and frame[p] & 3 != 0
 
 
 def _check_frame(payload, length: int, name: str) -> None:
@@ -165,7 +212,7 @@ def _check_frame(payload, length: int, name: str) -> None:
         raise IntegrityError(f"segment {name}: {len(payload) - end} byte(s) after the zstd frame (damaged)")
 
 
-def decode(blob: bytes, expected: bytes, where: str = "", codec: Codec = PLAIN) -> bytes:
+def _py_decode(blob: bytes, expected: bytes, where: str = "", codec: Codec = PLAIN) -> bytes:
     """Object bytes -> raw bytes, or IntegrityError if anything does not match `expected` (the
     segment's name). Under an encrypting codec `blob` is what the store opened (the envelope
     already proved it is the object stored under that name): the header's xxh3-128 is checked
@@ -193,6 +240,82 @@ def decode(blob: bytes, expected: bytes, where: str = "", codec: Codec = PLAIN) 
         raw = bytes(payload)
     else:
         raise IntegrityError(f"segment {name}: unknown compression id {comp}")
-    if len(raw) != length or digest(raw) != expected:
+    if len(raw) != length or _py_digest(raw) != expected:
         raise IntegrityError(f"segment {name}: content does not match its digest")
     return raw
+
+
+# -- the native path (_segcore.c) --------------------------------------------------------------
+# _segcore's decode/verify codes, in the order _py_decode checks (keep in sync with _segcore.c).
+E_OK, E_TRUNCATED, E_MAGIC, E_RESERVED, E_NAME, E_FRAME, E_FRAME_HEADER, E_AFTER_FRAME, E_DECOMPRESS, \
+    E_COMP, E_CONTENT, E_STORED = range(12)
+
+
+def _native_error(code: int, blob, expected: bytes, name: str) -> IntegrityError:
+    """The IntegrityError _py_decode raises for the check that _segcore reported failing, with the
+    same message. The two whose text comes from python-zstandard (not a frame, cannot decompress)
+    are re-derived by the same Python calls, on this error path only."""
+    payload = memoryview(blob)[HEADER.size:]
+    if code == E_TRUNCATED:
+        return IntegrityError(f"segment {name}: truncated ({len(blob)} bytes)")
+    if code == E_MAGIC:
+        return IntegrityError(f"segment {name}: not an ekko segment (bad magic or hash id)")
+    _, comp, _, reserved, length, stored = HEADER.unpack_from(blob)
+    if code == E_RESERVED:
+        return IntegrityError(f"segment {name}: reserved header field is {reserved}, not 0 (damaged)")
+    if code == E_NAME:
+        return IntegrityError(f"segment {name}: header digest {stored.hex()} does not match its name")
+    if code in (E_FRAME, E_FRAME_HEADER, E_AFTER_FRAME):
+        try:
+            _check_frame(payload, length, name)
+        except IntegrityError as e:
+            return e
+    if code == E_DECOMPRESS:
+        try:
+            _codecs.dctx.decompress(payload, max_output_size=length)
+        except zstandard.ZstdError as e:
+            err = IntegrityError(f"segment {name}: cannot decompress: {e}")
+            err.__cause__ = e
+            return err
+    if code == E_COMP:
+        return IntegrityError(f"segment {name}: unknown compression id {comp}")
+    # E_CONTENT, or a frame check Python does not repeat (cannot happen with one libzstd: the
+    # test of equal versions guards it)
+    return IntegrityError(f"segment {name}: content does not match its digest")
+
+
+def _native_decode(blob: bytes, expected: bytes, where: str = "", codec: Codec = PLAIN) -> bytes:
+    got = _segcore.decode(blob, None if codec.encrypted else expected)
+    if isinstance(got, int):
+        raise _native_error(got, blob, expected, where or segment_key(expected))
+    return got
+
+
+def _native_encode(raw, level: int = 1, compress: bool = True, known_digest: "bytes | None" = None,
+                   codec: Codec = PLAIN) -> EncodedSegment:
+    if codec.encrypted:
+        name: Optional[bytes] = known_digest or codec.name(raw)
+        d, blob, code = _segcore.encode(raw, level, compress, None)
+    else:
+        name = known_digest
+        d, blob, code = _segcore.encode(raw, level, compress, name)
+    name = name or d
+    if code == E_STORED:
+        raise EncodeMismatch(segment_key(name), "object does not match its digest after encoding")
+    if code != E_OK:
+        e = _native_error(code, blob, name, segment_key(name))
+        raise EncodeMismatch(segment_key(name), str(e)) from e
+    return EncodedSegment(name, blob, len(raw))
+
+
+try:
+    from . import _segcore
+    BUILT = True
+except ImportError:          # not built (a checkout without `make`): the Python path
+    BUILT = False
+
+BACKEND = "native" if BUILT and os.environ.get("EKKO_NATIVE", "1") != "0" else "python"
+if BACKEND == "native":
+    digest, is_zero, encode, decode = _segcore.xxh3_128, _segcore.is_zero, _native_encode, _native_decode
+else:
+    digest, is_zero, encode, decode = _py_digest, _py_is_zero, _py_encode, _py_decode

@@ -62,7 +62,8 @@ def test_segment_damage_detected():
     enc = segment.encode(b"x" * 5000 + random.Random(1).randbytes(5000))
     assert enc.blob[4] == segment.COMP_ZSTD
     for pos, why in ((0, "not an ekko segment"), (5, "not an ekko segment"), (12, "header digest .* does not match"),
-                     (40, "cannot decompress"), (len(enc.blob) - 1, "content does not match its digest")):
+                     (39, "cannot decompress"), (40, "not a zstd frame: reserved bits of a zstd sequences header are set"),
+                     (len(enc.blob) - 1, "content does not match its digest")):
         bad = bytearray(enc.blob)
         bad[pos] ^= 1
         with pytest.raises(IntegrityError, match=f"^segment {segment.segment_key(enc.digest)}: {why}"):
