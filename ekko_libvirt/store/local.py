@@ -19,7 +19,7 @@ import logging
 import os
 import secrets
 import threading
-from typing import Callable, Iterable, Iterator, List, Tuple, TypeVar
+from typing import Callable, Iterable, Iterator, List, Tuple, TypeVar, Union
 
 from .. import units
 from ..directio import fsync_path, read_direct, write_new_file
@@ -159,9 +159,10 @@ class LocalStore(Store):
         come after a file 'abc-1' ('-' < '/') and before 'abc0'."""
         base = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
         start = os.path.join(self.root, *base.split("/")) if base else self.root
-        for key in _walk_sorted(start, base + "/" if base else ""):
-            if key.startswith(prefix):
-                yield key
+        keys = _walk_sorted(start, base + "/" if base else "")
+        if prefix.endswith("/") or not prefix:
+            return keys                  # every key under that directory has the prefix
+        return (k for k in keys if k.startswith(prefix))
 
     def delete(self, key: str) -> None:
         """Remove the object; durably (its directory synced) unless it is a segment. A manifest
@@ -213,19 +214,42 @@ class LocalStore(Store):
 
 
 def _walk_sorted(directory: str, rel: str) -> Iterator[str]:
-    """Keys under `directory` (whose key prefix is `rel`) in ascending order; temp files skipped."""
+    """Keys under `directory` (whose key prefix is `rel`) in ascending order; temp files skipped.
+    Iterative, each directory's run of files handed out as one list: one generator level for
+    every key, whatever the depth (this runs once per segment of the store)."""
+    stack: List[Union[List[str], Tuple[str, str]]] = [(directory, rel)]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            yield from item
+            continue
+        path, prefix = item
+        pieces: List[Union[List[str], Tuple[str, str]]] = []
+        run: List[str] = []
+        for name in _sorted_entries(path):
+            if name.endswith("/"):
+                if run:
+                    pieces.append(run)
+                    run = []
+                pieces.append((os.path.join(path, name[:-1]), prefix + name))
+            elif TMP_MARK not in name:
+                run.append(prefix + name)
+        if run:
+            pieces.append(run)
+        stack.extend(reversed(pieces))
+
+
+def _sorted_entries(path: str) -> List[str]:
+    """The names in a directory, a sub-directory's with '/' appended, in byte order."""
     try:
-        with os.scandir(directory) as it:
-            entries = sorted((e.name + "/" if e.is_dir(follow_symlinks=False) else e.name, e.name) for e in it)
+        with os.scandir(path) as it:
+            names = [e.name + "/" if e.is_dir(follow_symlinks=False) else e.name for e in it]
     except FileNotFoundError:
-        return
+        return []
     except OSError as e:
-        raise StoreError(f"cannot list {directory}: {e.strerror}") from e
-    for sort_name, name in entries:
-        if sort_name.endswith("/"):
-            yield from _walk_sorted(os.path.join(directory, name), rel + sort_name)
-        elif TMP_MARK not in name:
-            yield rel + name
+        raise StoreError(f"cannot list {path}: {e.strerror}") from e
+    names.sort()
+    return names
 
 
 class LocalBatch(Batch):
