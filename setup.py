@@ -8,9 +8,11 @@ setup(
     package_data={"ekko_libvirt.format": ["_segcore.pyi"]},
     # The per-segment data path in C with the GIL released (format/segment.py, issue 15): links
     # Debian's libzstd (libzstd-dev), the library Debian's python3-zstandard links too, so both
-    # paths write the same bytes; xxhash.h (libxxhash-dev) is inlined, nothing more to link.
+    # paths write the same bytes; xxhash.h (libxxhash-dev) is inlined, nothing more to link. libcrypto
+    # (libssl-dev): AES-256-GCM of encrypted stores (format/crypto.py), GIL released as well.
     ext_modules=[Extension("ekko_libvirt.format._segcore", sources=["ekko_libvirt/format/_segcore.c"],
-                           libraries=["zstd"], extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"])],
+                           libraries=["zstd", "crypto"],
+                           extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"])],
     python_requires=">=3.11",
     # libnbd's binding (`import nbd`) is Debian's python3-libnbd: not on PyPI, so not listed here.
     install_requires=[

@@ -19,6 +19,9 @@
  * buffer protocol (bytes, bytearray, memoryview) and are released before returning: the reader's
  * pooled bytearrays are never held past the call.
  *
+ * Also AES-256-GCM seal/open of crypto.SealedCodec's envelopes (OpenSSL's libcrypto), GIL
+ * released too, byte-identical to cryptography's AESGCM.
+ *
  * zstd contexts and scratch memory are per thread (a pthread key whose destructor frees them
  * when the thread ends): a context is not thread-safe, and allocating one per segment costs more
  * than the compression of a small one.
@@ -39,6 +42,8 @@
 
 #define XXH_INLINE_ALL
 #include <xxhash.h>
+
+#include <openssl/evp.h>
 
 #define HEADER_SIZE 28
 #define DIGEST_SIZE 16
@@ -513,6 +518,174 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
     return raw;
 }
 
+/* -- AES-256-GCM of crypto.SealedCodec (docs/format.md, "Sealed object") -------------------------
+ *
+ * OpenSSL's EVP AES-256-GCM (libcrypto, which Python's hashlib loads anyway), with the GIL
+ * released: cryptography's AESGCM (44.x) holds it for the whole object. GCM is deterministic
+ * given key, nonce and associated data, so the envelope is the one AESGCM makes; the nonce comes
+ * from the caller (crypto.py: os.urandom), never from here. */
+
+#define GCM_KEY 32
+#define GCM_NONCE 12
+#define GCM_TAG 16
+#define SEAL_PREFIX 32        /* magic | fingerprint | nonce: the first associated data, in the object */
+
+/* Without the GIL. 1: done (for open: the tag matched), 0: tag mismatch, -1: OpenSSL failed. */
+static int gcm(int enc, const unsigned char *key, const unsigned char *nonce, const unsigned char *aad1,
+               size_t aad1_len, const unsigned char *aad2, size_t aad2_len, const unsigned char *in,
+               size_t n, unsigned char *out, unsigned char *tag) {
+    EVP_CIPHER_CTX *c = EVP_CIPHER_CTX_new();
+    int ok = -1, len;
+    if (!c)
+        return -1;
+    if (EVP_CipherInit_ex(c, EVP_aes_256_gcm(), NULL, NULL, NULL, enc) != 1 ||
+        EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_IVLEN, GCM_NONCE, NULL) != 1 ||
+        EVP_CipherInit_ex(c, NULL, NULL, key, nonce, enc) != 1 ||
+        EVP_CipherUpdate(c, NULL, &len, aad1, (int)aad1_len) != 1 ||
+        (aad2_len && EVP_CipherUpdate(c, NULL, &len, aad2, (int)aad2_len) != 1))
+        goto done;
+    /* EVP_CipherUpdate takes an int length: feed at most 1 GiB at a time */
+    for (size_t off = 0; off < n;) {
+        size_t step = n - off < (1u << 30) ? n - off : (1u << 30);
+        if (EVP_CipherUpdate(c, out + off, &len, in + off, (int)step) != 1)
+            goto done;
+        off += step;
+    }
+    if (enc) {
+        if (EVP_CipherFinal_ex(c, out + n, &len) != 1 ||
+            EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_GET_TAG, GCM_TAG, tag) != 1)
+            goto done;
+        ok = 1;
+    } else {
+        if (EVP_CIPHER_CTX_ctrl(c, EVP_CTRL_GCM_SET_TAG, GCM_TAG, (void *)tag) != 1)
+            goto done;
+        ok = EVP_CipherFinal_ex(c, out + n, &len) == 1 ? 1 : 0;
+    }
+done:
+    EVP_CIPHER_CTX_free(c);
+    return ok;
+}
+
+static int get_exact(Py_buffer *b, PyObject *o, Py_ssize_t size, const char *what) {
+    if (PyObject_GetBuffer(o, b, PyBUF_SIMPLE) < 0)
+        return -1;
+    if (size >= 0 && b->len != size) {
+        PyErr_Format(PyExc_ValueError, "%s must be %zd bytes", what, size);
+        PyBuffer_Release(b);
+        return -1;
+    }
+    return 0;
+}
+
+/* gcm_seal(key, prefix, name, data) -> prefix | AES-256-GCM(key, nonce = prefix[20:32], data,
+ * associated data = prefix | name) | tag: crypto.SealedCodec.seal's object. */
+static PyObject *py_gcm_seal(PyObject *self, PyObject *args) {
+    PyObject *ko, *po, *no, *dobj;
+    Py_buffer key, prefix, name, data;
+    if (!PyArg_ParseTuple(args, "OOOO:gcm_seal", &ko, &po, &no, &dobj))
+        return NULL;
+    if (get_exact(&key, ko, GCM_KEY, "key") < 0)
+        return NULL;
+    if (get_exact(&prefix, po, SEAL_PREFIX, "prefix") < 0) {
+        PyBuffer_Release(&key);
+        return NULL;
+    }
+    if (get_exact(&name, no, -1, "name") < 0) {
+        PyBuffer_Release(&key);
+        PyBuffer_Release(&prefix);
+        return NULL;
+    }
+    if (get_exact(&data, dobj, -1, "data") < 0) {
+        PyBuffer_Release(&key);
+        PyBuffer_Release(&prefix);
+        PyBuffer_Release(&name);
+        return NULL;
+    }
+    size_t n = (size_t)data.len;
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(SEAL_PREFIX + n + GCM_TAG));
+    int ok = 0;
+    if (out) {
+        unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+        const unsigned char *p = prefix.buf;
+        memcpy(o, p, SEAL_PREFIX);
+        Py_BEGIN_ALLOW_THREADS
+        heavy_enter();
+        ok = gcm(1, key.buf, p + SEAL_PREFIX - GCM_NONCE, p, SEAL_PREFIX, name.buf, (size_t)name.len,
+                 data.buf, n, o + SEAL_PREFIX, o + SEAL_PREFIX + n);
+        heavy_leave();
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&name);
+    PyBuffer_Release(&data);
+    if (out && ok != 1) {
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-256-GCM encryption failed");
+        return NULL;
+    }
+    return out;
+}
+
+/* gcm_open(key, aad_prefix, blob, name) -> the plaintext of the sealed object `blob`, or None when
+ * its tag does not match: nonce = blob[20:32], ciphertext = blob[32:-16], tag = the last 16 bytes,
+ * associated data = aad_prefix (normally blob[:32]) | name. */
+static PyObject *py_gcm_open(PyObject *self, PyObject *args) {
+    PyObject *ko, *po, *bo, *no;
+    Py_buffer key, prefix, blob, name;
+    if (!PyArg_ParseTuple(args, "OOOO:gcm_open", &ko, &po, &bo, &no))
+        return NULL;
+    if (get_exact(&key, ko, GCM_KEY, "key") < 0)
+        return NULL;
+    if (get_exact(&prefix, po, SEAL_PREFIX, "aad_prefix") < 0) {
+        PyBuffer_Release(&key);
+        return NULL;
+    }
+    if (get_exact(&blob, bo, -1, "blob") < 0) {
+        PyBuffer_Release(&key);
+        PyBuffer_Release(&prefix);
+        return NULL;
+    }
+    if (get_exact(&name, no, -1, "name") < 0) {
+        PyBuffer_Release(&key);
+        PyBuffer_Release(&prefix);
+        PyBuffer_Release(&blob);
+        return NULL;
+    }
+    PyObject *out = NULL;
+    int ok = -2;
+    if (blob.len < SEAL_PREFIX + GCM_TAG) {
+        PyErr_SetString(PyExc_ValueError, "a sealed object is at least 48 bytes");
+    } else {
+        size_t n = (size_t)blob.len - SEAL_PREFIX - GCM_TAG;
+        out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)n);
+        if (out) {
+            const unsigned char *b = blob.buf;
+            unsigned char tag[GCM_TAG];
+            memcpy(tag, b + SEAL_PREFIX + n, GCM_TAG);
+            unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+            Py_BEGIN_ALLOW_THREADS
+            heavy_enter();
+            ok = gcm(0, key.buf, b + SEAL_PREFIX - GCM_NONCE, prefix.buf, SEAL_PREFIX, name.buf,
+                     (size_t)name.len, b + SEAL_PREFIX, n, o, tag);
+            heavy_leave();
+            Py_END_ALLOW_THREADS
+        }
+    }
+    PyBuffer_Release(&key);
+    PyBuffer_Release(&prefix);
+    PyBuffer_Release(&blob);
+    PyBuffer_Release(&name);
+    if (ok == 1)
+        return out;
+    Py_XDECREF(out);
+    if (ok == 0)
+        Py_RETURN_NONE;
+    if (ok == -1)
+        PyErr_SetString(PyExc_RuntimeError, "OpenSSL AES-256-GCM decryption failed");
+    return NULL;
+}
+
 static PyObject *py_heavy(PyObject *self, PyObject *unused) {
     return Py_BuildValue("(ll)", __atomic_load_n(&heavy_now, __ATOMIC_SEQ_CST),
                          __atomic_load_n(&heavy_started, __ATOMIC_SEQ_CST));
@@ -525,6 +698,10 @@ static PyMethodDef methods[] = {
      "encode(raw, level, compress, digest) -> (digest, blob, code): segment.encode's object"},
     {"decode", py_decode, METH_VARARGS,
      "decode(blob, expected) -> raw bytes, or the code of the check that failed"},
+    {"gcm_seal", py_gcm_seal, METH_VARARGS,
+     "gcm_seal(key, prefix, name, data) -> prefix | ciphertext | tag: crypto.SealedCodec.seal's object"},
+    {"gcm_open", py_gcm_open, METH_VARARGS,
+     "gcm_open(key, aad_prefix, blob, name) -> plaintext, or None when the tag does not match"},
     {"heavy", py_heavy, METH_NOARGS,
      "heavy() -> (calls running without the GIL now, calls started so far): for tests"},
     {NULL, NULL, 0, NULL},

@@ -16,6 +16,7 @@ Nothing here needs the `cryptography` package: a plain store never imports it.
 """
 
 import os
+from types import ModuleType
 from typing import Any, Callable, Dict, Optional, Protocol
 
 import xxhash
@@ -44,16 +45,23 @@ class Codec(Protocol):
     def describe(self) -> Optional[Dict[str, Any]]: ...     # the manifest header's `encryption`
 
 
+def native() -> Optional[ModuleType]:
+    """The C extension _segcore (segment.py's and crypto.py's work with the GIL released), or None
+    when it is not built or EKKO_NATIVE is "0" (then the pure-Python paths: the same bytes)."""
+    if os.environ.get("EKKO_NATIVE", "1") == "0":
+        return None
+    try:
+        from . import _segcore
+    except ImportError:
+        return None
+    return _segcore
+
+
 def _xxh3_128() -> Callable[[Any], bytes]:
-    """xxh3-128 as segment.digest computes it: the C extension's, GIL released (segment.py's
-    BACKEND, same rule), else python-xxhash's; the same 16 bytes either way."""
-    if os.environ.get("EKKO_NATIVE", "1") != "0":
-        try:
-            from ._segcore import xxh3_128
-            return xxh3_128
-        except ImportError:
-            pass
-    return xxhash.xxh3_128_digest
+    """xxh3-128 as segment.digest computes it: the C extension's, GIL released, else
+    python-xxhash's; the same 16 bytes either way."""
+    mod = native()
+    return xxhash.xxh3_128_digest if mod is None else mod.xxh3_128
 
 
 class PlainCodec:

@@ -17,6 +17,11 @@ swap (the key is authenticated) or forge one without restore and verify reportin
 
 The key itself never leaves this module: SealedCodec keeps only derived sub-keys, its repr shows
 the fingerprint, and no message prints more than a fingerprint or a path.
+
+AES-256-GCM runs in the C extension (_segcore.c, OpenSSL's EVP, GIL released) when it is built
+and EKKO_NATIVE is not "0", else through cryptography's AESGCM, which holds the GIL for the whole
+object (44.x): the same envelopes either way (GCM is deterministic given key, nonce and
+associated data; the nonce is os.urandom's in both).
 """
 
 import hmac
@@ -24,14 +29,14 @@ import os
 import re
 import secrets
 import stat
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .codec import FINGERPRINT_SIZE, SEALED_MAGIC, sealed_fingerprint
+from .codec import FINGERPRINT_SIZE, SEALED_MAGIC, native, sealed_fingerprint
 from ..directio import fsync_path, write_new_file
 from ..errors import ConfigError, EkkoError, IntegrityError, KeyMismatch, UsageError
 
@@ -74,11 +79,15 @@ class SealedCodec:
     encrypted = True
     naming = NAMING
 
-    def __init__(self, key: bytes, source: str = "(in memory)"):
-        data_key, self._name_key, self._fp = derive(key)
-        self._aead = AESGCM(data_key)
+    def __init__(self, key: bytes, source: str = "(in memory)", use_native: Optional[bool] = None):
+        self._data_key, self._name_key, self._fp = derive(key)
+        self._aead = AESGCM(self._data_key)
         self.fingerprint = self._fp.hex()
         self.source = source        # where the key came from (a path), for messages
+        # the C extension's AES-256-GCM (None: when built and EKKO_NATIVE is not "0")
+        self._native = native() if use_native is None else native() if use_native else None
+        if use_native and self._native is None:
+            raise ValueError("the C extension ekko_libvirt/format/_segcore is not built")
 
     def __repr__(self) -> str:
         return f"SealedCodec(fingerprint={self.fingerprint}, source={self.source})"
@@ -90,9 +99,26 @@ class SealedCodec:
         return hmac.digest(self._name_key, raw, "sha256")[:NAME_SIZE]
 
     def seal(self, key: str, data) -> bytes:
-        nonce = os.urandom(NONCE_SIZE)
+        return self._seal(key, data, os.urandom(NONCE_SIZE))
+
+    def _seal(self, key: str, data, nonce: bytes) -> bytes:
+        """The envelope of `data` stored under `key`, with this nonce (seal's, from the CSPRNG)."""
         prefix = SEALED_MAGIC + self._fp + nonce
+        if self._native is not None:
+            return self._native.gcm_seal(self._data_key, prefix, key.encode("ascii"), data)
         return prefix + self._aead.encrypt(nonce, bytes(data), prefix + key.encode("ascii"))
+
+    def _decrypt(self, blob, aad_prefix: bytes, aad_key: bytes) -> Optional[bytes]:
+        """The plaintext of `blob` opened with associated data aad_prefix || aad_key; None when
+        the tag does not match."""
+        if self._native is not None:
+            return self._native.gcm_open(self._data_key, aad_prefix, blob, aad_key)
+        nonce = bytes(blob[len(SEALED_MAGIC) + FINGERPRINT_SIZE:PREFIX_SIZE])
+        body = bytes(blob[PREFIX_SIZE:])     # cryptography < 42 takes bytes only
+        try:
+            return self._aead.decrypt(nonce, body, aad_prefix + aad_key)
+        except InvalidTag:
+            return None
 
     def open(self, key: str, blob: bytes) -> bytes:
         """The plaintext of the object stored under `key`. IntegrityError when it was altered,
@@ -105,22 +131,19 @@ class SealedCodec:
             raise IntegrityError(f"{key}: not a sealed ekko object (bad magic, or truncated to {len(blob)} bytes)")
         fp = bytes(blob[len(SEALED_MAGIC):len(SEALED_MAGIC) + FINGERPRINT_SIZE])
         nonce = bytes(blob[len(SEALED_MAGIC) + FINGERPRINT_SIZE:PREFIX_SIZE])
-        body = bytes(blob[PREFIX_SIZE:])     # cryptography < 42 takes bytes only
         aad_key = key.encode("ascii")
         if fp == self._fp:
-            try:
-                return self._aead.decrypt(nonce, body, bytes(blob[:PREFIX_SIZE]) + aad_key)
-            except InvalidTag:
+            plain = self._decrypt(blob, bytes(blob[:PREFIX_SIZE]), aad_key)
+            if plain is None:
                 raise IntegrityError(f"{key}: authentication failed: the object was altered, damaged or "
-                                     "stored under another name") from None
+                                     "stored under another name")
+            return plain
         # Another key's object, or ours with a damaged fingerprint: only ours opens with our own
         # fingerprint in its place.
-        try:
-            self._aead.decrypt(nonce, body, SEALED_MAGIC + self._fp + nonce + aad_key)
-        except InvalidTag:
+        if self._decrypt(blob, SEALED_MAGIC + self._fp + nonce, aad_key) is None:
             raise KeyMismatch(key, fp.hex(), self.fingerprint,
                               f"Check encryption.key_file ({self.source}); `ekko key show` lists the "
-                              "fingerprints in use") from None
+                              "fingerprints in use")
         raise IntegrityError(f"{key}: the key fingerprint in its header is damaged")
 
 
