@@ -8,6 +8,9 @@
     .venv/bin/python bench/run.py --sweep 256KiB,1MiB,2MiB,4MiB   # store/objects/manifest per segment size
     .venv/bin/python bench/run.py --profile py-spy --peers none   # collapsed stacks in bench/out/
                                                   # (py-spy: `.venv/bin/pip install py-spy`, bench only)
+    .venv/bin/python bench/run.py --store-scale [--sizes 1M,4M --swift-sizes 1M --damage 100]
+                                                  # verify/gc/list/prune at millions of segments
+                                                  # (bench/store_scale.py, issue 21; its own options)
 
 virtnbdbackup needs libvirtd: the bench starts one (tests/harness/libvirtd.py) around those runs
 only; if another one runs, set EKKO_TEST_REUSE_LIBVIRTD=1 to use it (it is never stopped).
@@ -473,6 +476,10 @@ def log(msg: str) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--store-scale" in argv:          # another benchmark, with options of its own
+        import store_scale
+        return store_scale.main([x for x in argv if x != "--store-scale"])
     a = parse_args(argv)
     started = time.monotonic()
     workdir = tempfile.mkdtemp(prefix="ekko-bench-", dir="/tmp")

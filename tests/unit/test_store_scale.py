@@ -265,3 +265,13 @@ def test_store_directories_are_0700(tmp_path):
     for d in (tmp_path / "store", tmp_path / "store" / "projects", root, root / "segments", root / "manifests",
               root / "manifests" / "t1", root / enc.key.rsplit("/", 1)[0]):
         assert oct(os.stat(d).st_mode & 0o777) == "0o700", d
+
+
+def test_progress_counts_segments_with_rate_and_eta():
+    """verify's line counts segments (not bytes); gc's listing phase has no total: count and rate."""
+    from ekko_libvirt.progress import Progress
+    p = Progress("verify", enabled=False, unit="segments")
+    assert p.line(250_000, 1_000_000, 2.0) == "verify:  25.0% 250,000/1,000,000 segments 125,000/s ETA    6s"
+    assert Progress("gc sweep", enabled=False, unit="listed").line(30_000, None, 0.5) == \
+        "gc sweep: 30,000 listed 60,000/s"
+    assert Progress("restore", enabled=False).line(1 << 30, 4 << 30, 1.0).startswith("restore:  25.0% 1.0 GiB/4.0 GiB")
