@@ -77,6 +77,8 @@ typedef struct {
     ZSTD_DCtx *dctx;
     char *scratch;          /* the decoded bytes of verify-before-store */
     size_t scratch_cap;
+    char *packed;           /* zstd's output, at compressBound: kept only when it saves 1/32 */
+    size_t packed_cap;
     char *sample;           /* three samples joined, then their compressed form */
     size_t sample_cap;
 } ThreadState;
@@ -90,6 +92,7 @@ static void state_free(void *p) {
     ZSTD_freeCCtx(t->cctx);
     ZSTD_freeDCtx(t->dctx);
     free(t->scratch);
+    free(t->packed);
     free(t->sample);
     free(t);
 }
@@ -392,8 +395,13 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
     }
     const char *src = raw.buf;
     size_t n = (size_t)raw.len;
-    size_t bound = compress ? ZSTD_compressBound(n) : n;
-    PyObject *blob = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(HEADER_SIZE + (bound > n ? bound : n)));
+    /* Exactly the object of a segment stored as is: a frame is kept only when it is smaller.
+     * zstd writes into per-thread memory at compressBound (what python-zstandard gives it: the
+     * frame depends on it), copied here when kept. A blob allocated at compressBound and shrunk
+     * cost a fresh mmap and its page faults per segment (glibc's mmap threshold follows the
+     * sizes freed): slower than the Python path on one thread, measured. */
+    size_t bound = ZSTD_compressBound(n);
+    PyObject *blob = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(HEADER_SIZE + n));
     if (!blob) {
         PyBuffer_Release(&raw);
         return NULL;
@@ -418,13 +426,19 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
             if (c < 0) {
                 fail = c == -1 ? 1 : 2;
             } else if (c) {
-                size_t r = zcompress(t->cctx, level, out + HEADER_SIZE, bound, src, n);
-                if (ZSTD_isError(r)) {
+                size_t r = 0;
+                if (grow(&t->packed, &t->packed_cap, bound))
+                    fail = 1;
+                else
+                    r = zcompress(t->cctx, level, t->packed, bound, src, n);
+                if (fail) {
+                } else if (ZSTD_isError(r)) {
                     fail = 2;
                     zerr = r;
                 } else if (32 * r <= 31 * n) {   /* len(packed) <= len(raw) * (1 - 1/32) */
                     comp = COMP_ZSTD;
                     payload_len = r;
+                    memcpy(out + HEADER_SIZE, t->packed, r);
                 }
             }
         }
@@ -466,7 +480,7 @@ static PyObject *py_encode(PyObject *self, PyObject *args) {
         Py_DECREF(blob);
         return fail == 1 ? PyErr_NoMemory() : zstd_failure("compression", zerr);
     }
-    if (_PyBytes_Resize(&blob, (Py_ssize_t)(HEADER_SIZE + payload_len)) < 0)
+    if (payload_len != n && _PyBytes_Resize(&blob, (Py_ssize_t)(HEADER_SIZE + payload_len)) < 0)
         return NULL;
     return Py_BuildValue("(y#Ni)", (const char *)d, (Py_ssize_t)DIGEST_SIZE, blob, code);
 }
