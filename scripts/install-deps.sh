@@ -17,9 +17,12 @@ CORE_PKGS="qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd libnbd-bin
 # pip's wheel bundles its own zstd (1.5.6 in 0.23), whose frames may differ from 1.5.4's.
 ALL_PKGS="$CORE_PKGS libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-libvirt
  seabios ipxe-qemu swift swift-proxy swift-account swift-container swift-object python3-swiftclient memcached xfsprogs
- fuse3"
+ fuse3 nbdkit nbdkit-plugin-python python3-xxhash python3-yaml python3-cryptography"
 # fuse3 (libfuse3 + fusermount3): tests/harness/crashfs.py, the power-cut file system of
 # tests/integration/test_store_crash.py, through mfusepy (requirements-test.txt: pure ctypes, no build)
+# nbdkit + nbdkit-plugin-python: `ekko serve` (ekko_libvirt/serve/plugin.py runs in nbdkit's embedded system
+# python3.11, which imports from Debian's dist-packages: python3-xxhash, -yaml, -cryptography, -zstandard,
+# -swiftclient); `ekko mount` uses nbdfuse (libnbd-bin) and fusermount3 (fuse3)
 case "$WHAT" in core) PKGS=$CORE_PKGS ;; all) PKGS=$ALL_PKGS ;; *) echo "usage: $0 [core|all]" >&2; exit 2 ;; esac
 
 missing=$(for p in $PKGS; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"; done)

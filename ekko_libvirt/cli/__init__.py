@@ -17,6 +17,7 @@ The package:
   backup.py     backup          restore.py  restore
   store.py      list, show      lifecycle.py  verify, prune, protect, unprotect, gc
   key.py        key create, key show
+  serve.py      serve, mount, umount (serve/: nbdkit and its plugin; nbdfuse)
   host.py       agent, status, hook
 """
 
@@ -45,6 +46,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "verify": ("lifecycle", "cmd_verify"), "prune": ("lifecycle", "cmd_prune"),
     "protect": ("lifecycle", "cmd_protect"), "unprotect": ("lifecycle", "cmd_protect"),
     "gc": ("lifecycle", "cmd_gc"), "key": ("key", "cmd_key"),
+    "serve": ("serve", "cmd_serve"),
     "agent": ("host", "cmd_agent"), "status": ("host", "cmd_status"), "hook": ("host", "cmd_hook")}
 
 

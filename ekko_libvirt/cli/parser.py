@@ -3,6 +3,7 @@ that refuse a bad value with exit 2 (argparse's usage line, then `ekko: error: .
 
 import argparse
 import sys
+import textwrap
 
 from .. import config
 from ..lifecycle.prune import RULES
@@ -77,10 +78,40 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--target")
     v.add_argument("--disk", help="which disk of a domain backup")
     v.add_argument("--project", help="only this project's namespace")
+    _serve_parsers(sub, common)
     _lifecycle_parsers(sub, common)
     _key_parsers(sub, common)
     _agent_parsers(sub, common)
     return p
+
+
+def _serve_parsers(sub, common: _Parser) -> None:
+    sv = sub.add_parser(
+        "serve", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="serve one backup's disk as a read-only NBD export (nbdkit) until Ctrl-C / SIGTERM",
+        description=textwrap.fill(
+            "Serve one backup's disk, read-only, over NBD (nbdkit and ekko's plugin), without restoring "
+            "it: any NBD client reads it (qemu-img, nbdcopy, nbdinfo, qemu-nbd, libguestfs, nbdfuse). "
+            "Segments are fetched from the store when read, each re-hashed before a byte of it is "
+            "served; a missing or damaged one fails that read with EIO (the log names it), never "
+            "wrong bytes. Block status comes from the manifest, so clients skip the zero segments.", 79),
+        epilog=textwrap.fill("Prints the NBD URI (--json: uri, socket, pid, backup), then serves until Ctrl-C, "
+                             "SIGTERM or --idle-timeout; the nbdkit process ends with ekko.", 79) + "\n\nexamples:\n"
+               "  ekko serve vm1                      # the newest backup of target or domain vm1\n"
+               "  ekko serve 20261201T0300 --disk vda --tcp 127.0.0.1:10809\n"
+               "  qemu-img convert -O qcow2 'nbd+unix:///?socket=...' out.qcow2")
+    sv.add_argument("backup", help="backup id or unique prefix; or a target or libvirt domain: its newest backup")
+    sv.add_argument("--disk", help="which disk of a domain backup (e.g. vda); needed when it has several")
+    sv.add_argument("--socket", metavar="PATH",
+                    help="listen on this unix socket (default: RUN_DIR/serve-PID-N.sock; mode 0600)")
+    sv.add_argument("--tcp", metavar="HOST:PORT",
+                    help="listen on TCP instead (HOST defaults to 127.0.0.1; no TLS, no authentication: "
+                         "anyone who reaches the port reads the disk)")
+    sv.add_argument("--idle-timeout", type=_seconds, metavar="S",
+                    help="stop after S seconds with no client connected")
+    sv.add_argument("--cache", type=_size, default=None, metavar="SIZE",
+                    help="decoded segments kept in memory (default 64MiB)")
+    sv.add_argument("--project", help="only look in this project's namespace")
 
 
 def _agent_parsers(sub, common: _Parser) -> None:
@@ -158,6 +189,24 @@ def _fraction(text: str) -> float:
     if not 0 < f <= 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give a percentage (5%) or a fraction in (0, 1]")
     return f
+
+
+def _seconds(text: str) -> float:
+    try:
+        f = float(text)
+    except ValueError:
+        f = -1.0
+    if not f > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text!r}")
+    return f
+
+
+def _size(text: str) -> int:
+    from ..units import parse_size
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def _days(text: str) -> float:
