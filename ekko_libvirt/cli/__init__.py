@@ -46,7 +46,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "verify": ("lifecycle", "cmd_verify"), "prune": ("lifecycle", "cmd_prune"),
     "protect": ("lifecycle", "cmd_protect"), "unprotect": ("lifecycle", "cmd_protect"),
     "gc": ("lifecycle", "cmd_gc"), "key": ("key", "cmd_key"),
-    "serve": ("serve", "cmd_serve"),
+    "serve": ("serve", "cmd_serve"), "mount": ("serve", "cmd_mount"), "umount": ("serve", "cmd_umount"),
     "agent": ("host", "cmd_agent"), "status": ("host", "cmd_status"), "hook": ("host", "cmd_hook")}
 
 

@@ -113,6 +113,19 @@ def _serve_parsers(sub, common: _Parser) -> None:
                     help="decoded segments kept in memory (default 64MiB)")
     sv.add_argument("--project", help="only look in this project's namespace")
 
+    mo = sub.add_parser("mount", parents=[common],
+                        help="the backup's raw disk as the read-only file DIR/disk.raw (nbdfuse over ekko serve)")
+    mo.add_argument("backup", help="backup id or unique prefix; or a target or libvirt domain: its newest backup")
+    mo.add_argument("dir", help="an empty directory to mount on")
+    mo.add_argument("--disk", help="which disk of a domain backup (e.g. vda)")
+    mo.add_argument("--project", help="only look in this project's namespace")
+    mo.add_argument("--foreground", action="store_true",
+                    help="stay in the foreground until unmounted; Ctrl-C / SIGTERM unmount (default: return once "
+                         "mounted, a background ekko holds the mount until `ekko umount DIR`)")
+    mo.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    um = sub.add_parser("umount", parents=[common], help="unmount what `ekko mount` mounted on DIR")
+    um.add_argument("dir")
+
 
 def _agent_parsers(sub, common: _Parser) -> None:
     sub.add_parser("agent", parents=[common],

@@ -1,6 +1,10 @@
 """`ekko serve BACKUP`: one backup's disk as a read-only NBD export until Ctrl-C, SIGTERM or
---idle-timeout (serve/server.py starts and stops nbdkit)."""
+--idle-timeout (serve/server.py starts and stops nbdkit). `ekko mount BACKUP DIR` / `ekko umount
+DIR`: that export as the read-only file DIR/disk.raw through nbdfuse (serve/mount.py)."""
 
+import json
+import os
+import subprocess
 import sys
 from typing import Optional, Tuple
 
@@ -71,3 +75,76 @@ def locate_namespace(cfg, project: Optional[str], backup: str, disk: Optional[st
             store.close()
     key = catalog.choose([k for _, k in found], backup, disk)
     return next(ns for ns, k in found if k == key), key
+
+
+def cmd_mount(cfg, args) -> int:
+    """Foreground: serve + nbdfuse until unmounted or stopped. Default: the same in a background
+    ekko (a session of its own, its log in RUN_DIR/mounts/), returning once the file is there."""
+    from ..serve import mount
+    if not args.foreground:
+        return _mount_background(cfg, args)
+    ns, key = locate_namespace(cfg, args.project, args.backup, args.disk)
+    ready_fd = args.ready_fd
+
+    def on_ready(rec) -> None:
+        info = dict(rec.__dict__, ok=True, file=rec.file)
+        if ready_fd is not None:
+            os.write(ready_fd, (json.dumps(info) + "\n").encode())
+            os.close(ready_fd)
+        elif args.json:
+            emit(info)
+        else:
+            print(f"mounted {rec.backup_id} ({rec.target}) read-only at {rec.file}; "
+                  f"Ctrl-C or `ekko umount {rec.dir}` ends it")
+        sys.stdout.flush()
+    try:
+        why = mount.mount_foreground(cfg, ns, key, args.dir, on_ready, verbose=args.verbose)
+    except KeyboardInterrupt as e:
+        from . import Terminated
+        why = "SIGTERM" if isinstance(e, Terminated) else "interrupted"
+    sys.stderr.write(f"ekko mount: {args.dir} {'unmounted' if why == 'unmounted' else 'unmounted (' + why + ')'}\n")
+    return EXIT_OK
+
+
+def _mount_background(cfg, args) -> int:
+    from ..serve import mount
+    mount.check_dir(args.dir)          # the common mistakes, before anything starts
+    locate_namespace(cfg, args.project, args.backup, args.disk)
+    os.makedirs(os.path.join(cfg.run_dir, "mounts"), mode=0o700, exist_ok=True)
+    log_path = mount.record_path(cfg, args.dir)[:-len(".json")] + ".log"
+    r, w = os.pipe()
+    cmd = [sys.executable, "-m", "ekko_libvirt.cli", "-c", os.path.abspath(cfg.source), "mount", args.backup,
+           os.path.abspath(args.dir), "--foreground", "--ready-fd", str(w), *(["-v"] * args.verbose)]
+    for opt, val in (("--disk", args.disk), ("--project", args.project)):
+        if val:
+            cmd += [opt, val]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(w,),
+                                start_new_session=True, env=dict(os.environ, PYTHONPATH=server.PACKAGE_ROOT))
+    os.close(w)
+    with os.fdopen(r) as ready:
+        line = ready.readline()
+    if not line:
+        proc.wait()
+        with open(log_path, errors="replace") as f:
+            tail = [t.rstrip() for t in f.readlines()[-6:] if t.strip()]
+        err = next((t[len("ekko: error: "):] for t in reversed(tail) if t.startswith("ekko: error: ")), None)
+        raise mount.MountError(err or f"ekko mount (pid {proc.pid}) exited with status {proc.returncode}: "
+                               + " / ".join(tail))
+    info = json.loads(line)
+    if args.json:
+        emit(dict(info, log=log_path))
+    else:
+        print(f"mounted {info['backup_id']} ({info['target']}) read-only at {info['file']}")
+        print(f"  ekko umount {info['dir']} unmounts it (ekko pid {info['pid']}, log {log_path})")
+    return EXIT_OK
+
+
+def cmd_umount(cfg, args) -> int:
+    from ..serve import mount
+    rec = mount.umount(cfg, args.dir)
+    if args.json:
+        emit({"ok": True, "dir": rec.dir, "backup_id": rec.backup_id})
+    else:
+        print(f"unmounted {rec.dir} ({rec.backup_id})")
+    return EXIT_OK

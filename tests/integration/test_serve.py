@@ -433,3 +433,54 @@ def test_api_with_debian_python_packages_only(chain):
         srv.wait(30)
         assert not process_running(srv.pid, srv.start_ticks)
         assert server.stop_pid(srv.pid, srv.start_ticks) is False
+
+
+# -- ekko mount / umount ----------------------------------------------------------------------------
+def test_mount_read_umount(chain, workdir):
+    from ekko_libvirt.serve.mount import is_mounted
+    ekko, backups = chain
+    (b, expected) = backups[1]
+    mnt = os.path.join(workdir, "mnt")
+    os.mkdir(mnt)
+    info = ekko.run("mount", b["backup_id"], mnt, json_out=True).data
+    assert info["file"] == os.path.join(mnt, "disk.raw") and is_mounted(mnt)
+    with open(info["file"], "rb") as f:
+        assert f.read() == expected
+    with open(info["file"], "rb") as f:            # unaligned read inside the short last segment
+        f.seek(SIZE - 1000)
+        assert f.read(600) == expected[SIZE - 1000:SIZE - 400]
+    with pytest.raises(OSError):
+        open(info["file"], "r+b")
+    assert process_running(info["nbdkit_pid"], info["nbdkit_ticks"])
+    # mounting on it again, or on a directory that is not empty, is refused
+    p = ekko.run("mount", b["backup_id"], mnt, check=False)
+    assert p.returncode == 2 and "is a mount point already" in p.stderr
+    p = ekko.run("umount", workdir, check=False)
+    assert p.returncode == 2 and "is not mounted by ekko" in p.stderr
+    ekko.run("umount", mnt)
+    assert not is_mounted(mnt) and os.listdir(mnt) == []
+    assert not process_running(info["pid"], info["start_ticks"])
+    assert not process_running(info["nbdkit_pid"], info["nbdkit_ticks"])
+    p = ekko.run("umount", mnt, check=False)
+    assert p.returncode == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_mounting_ekko_unmounts(chain, workdir, sig):
+    from ekko_libvirt.serve.mount import is_mounted
+    ekko, backups = chain
+    (b, expected) = backups[0]
+    mnt = os.path.join(workdir, f"mnt-{sig.name}")
+    os.mkdir(mnt)
+    info = ekko.run("mount", b["backup_id"], mnt, json_out=True).data
+    with open(info["file"], "rb") as f:
+        assert f.read(SEG) == expected[:SEG]
+    os.kill(info["pid"], sig)
+    wait_for(lambda: not is_mounted(mnt), f"{mnt} to be unmounted after {sig.name} of ekko")
+    wait_for(lambda: not process_running(info["nbdkit_pid"], info["nbdkit_ticks"]), "nbdkit to end")
+    wait_for(lambda: not process_running(info["pid"], info["start_ticks"]), "the mounting ekko to end")
+    assert os.listdir(mnt) == []
+    if sig == signal.SIGKILL:      # its record is left: umount tidies it up
+        ekko.run("umount", mnt)
+    p = ekko.run("umount", mnt, check=False)
+    assert p.returncode == 2 and "is not mounted by ekko" in p.stderr
