@@ -16,12 +16,11 @@ Memory: the listed digests packed in one bytes object, 16 bytes per segment (10^
 """
 
 import bisect
-from typing import Iterable, Iterator, Protocol, Set
+from typing import Iterable, Protocol, Set
 
 from ..format import segment
+from ..lifecycle.digest_sets import ListingCounts, segment_blocks
 from ..store.base import Store
-
-SEGMENTS = "segments/"
 
 
 class Presence(Protocol):
@@ -62,7 +61,10 @@ class Listed:
 
     @classmethod
     def of(cls, store: Store) -> "Listed":
-        return cls(pack_sorted(digests_in(store.list(SEGMENTS))))
+        """From the store's sorted listing of segments/ (names that are not exactly a segment key
+        this format writes are left out: lifecycle/digest_sets.segment_blocks, which gc and
+        verify use too)."""
+        return cls(pack_sorted(d for block in segment_blocks(store, ListingCounts()) for d in block))
 
     def __len__(self) -> int:
         return len(self._run)
@@ -72,31 +74,9 @@ class Listed:
         return i < len(self._run) and self._run[i] == digest
 
 
-def digest_of_key(key: str) -> "bytes | None":
-    """The digest a segment key names, or None for anything else under segments/ (a temp file,
-    a stray name): `segments/<first 3 hex>/<32 lowercase hex>` exactly."""
-    parts = key.split("/")
-    if len(parts) != 3 or parts[0] != "segments":
-        return None
-    name = parts[2]
-    if len(name) != 2 * segment.DIGEST_SIZE or parts[1] != name[:3] or name != name.lower():
-        return None
-    try:
-        return bytes.fromhex(name)
-    except ValueError:
-        return None
-
-
-def digests_in(keys: Iterable[str]) -> Iterator[bytes]:
-    for key in keys:
-        d = digest_of_key(key)
-        if d is not None:
-            yield d
-
-
 def pack_sorted(digests: Iterable[bytes]) -> bytes:
-    """Digests packed in ascending order, duplicates dropped. A listing in name order (Swift)
-    is packed as it streams; any other order is sorted once at the end."""
+    """Digests packed in ascending order, duplicates dropped. A sorted listing is packed as it
+    streams; any other order (a store that lists out of order) is sorted once at the end."""
     out = bytearray()
     last = b""
     in_order = True
