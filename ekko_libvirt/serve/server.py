@@ -18,9 +18,13 @@ the plugin holds the read end of a pipe whose write end only the caller holds, a
 moment it reads EOF (plugin.py, _watch_parent). Not nbdkit's --exit-with-parent: nbdkit 1.32 sets
 PR_SET_PDEATHSIG to SIGTERM even without it (so the kernel still sends SIGTERM when the thread that
 started it ends), and on SIGTERM it waits for every connected client to go first. stop():
-the pipe closed and SIGTERM, SIGKILL after a second if need be (clients lose their connection;
-nothing is written anywhere, so nothing is lost). With exit_with_parent=False there is no pipe:
-stop it by PID (stop_pid). The server listens read-only on a unix socket (connecting needs
+the pipe closed and SIGTERM, SIGKILL after two seconds if need be (clients lose their connection;
+nothing is written anywhere, so nothing is lost). exit_with_parent=False drops the pipe, but does
+NOT make a server outlive the thread that started it: the kernel still sends nbdkit SIGTERM then,
+which it obeys once no client is connected. (A server that must survive a restart of its owner,
+e.g. instant restore's, needs nbdkit daemonized, without -f: its first process sets that signal,
+the forked daemon does not have it. Not done yet.) stop_pid stops a server by PID and start time.
+The server listens read-only on a unix socket (connecting needs
 write access to it: nbdkit creates it 0755 whatever the umask, so only its owner can, and it is
 made 0600 once ready; by default under run_dir, 0700) or on TCP (127.0.0.1 unless told
 otherwise). start() returns once nbdkit has written its pid file, which it does after it

@@ -131,7 +131,7 @@ def zero_map(h, size):
     while off < size:
         got = []
 
-        def cb(metacontext, offset, entries, err):
+        def cb(metacontext, offset, entries, err, got=got):
             if metacontext == "base:allocation":
                 pos = offset
                 for k in range(0, len(entries), 2):

@@ -34,7 +34,7 @@ def make_disk(rnd, n_full=23, tail=1536, repeat=True):
     segment of `tail` bytes. -> (store, manifest, expected bytes)."""
     rep = rnd.randbytes(SEG)
     contents = []
-    for i in range(n_full):
+    for _ in range(n_full):
         r = rnd.random()
         contents.append(None if r < 0.3 else rep if repeat and r < 0.45 else rnd.randbytes(SEG))
     contents.append(rnd.randbytes(tail) if tail else None)
@@ -142,7 +142,8 @@ def test_a_damaged_or_missing_segment_fails_its_reads_only():
         with pytest.raises(SegmentUnreadable, match=f"segment {bad} at disk offset {bad * SEG} \\({bad_key}\\): "
                                                     "content does not match its digest"):
             read(disk, bad * SEG + 100, 10)
-        with pytest.raises(SegmentUnreadable, match=f"segment {gone} at disk offset {gone * SEG} .*: missing from the store"):
+        with pytest.raises(SegmentUnreadable,
+                           match=f"segment {gone} at disk offset {gone * SEG} .*: missing from the store"):
             read(disk, gone * SEG - 10, 20)          # spans into it from a good segment: fails whole
         # the same read again fails again (a failure is not cached), and everything else reads right
         with pytest.raises(SegmentUnreadable):
@@ -184,7 +185,7 @@ def test_extents_are_the_manifest_runs():
                 assert (m.table.get(i) is None) == zero
             pos += length
         assert pos == off + n          # few runs here: all of the range is answered
-        for a, b in zip(runs, runs[1:]):
+        for a, b in zip(runs, runs[1:], strict=False):
             assert a[2] != b[2]        # runs are maximal
 
 
