@@ -87,7 +87,7 @@ class SealedCodec:
         # the C extension's AES-256-GCM (None: when built and EKKO_NATIVE is not "0")
         self._native = native() if use_native is None else native() if use_native else None
         if use_native and self._native is None:
-            raise ValueError("the C extension ekko_libvirt/format/_segcore is not built")
+            raise ValueError("the C extension ekko_libvirt/format/_segcore is not built, or EKKO_NATIVE=0")
 
     def __repr__(self) -> str:
         return f"SealedCodec(fingerprint={self.fingerprint}, source={self.source})"

@@ -15,12 +15,13 @@ from ekko_libvirt.format.crypto import NONCE_SIZE, SealedCodec
 from tests.unit.test_prop_segment import flip
 from tests.unit.test_segment_native import BIG, runs_beside
 
-from ekko_libvirt.format import segment as S
+from ekko_libvirt.format.codec import native
 
-pytestmark = pytest.mark.skipif(not S.BUILT, reason="the C extension format/_segcore.c is not built (make builds it)")
+NATIVE = native() is not None
+pytestmark = pytest.mark.skipif(not NATIVE, reason="format/_segcore.c is not built (make builds it), or EKKO_NATIVE=0")
 KEY = bytes(range(32))
 OTHER = bytes(range(1, 33))
-PY, NAT = SealedCodec(KEY, use_native=False), SealedCodec(KEY, use_native=S.BUILT or None)
+PY, NAT = SealedCodec(KEY, use_native=False), SealedCodec(KEY, use_native=True if NATIVE else None)
 FEW = settings(max_examples=max(5, settings.default.max_examples // 6))
 
 

@@ -23,7 +23,7 @@ def test_the_c_extension_and_its_stub_are_part_of_the_install():
 
     dist = run_setup(os.path.join(ROOT, "setup.py"), stop_after="init")
     [ext] = dist.ext_modules
-    assert ext.name == "ekko_libvirt.format._segcore" and ext.libraries == ["zstd"]
+    assert ext.name == "ekko_libvirt.format._segcore" and ext.libraries == ["zstd", "crypto"]
     assert all(os.path.exists(os.path.join(ROOT, s)) for s in ext.sources)
     assert "_segcore.pyi" in dist.package_data["ekko_libvirt.format"]
     assert os.path.exists(os.path.join(ROOT, "ekko_libvirt", "format", "_segcore.pyi"))
