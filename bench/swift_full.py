@@ -10,7 +10,10 @@ In one run, against one Swift all-in-one it starts (tests/harness/swift.py), eac
   objects     `swift upload --object-threads T` of W's data cut into segment-size files (the same
               bytes ekko reads, as objects of the segment size, uncompressed)
   image       `swift upload --segment-size 64M --segment-threads T` of W's data as one file
-Ratios: objects_s / ekko_s (target >= 1.0) and image_s / ekko_s (target >= 0.8). Both `swift upload`
+  raw         the same, of W's raw image (`qemu-img convert -O raw`: the virtual size, sparse on
+              disk; swift upload reads and sends its zeros too, as it would for any raw image)
+Ratios: objects_s / ekko_s (target >= 1.0) and raw_s / ekko_s (the issue's "of the raw image",
+target >= 0.8); image_s / ekko_s is the stricter one (only the data, no zeros). Both `swift upload`
 runs read their files from the page cache; the data files are written once, untimed. On this
 2-core machine Swift's servers and the client share the CPU: CPU seconds are reported with each.
 Nothing here is part of `make test`.
@@ -87,12 +90,14 @@ def main(argv=None) -> int:
     layout = workload.Layout(size)
     seg = units.DEFAULT_SEGMENT_SIZE
     work = tempfile.mkdtemp(prefix="ekko-bench-swiftfull-", dir="/tmp")
-    runs: Dict[str, List[Dict]] = {"ekko": [], "objects": [], "image": []}
+    runs: Dict[str, List[Dict]] = {"ekko": [], "objects": [], "image": [], "raw": []}
     try:
         base = a.w_cache or os.path.join(work, "w.qcow2")
         if not (a.w_cache and os.path.exists(base)):
             workload.build_image(base, layout, work)
         data = write_data_files(layout, seg, os.path.join(work, "objects"), os.path.join(work, "image"))
+        os.makedirs(os.path.join(work, "rawdir"))
+        subprocess.run(["qemu-img", "convert", "-O", "raw", base, os.path.join(work, "rawdir", "w.raw")], check=True)
         log(f"W: {units.human(size)}, {units.human(data)} of data; {data // seg} objects of {units.human(seg)}")
         with SwiftServer(os.path.join(work, "swift")) as server:
             user, key = server.credentials("test")
@@ -118,28 +123,34 @@ def main(argv=None) -> int:
                 r = swift_upload(server, f"image{rep}", "image", work,
                                  ["--segment-size", str(64 * MiB), "--segment-threads", str(a.threads)])
                 runs["image"].append({"s": r.wall, "cpu_s": r.cpu})
+                r = swift_upload(server, f"raw{rep}", "w.raw", os.path.join(work, "rawdir"),
+                                 ["--segment-size", str(64 * MiB), "--segment-threads", str(a.threads)])
+                runs["raw"].append({"s": r.wall, "cpu_s": r.cpu})
                 log(f"round {rep + 1}: ekko {runs['ekko'][-1]['s']:.2f} s, objects {runs['objects'][-1]['s']:.2f} s, "
-                    f"image {runs['image'][-1]['s']:.2f} s")
+                    f"image {runs['image'][-1]['s']:.2f} s, raw {runs['raw'][-1]['s']:.2f} s")
                 shutil.rmtree(os.path.join(work, "state"), ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(x["s"] for x in v) for k, v in runs.items()}
     report = {"size": size, "data_bytes": data, "segment_size": seg, "threads": a.threads, "runs": runs,
               "median_s": med, "ratio_objects_over_ekko": med["objects"] / med["ekko"],
-              "ratio_image_over_ekko": med["image"] / med["ekko"], "load_avg": os.getloadavg()}
+              "ratio_image_over_ekko": med["image"] / med["ekko"], "ratio_raw_over_ekko": med["raw"] / med["ekko"],
+              "load_avg": os.getloadavg()}
     out = a.out or os.path.join(HERE, "out", time.strftime("swift-full-%Y%m%dT%H%M%SZ.json", time.gmtime()))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
-    mib = data / MiB
+    mib = data / MiB     # rates are of W's data for every row, for comparison
     print(f"| run (medians of {a.repeat}) | s | MiB/s of W's data | CPU s (client) |")
     print("|---|---|---|---|")
     for k, label in (("ekko", "ekko backup --full (Swift)"), ("objects", f"swift upload, {seg // MiB} MiB objects"),
-                     ("image", "swift upload --segment-size 64M")):
+                     ("image", "swift upload --segment-size 64M, W's data"),
+                     ("raw", "swift upload --segment-size 64M, W's raw image")):
         cpu = statistics.median(x["cpu_s"] for x in runs[k])
         print(f"| {label} | {med[k]:.2f} | {mib / med[k]:.0f} | {cpu:.1f} |")
     print(f"\nobjects / ekko = {report['ratio_objects_over_ekko']:.2f} (target >= 1.0); "
-          f"image / ekko = {report['ratio_image_over_ekko']:.2f} (target >= 0.8); JSON: {out}")
+          f"raw image / ekko = {report['ratio_raw_over_ekko']:.2f} (target >= 0.8); "
+          f"data only / ekko = {report['ratio_image_over_ekko']:.2f}; JSON: {out}")
     return 0
 
 
