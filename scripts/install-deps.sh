@@ -17,12 +17,20 @@ CORE_PKGS="qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd libnbd-bin
 # pip's wheel bundles its own zstd (1.5.6 in 0.23), whose frames may differ from 1.5.4's.
 ALL_PKGS="$CORE_PKGS libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-libvirt
  seabios ipxe-qemu swift swift-proxy swift-account swift-container swift-object python3-swiftclient memcached xfsprogs
- fuse3 nbdkit nbdkit-plugin-python python3-xxhash python3-yaml python3-cryptography"
+ fuse3 nbdkit nbdkit-plugin-python python3-xxhash python3-yaml python3-cryptography
+ linux-image-amd64 python3-guestfs libguestfs-tools gdisk"
 # fuse3 (libfuse3 + fusermount3): tests/harness/crashfs.py, the power-cut file system of
 # tests/integration/test_store_crash.py, through mfusepy (requirements-test.txt: pure ctypes, no build)
 # nbdkit + nbdkit-plugin-python: `ekko serve` (ekko_libvirt/serve/plugin.py runs in nbdkit's embedded system
 # python3.11, which imports from Debian's dist-packages: python3-xxhash, -yaml, -cryptography, -zstandard,
 # -swiftclient); `ekko mount` uses nbdfuse (libnbd-bin) and fusermount3 (fuse3)
+# linux-image-amd64 + python3-guestfs + libguestfs-tools: `ekko files` (serve/files.py), a libguestfs
+# appliance (supermin builds it from the host's packages, with this kernel: /boot is empty without it) that
+# reads the served disk; python3-guestfs exists for the system python3.11 only (the venv sees it). gdisk:
+# sgdisk, which tests/integration/test_files.py partitions its images with. Measured here (2 cores,
+# 2026-12-05): the first launch ever (supermin building the appliance in /var/tmp/.guestfs-0) ~9 s before
+# failing under KVM; each launch after 15-30 s under TCG (load from other work) (nested KVM refuses the appliance's -cpu host:
+# "failed to set MSR 0x10a"; serve/files.py then retries with TCG).
 case "$WHAT" in core) PKGS=$CORE_PKGS ;; all) PKGS=$ALL_PKGS ;; *) echo "usage: $0 [core|all]" >&2; exit 2 ;; esac
 
 missing=$(for p in $PKGS; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"; done)
@@ -56,6 +64,10 @@ fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$HERE"
 "$VENV/bin/python" -c 'import nbd, qemu.qmp, xxhash, zstandard, yaml, cryptography' || {
     echo "install-deps: the venv at $VENV cannot import its dependencies" >&2; exit 1; }
+if [ "$WHAT" = all ]; then
+    "$VENV/bin/python" -c 'import guestfs' || {
+        echo "install-deps: the venv at $VENV cannot import guestfs (python3-guestfs)" >&2; exit 1; }
+fi
 "$VENV/bin/python" -c 'from ekko_libvirt.format import _segcore' || {
     echo "install-deps: the C extension ekko_libvirt/format/_segcore.c did not build" >&2; exit 1; }
 echo "install-deps: ok ($WHAT) venv=$VENV" >&2

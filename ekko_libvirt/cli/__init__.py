@@ -18,6 +18,7 @@ The package:
   store.py      list, show      lifecycle.py  verify, prune, protect, unprotect, gc
   key.py        key create, key show
   serve.py      serve, mount, umount (serve/: nbdkit and its plugin; nbdfuse)
+  files.py      files (serve/files.py: libguestfs over ekko serve)
   host.py       agent, status, hook
 """
 
@@ -47,6 +48,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "protect": ("lifecycle", "cmd_protect"), "unprotect": ("lifecycle", "cmd_protect"),
     "gc": ("lifecycle", "cmd_gc"), "key": ("key", "cmd_key"),
     "serve": ("serve", "cmd_serve"), "mount": ("serve", "cmd_mount"), "umount": ("serve", "cmd_umount"),
+    "files": ("files", "cmd_files"),
     "agent": ("host", "cmd_agent"), "status": ("host", "cmd_status"), "hook": ("host", "cmd_hook")}
 
 

@@ -125,6 +125,25 @@ def _serve_parsers(sub, common: _Parser) -> None:
     mo.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     um = sub.add_parser("umount", parents=[common], help="unmount what `ekko mount` mounted on DIR")
     um.add_argument("dir")
+    fi = sub.add_parser(
+        "files", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="list a directory of a guest file system in a backup, or extract files and trees (libguestfs)",
+        description=textwrap.fill(
+            "List a directory of the guest file system in a backup (name, type, size, mode, mtime), or copy "
+            "files and trees out with --extract DIR (modes and mtimes kept, symlinks as symlinks, never "
+            "followed; nothing outside DIR written, nothing in it overwritten). The backup is served "
+            "(ekko serve) to a libguestfs appliance: partitions, LVM and file systems are read in there, "
+            "never by this host's kernel.", 79) + "\n\nexamples:\n"
+               "  ekko files vm1 /etc --disk vda\n"
+               "  ekko files 20261201T0300 /etc/fstab /home/ann --extract /tmp/out")
+    fi.add_argument("backup", help="backup id or unique prefix; or a target or libvirt domain: its newest backup")
+    fi.add_argument("paths", nargs="*", metavar="PATH", help="guest path (default /); several with --extract")
+    fi.add_argument("--extract", metavar="DIR", help="copy PATH... (files or trees) into DIR")
+    fi.add_argument("--disk", help="which disk of a domain backup (e.g. vda)")
+    fi.add_argument("--fs", metavar="DEVICE",
+                    help="the file system, as the appliance names it (/dev/sda2, /dev/vg0/root) when the disk "
+                         "has several")
+    fi.add_argument("--project", help="only look in this project's namespace")
 
 
 def _agent_parsers(sub, common: _Parser) -> None:

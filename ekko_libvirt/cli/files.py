@@ -1,0 +1,54 @@
+"""`ekko files BACKUP [PATH]`: list a directory of the guest file system in a backup;
+`ekko files BACKUP PATH... --extract DIR`: copy files and trees out. Through `ekko serve`'s
+server (serve/server.py) and one libguestfs appliance per command (serve/files.py)."""
+
+import datetime
+import stat
+import sys
+
+from ..errors import UsageError
+from ..serve import files, server
+from .render import EXIT_OK, emit
+from .serve import locate_namespace
+
+
+def cmd_files(cfg, args) -> int:
+    paths = args.paths or ["/"]
+    if args.extract is None and len(paths) > 1:
+        raise UsageError("files: one PATH to list (several only with --extract DIR)")
+    if args.extract is not None and not args.paths:
+        raise UsageError("files --extract: give the guest PATHs to extract")
+    wanted = [files.guest_path(p) for p in paths]         # '..' refused before anything starts
+    ns, key = locate_namespace(cfg, args.project, args.backup, args.disk)
+    with server.serving(cfg, ns, key, verbose=args.verbose) as srv:
+        assert srv.socket is not None
+        with files.Guest(srv.socket, args.fs, trace=args.verbose >= 2) as g:
+            where = {"backup_id": srv.manifest.backup_id, "target": srv.manifest.target,
+                     "filesystem": g.device, "fstype": g.fstype}
+            if args.extract is None:
+                entries = g.listdir(wanted[0])
+                if args.json:
+                    emit(dict(where, ok=True, path=wanted[0], entries=[e.as_dict() for e in entries]))
+                else:
+                    print(f"{where['backup_id']} ({where['target']}) {g.device} ({g.fstype}): {wanted[0]}")
+                    for e in entries:
+                        print(_line(e))
+                return EXIT_OK
+            done = files.extract(g, wanted, args.extract)
+    if args.json:
+        emit(dict(where, ok=True, into=args.extract, paths=wanted, files=done.files, directories=done.directories,
+                  symlinks=done.symlinks, bytes=done.bytes, skipped=done.skipped))
+    else:
+        print(f"extracted {done.files} files ({done.bytes} bytes), {done.directories} directories, "
+              f"{done.symlinks} symlinks from {where['backup_id']} {where['filesystem']} into {args.extract}")
+        for p in done.skipped or []:
+            sys.stderr.write(f"ekko files: skipped {files.printable(p)} (not a file, directory or symlink)\n")
+    return EXIT_OK
+
+
+def _line(e: files.Entry) -> str:
+    kind = {"directory": stat.S_IFDIR, "symlink": stat.S_IFLNK, "char": stat.S_IFCHR, "block": stat.S_IFBLK,
+            "fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK}.get(e.type, stat.S_IFREG)
+    when = datetime.datetime.fromtimestamp(e.mtime_ns // 1_000_000_000, datetime.timezone.utc)
+    name = files.printable(e.name) + (f" -> {files.printable(e.target)}" if e.target is not None else "")
+    return f"{stat.filemode(kind | e.mode)} {e.size:>12} {when:%Y-%m-%d %H:%M:%S} {name}"
