@@ -127,3 +127,11 @@ def test_writer_names_with_newlines(tmp_path):
     w.file(["a\nb"], entry("file"), lambda fd: os.write(fd, b"z"))
     w.close()
     assert os.listdir(tmp_path) == ["a\nb"]
+
+
+def test_human_listing_line():
+    from ekko_libvirt.cli.files import _line
+    link = Entry("pass\nwd", "/etc/pass\nwd", "symlink", 11, 0o777, 1_600_000_000 * 10**9, "/etc/passwd")
+    assert _line(link) == "lrwxrwxrwx           11 2020-09-13 12:26:40 pass\\nwd -> /etc/passwd"
+    d = Entry("ann", "/home/ann", "directory", 1024, 0o700, 0, None)
+    assert _line(d) == "drwx------         1024 1970-01-01 00:00:00 ann"
