@@ -46,14 +46,14 @@ def one_full(work: str, base: str, cores: int, env: Dict[str, str]) -> Dict:
     image = os.path.join(work, "disk.qcow2")
     procs.copy_image(base, image)
     vm = Vm(work, image).start()
-    cfg = ekko_config(work, vm.qmp_socket, {})
-    path = os.path.join(work, "ekko.yaml")
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f)
-    cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])
-    cmd = ["taskset", "-c", cpus, sys.executable, "-m", "ekko_libvirt.cli", "-c", path, "backup", "w", "--full",
-           "--json"]
-    try:
+    try:        # the VM is stopped whatever fails from here
+        cfg = ekko_config(work, vm.qmp_socket, {})
+        path = os.path.join(work, "ekko.yaml")
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f)
+        cpus = ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])
+        cmd = ["taskset", "-c", cpus, sys.executable, "-m", "ekko_libvirt.cli", "-c", path, "backup", "w", "--full",
+               "--json"]
         r = procs.run(cmd, qemu_pid=vm.pid, env=dict(os.environ, PYTHONPATH=procs.ROOT, **env))
     finally:
         vm.stop()
@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
-    print(f"| cores | full of W s (median of {a.repeat}) | MiB/s | CPU s ekko + QEMU | throughput vs {base_c} core(s) |")
+    print(f"| cores | full of W s (median of {a.repeat}) | MiB/s | CPU s ekko + QEMU "
+          f"| throughput vs {base_c} core(s) |")
     print("|---|---|---|---|---|")
     for c in cores:
         cpu = statistics.median(x["cpu_s"] for x in runs[c])

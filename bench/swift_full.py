@@ -105,14 +105,13 @@ def main(argv=None) -> int:
                 image = os.path.join(work, "disk.qcow2")
                 procs.copy_image(base, image)
                 vm = Vm(work, image).start()
-                store = {"type": "swift", "auth_url": server.auth_url, "auth_version": "1", "user": user,
-                         "key": key, "container_prefix": f"bench{rep}", "threads": a.threads}
-                cfg = ekko_config(work, vm.qmp_socket, overrides_from(a.ekko))
-                # --ekko store.X=... overrides land in the local store's mapping: carried over
-                cfg["store"] = dict(store, **{k: v for k, v in cfg["store"].items() if k not in ("type", "path")})
-                ekko = Ekko(work, cfg)
-                try:
-                    r, j = ekko("backup", "w", "--full", qemu_pid=vm.pid)
+                try:        # the VM is stopped whatever fails from here (a bad --ekko value too)
+                    store = {"type": "swift", "auth_url": server.auth_url, "auth_version": "1", "user": user,
+                             "key": key, "container_prefix": f"bench{rep}", "threads": a.threads}
+                    cfg = ekko_config(work, vm.qmp_socket, overrides_from(a.ekko))
+                    # --ekko store.X=... overrides land in the local store's mapping: carried over
+                    cfg["store"] = dict(store, **{k: v for k, v in cfg["store"].items() if k not in ("type", "path")})
+                    r, j = Ekko(work, cfg)("backup", "w", "--full", qemu_pid=vm.pid)
                 finally:
                     vm.stop()
                     os.unlink(image)
