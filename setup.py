@@ -25,6 +25,7 @@ setup(
         "python-keystoneclient>=4.0",      # Swift behind Keystone v3 (password auth)
         "cryptography>=38.0",     # encryption at rest (crypto.py): AES-256-GCM and HKDF
         "libvirt-python>=9.0",
+        "prometheus_client>=0.16",     # the agent's metrics (Debian's python3-prometheus-client 0.16)
     ],
     entry_points={"console_scripts": ["ekko = ekko_libvirt.cli:main"]},
     data_files=[("share/ekko/hooks", ["hooks/qemu"])],

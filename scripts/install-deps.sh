@@ -10,7 +10,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${EKKO_VENV:-$HERE/.venv}
 
 CORE_PKGS="qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd libnbd-bin python3-venv python3-dev gcc pkg-config
- libzstd-dev libxxhash-dev python3-zstandard"
+ libzstd-dev libxxhash-dev python3-zstandard python3-prometheus-client"
 # libzstd-dev + libxxhash-dev: the C extension ekko_libvirt/format/_segcore.c (segment.py's data path with
 # the GIL released) links Debian's libzstd and inlines xxhash.h. python3-zstandard: Debian's zstandard links
 # that same libzstd, so the Python path (and the tests comparing the two) writes the very same zstd frames;
@@ -18,7 +18,10 @@ CORE_PKGS="qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd libnbd-bin
 ALL_PKGS="$CORE_PKGS libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-libvirt
  seabios ipxe-qemu swift swift-proxy swift-account swift-container swift-object python3-swiftclient memcached xfsprogs
  fuse3 nbdkit nbdkit-plugin-python python3-xxhash python3-yaml python3-cryptography
- linux-image-amd64 python3-guestfs libguestfs-tools gdisk"
+ linux-image-amd64 python3-guestfs libguestfs-tools gdisk prometheus"
+# python3-prometheus-client: the agent's metrics (agent.metrics; the venv sees Debian's, as a Debian package of
+# ekko would); prometheus: only its promtool, which tests the example alert rules (packaging/ekko-alerts.yml)
+# against the metrics of a real run. Its own service is not started here (policy-rc.d below).
 # fuse3 (libfuse3 + fusermount3): tests/harness/crashfs.py, the power-cut file system of
 # tests/integration/test_store_crash.py, through mfusepy (requirements-test.txt: pure ctypes, no build)
 # nbdkit + nbdkit-plugin-python: `ekko serve` (ekko_libvirt/serve/plugin.py runs in nbdkit's embedded system

@@ -46,6 +46,7 @@ from .connection import LibvirtConnection
 from .events import Action, HookEvent
 from .job_runner import JobRunner
 from .maintenance_runner import MaintenanceRunner
+from .metrics_runner import MetricsRunner
 from .settings import AgentSettings
 from .spool import Spool
 from .state import StateDir, write_json_atomic
@@ -87,6 +88,8 @@ class Agent:
         self.maintenance = MaintenanceRunner(cfg, settings, self.sd, self.open_store, self.wakeup, self.stopping)
         self.jobs = JobRunner(cfg, settings, uri, self.sd, self.open_store, self.wakeup, self.stopping,
                               after_commit=self.maintenance.prune_after)
+        self.metrics = MetricsRunner(settings, self.sd, self.open_store, lambda: self.connection.conn,
+                                     lambda: self.jobs.workers, self.stopping)
         self._settings = settings
 
     @property
@@ -96,7 +99,7 @@ class Agent:
     @settings.setter
     def settings(self, new: AgentSettings) -> None:
         # one assignment for every part: a SIGHUP reaches the runners (and their threads) together
-        self._settings = self.jobs.settings = self.maintenance.settings = new
+        self._settings = self.jobs.settings = self.maintenance.settings = self.metrics.settings = new
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -111,6 +114,7 @@ class Agent:
         self.connection.start()
         self.jobs.settle(self.connection.conn)       # before any new backup
         self._drain()                                # what the hook kept while the agent was down
+        self.metrics.start()
         log.info("agent ready: libvirt %s (%s), spool %s, state %s, at most %d backup(s) at once",
                  self.uri, "connected" if self.connection.conn is not None else "not reachable yet",
                  self.settings.spool_dir, self.cfg.state_dir, self.settings.max_concurrent)
@@ -175,6 +179,7 @@ class Agent:
                       "settles it", name, STOP_GRACE_S)
         if self.maintenance.wait(deadline):
             log.error("gc/verify still running after %d s: exiting anyway", STOP_GRACE_S)
+        self.metrics.stop()
         self.connection.close()
         if self._lock_fd >= 0:
             try:
@@ -194,7 +199,9 @@ class Agent:
             return
         if (new.spool_dir, new.hook_path) != (self.settings.spool_dir, self.settings.hook_path):
             log.warning("SIGHUP: agent.spool_dir / agent.hook_path changes need a restart")
-        self.settings = dataclasses.replace(new, spool_dir=self.settings.spool_dir)
+        if new.metrics != self.settings.metrics:
+            log.warning("SIGHUP: agent.metrics changes need a restart")
+        self.settings = dataclasses.replace(new, spool_dir=self.settings.spool_dir, metrics=self.settings.metrics)
         self.jobs.reset_backoff()
         log.info("SIGHUP: schedule, domain overrides, retention, gc/verify intervals and agent limits reloaded")
 

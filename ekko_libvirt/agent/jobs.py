@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Callable, List, Optional
 
+from .. import errors
 from ..errors import EkkoError
 from .state import ChainStatus, DomainState, JobRecord, JobStatus, StateDir, host_clock, record_backup
 
@@ -24,6 +25,33 @@ log = logging.getLogger(__name__)
 class JobCancelled(EkkoError):
     """The agent is stopping: the job ends through its normal failure path (nothing committed,
     the new checkpoint / bitmap generation undone)."""
+
+
+# Why a job failed, in one word: the `cause` label of the metrics' failure counts. The first class
+# that matches wins, so subclasses come before their bases.
+_CAUSES = (
+    (JobCancelled, "cancelled"), (KeyboardInterrupt, "interrupted"), (errors.LockBusy, "busy"),
+    (errors.ConfigError, "config"), (errors.UsageError, "usage"), (errors.KeyMismatch, "key-mismatch"),
+    (errors.QMPUnavailable, "qemu-unavailable"), (errors.DiskNotFound, "disk-not-found"),
+    (errors.IncrementalImpossible, "incremental-impossible"), (errors.ScratchSpaceLow, "scratch-space-low"),
+    (errors.EngineError, "engine"), (errors.ReaderError, "nbd-read"), (errors.ReadBackMismatch, "read-back-mismatch"),
+    (errors.EncodeMismatch, "encode-mismatch"), (errors.StoreError, "store"), (errors.IntegrityError, "integrity"),
+    (EkkoError, "other"))
+
+
+def failure_cause(e: BaseException) -> str:
+    """The cause of a failed job, for counting failures by kind. Pure. libvirt's own errors
+    (raised outside the engine's translation) are "libvirt"; anything else is a bug: "internal"."""
+    for cls, cause in _CAUSES:
+        if isinstance(e, cls):
+            return cause
+    try:
+        import libvirt
+        if isinstance(e, libvirt.libvirtError):
+            return "libvirt"
+    except ImportError:
+        pass
+    return "internal"
 
 
 def request_for_chain(req, st: Optional[DomainState]):
@@ -85,7 +113,7 @@ def run_recorded_backup(sd: StateDir, conn, req, run: Callable, *, progress=None
         try:
             results = run(conn, req, tracker)
         except BaseException as e:
-            sd.end_job(tracker.job, JobStatus.FAILED, error=describe_error(e))
+            sd.end_job(tracker.job, JobStatus.FAILED, error=describe_error(e), cause=failure_cause(e))
             raise
         backup_id = results[0].manifest.backup_id if results else None
         checkpoint = next((r.manifest.generation["bitmap"] for r in results if r.manifest.generation), None)

@@ -26,9 +26,10 @@ from .scheduler import Policy, PolicyOverride, override_from_mapping, parse_inte
 from .spool import DEFAULT_HOOK_PATH, DEFAULT_SPOOL_DIR
 
 _AGENT_KEYS = ("spool_dir", "max_concurrent", "poll_interval", "shared_storage", "hook_path", "keep_jobs_days",
-               "prune_after_backup", "gc_interval", "verify", "spool_max_events")
+               "prune_after_backup", "gc_interval", "verify", "spool_max_events", "metrics")
 _VERIFY_KEYS = ("interval", "sample", "deep", "since_days")
-_DOMAIN_KEYS = ("schedule", "retention")
+_METRICS_KEYS = ("listen", "textfile", "interval")
+_DOMAIN_KEYS = ("schedule", "retention", "consistency")     # consistency: typed by config.py
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,17 @@ class VerifySettings:
     sample: float = 1.0              # fraction of the distinct segments checked, (0, 1]
     deep: bool = False               # download, decode and re-hash (else: the segments exist)
     since_days: Optional[float] = None   # skip backups that passed an equally thorough verify this recently
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    """agent.metrics: Prometheus metrics (agent/metrics.py), served over HTTP on `listen` (GET
+    /metrics), or written to a node_exporter textfile (a file name ending in .prom), or both;
+    gathered again every `interval`."""
+    listen_host: Optional[str] = None      # None: no HTTP endpoint
+    listen_port: int = 0                   # 0 with a host: any free port (tests; logged at start)
+    textfile: Optional[str] = None         # None: no textfile
+    interval_s: int = 60
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,7 @@ class AgentSettings:
     prune_after_backup: bool = True  # apply the domain's retention policy after each scheduled backup
     gc_interval_s: Optional[int] = None          # None: the agent runs no gc
     verify: Optional[VerifySettings] = None      # None: the agent runs no verify
+    metrics: Optional[MetricsSettings] = None    # None: no metrics
     retention: RetentionConfig = RetentionConfig()
     domain_retention: Tuple[Tuple[str, RetentionPolicy], ...] = ()   # (name or UUID, policy)
 
@@ -85,6 +98,7 @@ class AgentSettings:
             prune_after_backup=_bool(agent, "prune_after_backup", True),
             gc_interval_s=_interval(agent, "gc_interval"),
             verify=_verify(agent.get("verify")),
+            metrics=_metrics(agent.get("metrics")),
             retention=RetentionConfig.from_mapping(raw.get("retention")),
             domain_retention=_domain_retention(raw.get("domains")),
         )
@@ -189,6 +203,39 @@ def _verify(raw: Any) -> Optional[VerifySettings]:
     return VerifySettings(interval_s=_interval(raw, "interval", "agent.verify.interval", 24 * 3600),
                           sample=_sample(raw.get("sample", 1.0)), deep=deep,
                           since_days=None if since is None else float(since))
+
+
+def _metrics(raw: Any) -> Optional[MetricsSettings]:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("agent.metrics", "must be a mapping (keys: " + ", ".join(_METRICS_KEYS) + ")")
+    unknown = sorted(set(map(str, raw)) - set(_METRICS_KEYS))
+    if unknown:
+        raise ConfigError(f"agent.metrics.{unknown[0]}", f"unknown key (known: {', '.join(_METRICS_KEYS)})")
+    host, port = (None, 0) if raw.get("listen") is None else _listen(raw["listen"])
+    textfile = raw.get("textfile")
+    if textfile is not None and (not isinstance(textfile, str) or not textfile.startswith("/")
+                                 or not textfile.endswith(".prom") or not textfile.isprintable()):
+        raise ConfigError("agent.metrics.textfile", "must be an absolute path ending in .prom (node_exporter's "
+                          f"textfile collector reads only those), got {textfile!r}")
+    if host is None and textfile is None:
+        raise ConfigError("agent.metrics", "give listen (e.g. 127.0.0.1:9597), textfile "
+                          "(e.g. /var/lib/prometheus/node-exporter/ekko.prom), or both")
+    interval = _interval(raw, "interval", "agent.metrics.interval", 60)
+    return MetricsSettings(host, port, textfile, interval)
+
+
+def _listen(val: Any) -> Tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets), or a port alone: 127.0.0.1."""
+    text = str(val) if isinstance(val, (str, int)) and not isinstance(val, bool) else ""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "127.0.0.1", text
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not host.isprintable() or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError("agent.metrics.listen", f"must be HOST:PORT or a port (e.g. 127.0.0.1:9597), got {val!r}")
+    return host, int(port)
 
 
 def _sample(val: Any) -> float:

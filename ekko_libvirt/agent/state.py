@@ -134,16 +134,17 @@ class JobRecord:
     bytes_total: Optional[int] = None
     backup_id: Optional[str] = None
     error: Optional[str] = None
+    cause: Optional[str] = None          # why it failed, one word (jobs.failure_cause): the metrics' label
 
     def progressed(self, bytes_done: int, bytes_total: Optional[int], now_ns: int) -> "JobRecord":
         return dataclasses.replace(self, bytes_done=bytes_done, bytes_total=bytes_total, updated_ns=now_ns)
 
     def finished(self, status: JobStatus, now_ns: int, *, backup_id: Optional[str] = None,
-                 error: Optional[str] = None) -> "JobRecord":
+                 error: Optional[str] = None, cause: Optional[str] = None) -> "JobRecord":
         if status is JobStatus.RUNNING:
             raise ValueError("a job cannot finish as running")
         return dataclasses.replace(self, status=status, updated_ns=now_ns,
-                                   backup_id=backup_id or self.backup_id, error=error)
+                                   backup_id=backup_id or self.backup_id, error=error, cause=cause)
 
 
 # --- pure transitions ----------------------------------------------------------------------------
@@ -365,7 +366,8 @@ def job_from_dict(d: Dict[str, Any]) -> JobRecord:
     return JobRecord(job_id=d["job_id"], uuid=d["uuid"], kind=d["kind"], status=JobStatus(d["status"]),
                      started_ns=int(d["started_ns"]), updated_ns=int(d["updated_ns"]), pid=int(d["pid"]),
                      pid_start=d.get("pid_start"), bytes_done=int(d.get("bytes_done", 0)),
-                     bytes_total=d.get("bytes_total"), backup_id=d.get("backup_id"), error=d.get("error"))
+                     bytes_total=d.get("bytes_total"), backup_id=d.get("backup_id"), error=d.get("error"),
+                     cause=d.get("cause"))
 
 
 # --- I/O helpers ---------------------------------------------------------------------------------
@@ -601,9 +603,10 @@ class StateDir:
         return job
 
     def end_job(self, job: JobRecord, status: JobStatus, now_ns: Optional[int] = None, *,
-                backup_id: Optional[str] = None, error: Optional[str] = None) -> JobRecord:
+                backup_id: Optional[str] = None, error: Optional[str] = None,
+                cause: Optional[str] = None) -> JobRecord:
         now_ns = now_ns if now_ns is not None else time.time_ns()
-        done = self.save_job(job.finished(status, now_ns, backup_id=backup_id, error=error))
+        done = self.save_job(job.finished(status, now_ns, backup_id=backup_id, error=error, cause=cause))
         self.update_domain(job.uuid, lambda st: dataclasses.replace(st, job_id=None, job_kind=None)
                            if st.job_id == job.job_id else st, now_ns)
         return done
@@ -618,7 +621,7 @@ class StateDir:
         out = []
         for job in self.find_stale_jobs(is_alive):
             out.append(self.end_job(job, JobStatus.ABANDONED, now_ns,
-                                    error=f"the agent process {job.pid} ended while the job ran"))
+                                    error=f"the agent process {job.pid} ended while the job ran", cause="abandoned"))
         for name in _listdir(self.locks_dir):
             if name.endswith(OFFLINE_SUFFIX):
                 uuid = name[:-len(OFFLINE_SUFFIX)]
