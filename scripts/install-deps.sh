@@ -18,7 +18,7 @@ CORE_PKGS="qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd libnbd-bin
 ALL_PKGS="$CORE_PKGS libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-libvirt
  seabios ipxe-qemu swift swift-proxy swift-account swift-container swift-object python3-swiftclient memcached xfsprogs
  fuse3 nbdkit nbdkit-plugin-python python3-xxhash python3-yaml python3-cryptography
- linux-image-amd64 python3-guestfs libguestfs-tools gdisk prometheus"
+ linux-image-amd64 python3-guestfs libguestfs-tools gdisk prometheus busybox-static qemu-guest-agent cpio"
 # python3-prometheus-client: the agent's metrics (agent.metrics; the venv sees Debian's, as a Debian package of
 # ekko would); prometheus: only its promtool, which tests the example alert rules (packaging/ekko-alerts.yml)
 # against the metrics of a real run. Its own service is not started here (policy-rc.d below).
@@ -34,6 +34,10 @@ ALL_PKGS="$CORE_PKGS libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-cl
 # 2026-12-05): the first launch ever (supermin building the appliance in /var/tmp/.guestfs-0) ~9 s before
 # failing under KVM; each launch after 15-30 s under TCG (load from other work) (nested KVM refuses the appliance's -cpu host:
 # "failed to set MSR 0x10a"; serve/files.py then retries with TCG).
+# busybox-static + qemu-guest-agent + cpio (+ linux-image-amd64): the test guest (tests/harness/guest.py), an
+# initramfs of busybox and Debian's qemu-ga that scripts/build-test-guest.sh builds once into
+# /var/cache/ekko-test-guest (the tests call it; never committed). qemu-ga is only copied out of its package:
+# nothing of it runs on the host (no systemd here; policy-rc.d below keeps its postinst from starting it).
 case "$WHAT" in core) PKGS=$CORE_PKGS ;; all) PKGS=$ALL_PKGS ;; *) echo "usage: $0 [core|all]" >&2; exit 2 ;; esac
 
 missing=$(for p in $PKGS; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q 'install ok installed' || echo "$p"; done)
