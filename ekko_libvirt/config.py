@@ -67,6 +67,12 @@ class EncryptionConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """serve: {cache: 64MiB}: the servers of `ekko serve`, `mount` and `files` (`--cache` wins)."""
+    cache: int = units.DEFAULT_SERVE_CACHE     # bytes of decoded segments kept in memory, per server
+
+
+@dataclass(frozen=True)
 class Config:
     store: StoreConfig
     state_dir: str
@@ -82,6 +88,7 @@ class Config:
     targets: Tuple[TargetConfig, ...] = ()
     scratch_reserve: int = units.DEFAULT_SCRATCH_RESERVE
     read_back: int = units.DEFAULT_READ_BACK     # units.READ_BACK_ALL: every segment
+    serve: ServeConfig = ServeConfig()
     source: str = ""
     extra: Tuple[Tuple[str, Any], ...] = field(default=())
     encryption: EncryptionConfig = EncryptionConfig()
@@ -95,7 +102,7 @@ class Config:
 
 
 _TOP_KEYS = {"store", "state_dir", "run_dir", "scratch_reserve", "segment_size", "bitmap_granularity", "compression",
-             "workers", "read", "qmp_timeout", "targets", "encryption", "retention", "schedule",
+             "serve", "workers", "read", "qmp_timeout", "targets", "encryption", "retention", "schedule",
              "agent", "libvirt", "domains"}
 
 
@@ -162,6 +169,7 @@ def build(raw: Any, source: str = "") -> Config:
         qmp_timeout=float(_int(raw, "qmp_timeout", 30, 1, 3600)),
         scratch_reserve=_size(raw, "scratch_reserve", units.DEFAULT_SCRATCH_RESERVE),
         read_back=_read_back(read),
+        serve=_serve(raw),
         targets=_targets(raw.get("targets")),
         source=source,
         encryption=_encryption(raw.get("encryption")),
@@ -205,6 +213,21 @@ def _read_back(read: Mapping) -> int:
     if read.get("read_back") == "all":
         return units.READ_BACK_ALL
     return _int(read, "read.read_back", units.DEFAULT_READ_BACK, 2, 1 << 40, key="read_back")
+
+
+def _serve(raw: Mapping) -> ServeConfig:
+    section = _section(raw, "serve", {"cache"})
+    return ServeConfig(cache=serve_cache(_sized(section, "serve.cache", units.DEFAULT_SERVE_CACHE, "cache"),
+                                         "serve.cache"))
+
+
+def serve_cache(size: int, label: str = "serve.cache") -> int:
+    """A server's segment cache: at least 1MiB (a few segments), at most 64GiB (it is memory).
+    Shared with `ekko serve --cache` (label '--cache': a UsageError's text there)."""
+    if not units.MIN_SERVE_CACHE <= size <= units.MAX_SERVE_CACHE:
+        raise ConfigError(label, f"must be from {units.human(units.MIN_SERVE_CACHE)} to "
+                          f"{units.human(units.MAX_SERVE_CACHE)} (a size like 256MiB), got {size}")
+    return size
 
 
 def _int(raw: Mapping, label: str, default: int, lo: int, hi: int, key: Optional[str] = None) -> int:

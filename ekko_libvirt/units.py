@@ -70,3 +70,7 @@ READ_BACK_ALL = -1
 DEFAULT_SCRATCH_RESERVE = 1 * GiB  # free room copy-before-write keeps (backup/scratch.py)
 MIN_SEGMENT_SIZE = 64 * KiB
 MAX_SEGMENT_SIZE = 32 * MiB   # QEMU's NBD server refuses requests above 32 MiB
+# `serve: {cache: ...}` / `ekko serve --cache`: decoded segments a server keeps in memory (serve/disk.py)
+DEFAULT_SERVE_CACHE = 64 * MiB
+MIN_SERVE_CACHE = 1 * MiB
+MAX_SERVE_CACHE = 64 * GiB

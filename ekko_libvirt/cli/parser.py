@@ -110,7 +110,7 @@ def _serve_parsers(sub, common: _Parser) -> None:
     sv.add_argument("--idle-timeout", type=_seconds, metavar="S",
                     help="stop after S seconds with no client connected")
     sv.add_argument("--cache", type=_size, default=None, metavar="SIZE",
-                    help="decoded segments kept in memory (default 64MiB)")
+                    help="decoded segments kept in memory (default: the config's serve.cache, 64MiB)")
     sv.add_argument("--project", help="only look in this project's namespace")
 
     mo = sub.add_parser("mount", parents=[common],

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from typing import Optional, Tuple
 
-from .. import units
-from ..errors import UsageError
+from .. import config, units
+from ..errors import ConfigError, UsageError
 from ..serve import server
 from ..store import catalog
 from ..store.factory import open_store
@@ -35,9 +35,10 @@ def parse_tcp(text: str) -> Tuple[str, int]:
 def cmd_serve(cfg, args) -> int:
     if args.socket and args.tcp:
         raise UsageError("serve: --socket and --tcp exclude each other")
+    cache = cfg.serve.cache if args.cache is None else _cache(args.cache)
     ns, key = locate_namespace(cfg, args.project, args.backup, args.disk)
     srv = server.start(cfg, ns, key, socket_path=args.socket, tcp=parse_tcp(args.tcp) if args.tcp else None,
-                       idle_timeout=args.idle_timeout, cache_bytes=args.cache, verbose=args.verbose)
+                       idle_timeout=args.idle_timeout, cache_bytes=cache, verbose=args.verbose)
     reason = "stopped"
     try:
         info = srv.describe()
@@ -61,6 +62,14 @@ def cmd_serve(cfg, args) -> int:
         srv.stop()
     sys.stderr.write(f"ekko serve: stopped ({reason}); {srv.uri} is gone\n")
     return EXIT_OK
+
+
+def _cache(size: int) -> int:
+    """--cache SIZE: the bounds of the config's serve.cache."""
+    try:
+        return config.serve_cache(size, "--cache")
+    except ConfigError as e:
+        raise UsageError(f"--cache: {e.problem}") from e
 
 
 def locate_namespace(cfg, project: Optional[str], backup: str, disk: Optional[str]) -> Tuple[Optional[str], str]:

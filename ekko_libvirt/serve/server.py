@@ -193,8 +193,8 @@ def start(cfg, namespace: Optional[str], key: str, *, socket_path: Optional[str]
               f"workers={max(2, min(cfg.workers, 8))}"]
     if namespace:
         params.append(f"namespace={namespace}")
-    if cache_bytes is not None:
-        params.append(f"cache={cache_bytes}")
+    # the config's serve.cache unless the caller (ekko serve --cache) says otherwise
+    params.append(f"cache={cfg.serve.cache if cache_bytes is None else cache_bytes}")
     if readahead is not None:
         params.append(f"readahead={readahead}")
     if idle_timeout:

@@ -368,6 +368,40 @@ def test_stopping_ekko_stops_nbdkit(chain, sig):
         assert not os.path.exists(s.info["socket"])
 
 
+def _nbdkit_cache(pid):
+    """The cache= parameter ekko gave its nbdkit (its command line: what the plugin receives)."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        args = f.read().decode().split("\0")
+    return [a for a in args if a.startswith("cache=")]
+
+
+def test_cache_from_the_config_and_cache_overriding_it(chain, workdir):
+    """serve.cache of the config reaches the plugin; --cache wins over it; a 1 MiB cache (4
+    segments) still serves every byte right; a --cache out of bounds is exit 2 naming it."""
+    ekko, backups = chain
+    (b, expected) = backups[1]
+    cfg = json.loads(json.dumps(ekko.cfg))
+    cfg["serve"] = {"cache": "1MiB"}
+    small = Ekko(workdir, cfg)
+    small.path = os.path.join(workdir, "small-cache.yaml")
+    small.write_config()
+    with serving(small, b["backup_id"]) as s:
+        assert _nbdkit_cache(s.pid) == [f"cache={MiB}"]
+        h = connect(s.uri)
+        assert read_all(h, len(expected)) == expected
+        h.shutdown()
+    with serving(small, b["backup_id"], "--cache", "5MiB") as s:
+        assert _nbdkit_cache(s.pid) == [f"cache={5 * MiB}"]
+    with serving(ekko, b["backup_id"]) as s:           # no serve: section -> the default
+        assert _nbdkit_cache(s.pid) == [f"cache={64 * MiB}"]
+    p = small.run("serve", b["backup_id"], "--cache", "1000", check=False)
+    assert p.returncode == 2 and "--cache: must be from 1.0 MiB to 64.0 GiB" in p.stderr, p.stderr
+    cfg["serve"] = {"cache": "lots"}
+    small.write_config()
+    p = small.run("serve", b["backup_id"], check=False)
+    assert p.returncode == 2 and "config: serve.cache: not a size: 'lots'" in p.stderr, p.stderr
+
+
 def test_tcp_and_a_given_socket(chain, workdir):
     ekko, backups = chain
     (b, expected) = backups[1]
