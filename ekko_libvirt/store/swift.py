@@ -41,6 +41,7 @@ from swiftclient.client import Connection
 from swiftclient.exceptions import ClientException
 
 from ..errors import ConfigError, ObjectNotFound, StoreError
+from . import ranged_listing
 from .base import ObjectInfo, Store, check_key
 from .uploader import PipelinedBatch
 
@@ -573,11 +574,14 @@ class SwiftStore(Store):
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """All names starting with prefix, page by page (each page its own retried request)."""
-        marker = ""
+        return self._list_range(prefix, None, None)
+
+    def _list_range(self, prefix: str, marker: Optional[str], end_marker: Optional[str]) -> Iterator[str]:
+        """The names under prefix after marker and before end_marker (None: unbounded)."""
         while True:
             try:
                 _, page = self._conn().get_container(
-                    self.container, marker=marker or None, prefix=prefix or None,
+                    self.container, marker=marker or None, end_marker=end_marker, prefix=prefix or None,
                     limit=self.config.listing_page_size,
                 )
             except ClientException as e:
@@ -593,8 +597,33 @@ class SwiftStore(Store):
             marker = page[-1]["name"]
 
     def list_sorted(self, prefix: str = "") -> Iterator[str]:
-        """Swift lists a container in name order (UTF-8 bytes; keys are ASCII): list() as it is."""
-        return self.list(prefix)
+        """Swift lists a container in name order (UTF-8 bytes; keys are ASCII). The segments of
+        a big container are listed as key ranges by `threads` connections at once, in order
+        (store/ranged_listing.py): the listing of 10^7 names is otherwise 1,000 round trips in a row."""
+        workers = min(self.config.threads, ranged_listing.MAX_WORKERS)
+        if prefix != ranged_listing.SEGMENTS or workers <= 1:
+            yield from self.list(prefix)
+            return
+        page = self.config.listing_page_size or _MAX_PAGE
+        parts = ranged_listing.ranges(ranged_listing.range_count(self._object_count(), page, workers))
+
+        def fetch(part: ranged_listing.Range) -> List[str]:
+            return list(self._list_range(prefix, *part))
+        yield from ranged_listing.in_order(fetch, parts, workers)
+
+    def _object_count(self) -> int:
+        """The container's object count (0 when there is no container or the header is unusable)."""
+        try:
+            headers = self._conn().head_container(self.container)
+            return int(headers.get("x-container-object-count", "0"))
+        except ClientException as e:
+            if e.http_status == 404:
+                return 0
+            raise self._error("list", None, e) from e
+        except (RequestException, OSError) as e:
+            raise self._error("list", None, e) from e
+        except ValueError:
+            return 0
 
     def delete(self, key: str) -> None:
         check_key(key)

@@ -80,3 +80,31 @@ def test_a_page_boundary_on_every_name(make_swift_store):  # noqa: F811
     assert set(rep.damaged) == {keys[2], keys[7]}
     g = gc.collect(store, grace_hours=0, now=lambda: time.time() + HOUR)
     assert g.deleted == 4 and set(store.list("segments/")) == set(keys[:8]) - {keys[2], keys[7]}
+
+
+def test_listing_by_ranges_is_the_listing(make_swift_store, monkeypatch):  # noqa: F811
+    """A big container's segments/ are listed as key ranges by several connections at once
+    (store/ranged_listing.py): on the real Swift the result must be the plain listing, name for
+    name, also for names sitting exactly on, just before and just after a range bound."""
+    from ekko_libvirt.store import ranged_listing
+
+    store = make_swift_store(listing_page_size=7, threads=4)
+    keys = put_all(store, range(150))
+    # the ranges list_sorted will use once the 8 x 4 edge names below are there too
+    parts = ranged_listing.ranges(ranged_listing.range_count(150 + 8 * 4, 7, 4))
+    assert len(parts) > 20
+    edge = []
+    for lo, _ in parts[1:9]:
+        edge += [lo, lo + "0", lo[:-1], lo + "-"]
+    for k in edge:
+        store.put(k, b"foreign")
+    plain = list(store.list("segments/"))
+    assert plain == sorted(set(keys) | set(edge))
+    used = []
+    real = ranged_listing.in_order
+    monkeypatch.setattr(ranged_listing, "in_order",
+                        lambda fetch, ps, workers: used.append((len(ps), workers)) or real(fetch, ps, workers))
+    assert list(store.list_sorted("segments/")) == plain
+    assert used == [(len(parts), 4)]
+    store.config = store.config.__class__(**{**store.config.__dict__, "threads": 1})
+    assert list(store.list_sorted("segments/")) == plain
