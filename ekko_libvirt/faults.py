@@ -13,7 +13,7 @@ def crash_point(name: str) -> None:
 
 
 PAUSE_POINTS = ("after-transaction", "during-read", "after-segments",   # during-read: in a worker thread
-                "restore-write")
+                "restore-write", "instant-started")
 
 
 def pause_point(name: str) -> None:

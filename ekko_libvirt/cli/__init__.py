@@ -49,6 +49,7 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "gc": ("lifecycle", "cmd_gc"), "key": ("key", "cmd_key"),
     "serve": ("serve", "cmd_serve"), "mount": ("serve", "cmd_mount"), "umount": ("serve", "cmd_umount"),
     "files": ("files", "cmd_files"),
+    "_instant-supervise": ("restore", "cmd_instant_supervise"),
     "agent": ("host", "cmd_agent"), "status": ("host", "cmd_status"), "hook": ("host", "cmd_hook")}
 
 

@@ -63,10 +63,13 @@ def cmd_status(cfg, args) -> int:
     lifecycle = status.lifecycle_info(sd.load_lifecycle(), settings.gc_interval_s, settings.verify, now)
     hook = status.hook_info(settings.hook_path, settings.spool_dir)
     vanished, store_error = _vanished(cfg, args.domain)
+    from ..restore import instant      # instant restores: their records, servers and supervisors
+    restores = [j for j in instant.jobs(cfg) if not args.domain or j.domain == args.domain]
     if args.json:
         emit({"ok": not vanished, "agent": agent, "libvirt": {"uri": config.libvirt_uri(cfg), "error": lv_error},
               "hook": hook, "lifecycle": lifecycle, "domains": rows,
-              "store": {"vanished": vanished, "error": store_error}})
+              "store": {"vanished": vanished, "error": store_error},
+              "instant_restores": [instant.as_dict(j) for j in restores]})
         return EXIT_DAMAGED if vanished else EXIT_OK
     running = f"running, pid {agent['pid']} since {agent['since']}" if agent["running"] else "not running"
     print(f"agent: {running}; {len(rows)} domain(s)")
@@ -74,6 +77,8 @@ def cmd_status(cfg, args) -> int:
     print(status.describe_lifecycle(lifecycle))
     for r in rows:
         print(status.describe(r))
+    for j in restores:
+        print(instant.describe(j))
     if store_error:
         print(f"store: cannot check that it still holds what this host committed: {store_error}")
     for why in vanished:

@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--project", help="only look in this project's namespace")
     r.add_argument("--allow-damaged", action="store_true", help="restore what is intact; report the holes")
     r.add_argument("--force", action="store_true", help="overwrite an existing output file or block device")
+    r.add_argument("--instant", action="store_true",
+                   help="with --define: start NEWNAME at once on qcow2 overlays in DIR backed by the backup's NBD "
+                        "export (ekko serve), and pull the data in while it runs (a supervisor in the background "
+                        "keeps the export up until then; see `ekko status`)")
+    r.add_argument("--bandwidth", type=_size, default=0, metavar="SIZE",
+                   help="with --instant: pull at most SIZE per second per disk, e.g. 50MiB (default: unlimited)")
+    isv = sub.add_parser("_instant-supervise", parents=[common])      # spawned by restore --instant
+    isv.add_argument("domain")
+    isv.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     v = sub.add_parser("verify", parents=[common], help="check backups: segments exist (--deep: re-hash)")
     v.add_argument("backup", nargs="?", help="one backup (default: all)")

@@ -1,10 +1,11 @@
 """`ekko restore BACKUP`: one disk to a raw or qcow2 file or onto a block device; a domain
-backup's disks to a directory, and with --define as a new libvirt domain."""
+backup's disks to a directory, and with --define as a new libvirt domain; with --instant that
+domain runs at once on the served backup while its data is pulled in (restore/instant.py)."""
 
 import os
 
 from .. import units
-from ..errors import UsageError
+from ..errors import EkkoError, UsageError
 from ..restore import domain as dr
 from ..restore.disk import restore
 from ..store import catalog
@@ -14,6 +15,8 @@ from .render import EXIT_DAMAGED, EXIT_OK, emit, progress_bar
 
 
 def cmd_restore(cfg, args) -> int:
+    if args.instant or args.bandwidth:
+        return _restore_instant(cfg, args)
     if args.define or (args.to and os.path.isdir(args.to)):
         return _restore_domain(cfg, args)
     if not args.to:
@@ -76,3 +79,62 @@ def _restore_domain(cfg, args) -> int:
             for n in res.notes:
                 print(f"  {n}")
     return EXIT_DAMAGED if res.holes else EXIT_OK
+
+
+def _restore_instant(cfg, args) -> int:
+    """--define NEWNAME --instant: the new domain runs on overlays of the served backup; returns
+    once it runs and its supervisor has taken over the pulls."""
+    from ..restore import instant
+    if not args.instant:
+        raise UsageError("restore: --bandwidth is for --instant")
+    if not args.define:
+        raise UsageError("restore --instant needs --define NEWNAME (the domain to start)")
+    if args.format == "raw" or args.allow_damaged:
+        raise UsageError("restore --instant: the overlays are qcow2 and every read is checked "
+                         "(no --format raw, no --allow-damaged)")
+    found, stores = [], []
+    try:
+        for ns in namespaces_of(cfg, args.project):
+            stores.append(open_store(cfg, ns))
+            found += [((stores[-1], ns), k) for k in catalog.matching(stores[-1], args.backup)]
+        picked = [(ns, k, catalog.load(st, k)) for (st, ns), k in dr.select(found, args.disk or (), args.backup)]
+    finally:
+        for st in stores:
+            st.close()
+    directory = args.to or os.path.join(cfg.state_dir, "restore", args.define)
+    conn = _libvirt(cfg)
+    try:
+        job = instant.start_instant(cfg, picked, directory, args.define, conn, bandwidth=args.bandwidth,
+                                    overwrite=args.force, verbose=args.verbose)
+    finally:
+        conn.close()
+    if args.json:
+        emit(dict(instant.as_dict(job), ok=True))
+    else:
+        print(f"domain {job.domain} (UUID {job.uuid}) runs on {job.backup_id}, served; its data is being pulled "
+              f"into {job.directory} (supervisor pid {job.supervisor_pid}; `ekko status` shows the progress)")
+        if job.message:
+            print(f"  {job.message}")
+    return EXIT_OK
+
+
+def _libvirt(cfg):
+    """A connection for --instant, or an error naming the URI (exit 1: nothing was started)."""
+    from .. import config
+    try:
+        import libvirt
+    except ImportError:
+        raise EkkoError("restore --instant needs libvirt-python (Debian: python3-libvirt)") from None
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    uri = config.libvirt_uri(cfg)
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as e:
+        raise EkkoError(f"restore --instant: libvirt at {uri} cannot be reached: {e.get_error_message()}; "
+                        "nothing was started") from e
+
+
+def cmd_instant_supervise(cfg, args) -> int:
+    """The supervisor of one instant restore (spawned by restore --instant, or to take one over)."""
+    from ..restore import supervisor
+    return supervisor.main(cfg, args.domain, args.ready_fd, args.verbose)

@@ -34,7 +34,7 @@ API_VERSION = 2
 
 _params: Dict[str, Optional[str]] = {
     "namespace": None, "cache": None, "readahead": None, "workers": "4", "idle_timeout": None, "verbose": "0",
-    "parent_fd": None, "unlink": None}
+    "parent_fd": None, "unlink": None, "logfile": None}
 _state: Dict[str, Any] = {}
 log = logging.getLogger("ekko_libvirt.serve")
 
@@ -79,6 +79,15 @@ def get_ready():
     if _params["parent_fd"] is not None:
         threading.Thread(target=_watch_parent, args=(int(_params["parent_fd"]),), name="ekko-serve-parent",
                          daemon=True).start()
+
+
+def after_fork():
+    """A daemonized nbdkit (server.start(detached=True)) has its stderr on /dev/null: our log (and
+    nbdkit's, with --log=stderr) goes to `logfile` instead, appended."""
+    if _params["logfile"]:
+        fd = os.open(_params["logfile"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(fd, 2)
+        os.close(fd)
 
 
 def _watch_parent(fd: int) -> None:

@@ -21,9 +21,12 @@ started it ends), and on SIGTERM it waits for every connected client to go first
 the pipe closed and SIGTERM, SIGKILL after two seconds if need be (clients lose their connection;
 nothing is written anywhere, so nothing is lost). exit_with_parent=False drops the pipe, but does
 NOT make a server outlive the thread that started it: the kernel still sends nbdkit SIGTERM then,
-which it obeys once no client is connected. (A server that must survive a restart of its owner,
-e.g. instant restore's, needs nbdkit daemonized, without -f: its first process sets that signal,
-the forked daemon does not have it. Not done yet.) stop_pid stops a server by PID and start time.
+which it obeys once no client is connected. A server that must survive a restart of its owner
+(instant restore's: restore/instant.py) is started with detached=True: nbdkit daemonized, without
+-f (its first process sets that signal and exits; the forked daemon has none), in a session of
+its own, its log appended to `logfile` (nbdkit points a daemon's stderr at /dev/null: the plugin
+re-points it in after_fork). Such a server runs until stop_pid, which stops a server by PID and
+start time.
 The server listens read-only on a unix socket (connecting needs
 write access to it: nbdkit creates it 0755 whatever the umask, so only its owner can, and it is
 made 0600 once ready; by default under run_dir, 0700) or on TCP (127.0.0.1 unless told
@@ -160,10 +163,16 @@ def start(cfg, namespace: Optional[str], key: str, *, socket_path: Optional[str]
           tcp: Optional[Tuple[str, int]] = None, idle_timeout: Optional[float] = None,
           cache_bytes: Optional[int] = None, readahead: Optional[int] = None, verbose: int = 0,
           log: Optional[TextIO] = None, exit_with_parent: bool = True,
-          pythonpath: Optional[List[str]] = None, nbdkit: str = "nbdkit") -> Server:
+          pythonpath: Optional[List[str]] = None, nbdkit: str = "nbdkit", detached: bool = False,
+          logfile: Optional[str] = None) -> Server:
     """Serve the backup whose manifest is `key` in namespace `namespace` of cfg's store; returns
     once a client can connect. UsageError: a bad socket or address; ServeError: nbdkit missing
-    or failing; the errors of catalog.load for the manifest."""
+    or failing; the errors of catalog.load for the manifest. detached: a daemon that outlives
+    this process (no lifeline; srv.proc is None), its log appended to `logfile`."""
+    if detached:
+        exit_with_parent = False
+        if logfile is None:
+            raise ValueError("a detached server needs a logfile (its stderr is gone)")
     store = open_store(cfg, namespace)
     try:
         m = catalog.load(store, key)
@@ -205,10 +214,12 @@ def start(cfg, namespace: Optional[str], key: str, *, socket_path: Optional[str]
                          "(Debian: apt install nbdkit nbdkit-plugin-python)")
     if socket_path:
         params.append(f"unlink={socket_path}")
+    if logfile:
+        params.append(f"logfile={os.path.abspath(logfile)}")
     lifeline = os.pipe() if exit_with_parent else None      # both ends close-on-exec
     if lifeline:
         params.append(f"parent_fd={lifeline[0]}")
-    cmd = [exe, "-f", "-r", "-P", run, *where, "python", PLUGIN, *params]
+    cmd = [exe, *(["--log=stderr"] if detached else ["-f"]), "-r", "-P", run, *where, "python", PLUGIN, *params]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(pythonpath if pythonpath is not None else python_path()))
     env.pop("PYTHONHOME", None)
     try:
@@ -222,13 +233,17 @@ def start(cfg, namespace: Optional[str], key: str, *, socket_path: Optional[str]
     srv._relay = threading.Thread(target=_relay, args=(proc, srv.tail, log), name="ekko-serve-log", daemon=True)
     srv._relay.start()
     try:
-        _wait_ready(proc, run, srv)
+        if detached:
+            srv.pid, srv.start_ticks = _wait_daemon(proc, run, srv)
+            srv.proc = None         # the daemon is not our child: stop() goes by PID and start time
+        else:
+            _wait_ready(proc, run, srv)
+            srv.start_ticks = procs.process_start_ticks(proc.pid)
     except BaseException:
         srv.stop()
         _unlink(run)
         raise
     _unlink(run)
-    srv.start_ticks = procs.process_start_ticks(proc.pid)
     if srv.socket:
         os.chmod(srv.socket, 0o600)     # nbdkit makes it 0755 whatever the umask: no one else can connect
     return srv
@@ -274,6 +289,38 @@ def _wait_ready(proc: subprocess.Popen, pidfile: str, srv: Server) -> None:
         if time.monotonic() > deadline:
             raise ServeError(f"nbdkit did not become ready within {START_TIMEOUT:.0f} s: "
                              + " / ".join(list(srv.tail)[-5:]))
+        time.sleep(0.01)
+
+
+def _wait_daemon(proc: subprocess.Popen, pidfile: str, srv: Server) -> Tuple[int, Optional[int]]:
+    """nbdkit without -f: its first process exits 0 once it has bound the socket and forked (non-zero
+    when it could not); the daemon then writes the pid file. -> the daemon's (pid, start ticks)."""
+    try:
+        rc = proc.wait(START_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise ServeError(f"nbdkit did not become ready within {START_TIMEOUT:.0f} s: "
+                         + " / ".join(list(srv.tail)[-5:])) from None
+    if srv._relay is not None:
+        srv._relay.join(5)
+    if rc != 0:
+        raise ServeError(_start_failure(rc, list(srv.tail)))
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            with open(pidfile) as f:
+                text = f.read()
+            if text.endswith("\n"):             # written whole (nbdkit writes it in place)
+                pid = int(text)
+                ticks = procs.process_start_ticks(pid)
+                if ticks is None:
+                    raise ServeError(f"nbdkit's daemon (pid {pid}) ended at once; its log: {srv.tail and srv.tail[-1]}")
+                return pid, ticks
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            raise ServeError(f"nbdkit's daemon wrote no pid file within {START_TIMEOUT:.0f} s")
         time.sleep(0.01)
 
 
