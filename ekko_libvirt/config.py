@@ -3,6 +3,7 @@
 See ekko.yaml.example for every option, documented.
 """
 
+import dataclasses
 import io
 import os
 import re
@@ -13,9 +14,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import yaml
 
 from . import units
-from .errors import ConfigError
+from .errors import ConfigError, UsageError
 
 DEFAULT_PATH = "/etc/ekko/ekko.yaml"
+DEFAULT_STORE = "default"        # the name of `store:` among the named stores (`stores:`, ekko sync)
 MAX_FILE_SIZE = 1 << 20          # a config file is a few KiB; anything near this is not one
 
 # How a bad value is shown in an error: short, one line, bounded work even for a YAML alias
@@ -92,9 +94,27 @@ class Config:
     source: str = ""
     extra: Tuple[Tuple[str, Any], ...] = field(default=())
     encryption: EncryptionConfig = EncryptionConfig()
+    stores: Tuple[Tuple[str, StoreConfig], ...] = ()    # `stores:` by name; DEFAULT_STORE is `store:`
 
     def target(self, name: str) -> Optional[TargetConfig]:
         return next((t for t in self.targets if t.name == name), None)
+
+    def store_names(self) -> Tuple[str, ...]:
+        return (DEFAULT_STORE,) + tuple(n for n, _ in self.stores)
+
+    def named_store(self, name: str) -> StoreConfig:
+        """`store:` for DEFAULT_STORE, else `stores.<name>`. Raises UsageError naming the known ones."""
+        if name == DEFAULT_STORE:
+            return self.store
+        found = dict(self.stores).get(name)
+        if found is None:
+            raise UsageError(f"no store named {name!r} in the config (known: {', '.join(self.store_names())}; "
+                             f"{DEFAULT_STORE!r} is `store:`, the others are under `stores:`)")
+        return found
+
+    def with_store(self, name: str) -> "Config":
+        """This config with the named store as its store: every command's code then works on it."""
+        return dataclasses.replace(self, store=self.named_store(name))
 
     @property
     def scratch_dir(self) -> str:
@@ -103,7 +123,7 @@ class Config:
 
 _TOP_KEYS = {"store", "state_dir", "run_dir", "scratch_reserve", "segment_size", "bitmap_granularity", "compression",
              "serve", "workers", "read", "qmp_timeout", "targets", "encryption", "retention", "schedule",
-             "agent", "libvirt", "domains"}
+             "agent", "libvirt", "domains", "stores"}
 
 
 def load(path: Optional[str] = None) -> Config:
@@ -173,6 +193,7 @@ def build(raw: Any, source: str = "") -> Config:
         targets=_targets(raw.get("targets")),
         source=source,
         encryption=_encryption(raw.get("encryption")),
+        stores=_stores(raw.get("stores")),
         extra=tuple((k, raw[k]) for k in ("encryption", "retention", "schedule", "agent", "libvirt", "domains")
                     if k in raw),
     )
@@ -266,29 +287,53 @@ def _sized(raw: Mapping, label: str, default: int, key: str) -> int:
         raise ConfigError(label, f"not a size: {_show(val)} (use e.g. 4MiB, 64KiB, 1GiB; never negative)") from None
 
 
-def _store(raw: Any) -> StoreConfig:
+def _stores(raw: Any) -> Tuple[Tuple[str, StoreConfig], ...]:
+    """stores: {NAME: <a store: section>}: more stores by name (`ekko sync SOURCE DEST`)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("stores", "must be a mapping of store name -> {type: local|swift, ...}")
+    out = []
+    for name, section in raw.items():
+        label = f"stores.{_label(name)}"
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "._-" for c in name):
+            raise ConfigError(label, "store names use letters, digits, '.', '_' and '-' only")
+        if name == DEFAULT_STORE:
+            raise ConfigError(label, f"{DEFAULT_STORE!r} is the name of `store:`: choose another")
+        if section is None:
+            raise ConfigError(label, "must be a mapping with a 'type'")
+        out.append((name, _store(section, label)))
+    return tuple(out)
+
+
+def _store(raw: Any, label: str = "store") -> StoreConfig:
     if raw is None:
         return StoreConfig()
     if not isinstance(raw, Mapping):
-        raise ConfigError("store", "must be a mapping with a 'type'")
+        raise ConfigError(label, "must be a mapping with a 'type'")
     typ = raw.get("type", "local")
     if typ == "local":
         for k in raw:
             if k not in ("type", "path"):
-                raise ConfigError(f"store.{_label(k)}", "unknown key for a local store (known: type, path)")
-        return StoreConfig("local", _str(raw, "path", StoreConfig.path, "store.path"))
+                raise ConfigError(f"{label}.{_label(k)}", "unknown key for a local store (known: type, path)")
+        return StoreConfig("local", _str(raw, "path", StoreConfig.path, f"{label}.path"))
     if typ == "swift":
         for k in raw:
             if not isinstance(k, str):
-                raise ConfigError(f"store.{_label(k)}", "unknown key for a swift store")
+                raise ConfigError(f"{label}.{_label(k)}", "unknown key for a swift store")
         options = tuple(sorted((k, v) for k, v in raw.items() if k != "type"))
         # Checked now, file and environment together (as every command will open it), so a bad
         # key fails every command, before anything is done. Errors about a credential name the
         # key only, never its value.
         from .store.swift import swift_config
-        swift_config(dict(options))
+        try:
+            swift_config(dict(options))
+        except ConfigError as e:        # its errors name keys of `store:`; name this section's
+            if label == "store" or not e.key.startswith("store"):
+                raise
+            raise ConfigError(label + e.key[len("store"):], e.problem) from e
         return StoreConfig("swift", "", options)
-    raise ConfigError("store.type", f"unknown store type {_show(typ)} (known: local, swift)")
+    raise ConfigError(f"{label}.type", f"unknown store type {_show(typ)} (known: local, swift)")
 
 
 def _encryption(raw: Any) -> EncryptionConfig:

@@ -50,7 +50,8 @@ COMMANDS: Dict[str, Tuple[str, str]] = {
     "serve": ("serve", "cmd_serve"), "mount": ("serve", "cmd_mount"), "umount": ("serve", "cmd_umount"),
     "files": ("files", "cmd_files"),
     "_instant-supervise": ("restore", "cmd_instant_supervise"),
-    "agent": ("host", "cmd_agent"), "status": ("host", "cmd_status"), "hook": ("host", "cmd_hook")}
+    "agent": ("host", "cmd_agent"), "status": ("host", "cmd_status"), "hook": ("host", "cmd_hook"),
+    "sync": ("sync", "cmd_sync")}
 
 
 def _command(name: str) -> Callable[[config.Config, argparse.Namespace], int]:

@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     _lifecycle_parsers(sub, common)
     _key_parsers(sub, common)
     _agent_parsers(sub, common)
+    _sync_parsers(sub, common)
     return p
 
 
@@ -153,6 +154,21 @@ def _serve_parsers(sub, common: _Parser) -> None:
                     help="the file system, as the appliance names it (/dev/sda2, /dev/vg0/root) when the disk "
                          "has several")
     fi.add_argument("--project", help="only look in this project's namespace")
+
+
+def _sync_parsers(sub, common: _Parser) -> None:
+    sy = sub.add_parser(
+        "sync", parents=[common], help="copy the backups a second store lacks into it (replication)",
+        description=textwrap.fill(
+            "Copy every backup of store SOURCE that store DEST lacks, with the segments it needs, project by "
+            "project. Each segment is decoded and re-hashed on the way; a damaged or missing one is reported and "
+            "the backups that need it are not committed at DEST (exit 3). Manifests go last, so DEST is always "
+            "consistent; an interrupted sync resumes where it stopped. Encrypted stores are copied sealed (DEST "
+            "never needs the key; reading SOURCE's manifests does).", 79),
+        epilog="stores: 'default' is `store:` of the config, the others are named under `stores:`")
+    sy.add_argument("source", help="the store to copy from: default, or a name under `stores:`")
+    sy.add_argument("dest", help="the store to copy into: default, or a name under `stores:`")
+    sy.add_argument("--project", help="only this project's namespace")
 
 
 def _agent_parsers(sub, common: _Parser) -> None:
