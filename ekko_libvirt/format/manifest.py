@@ -120,6 +120,9 @@ class Manifest:
     hash: str = "xxh3-128"
     compression: str = "zstd"
     encryption: Optional[Dict[str, Any]] = None   # {cipher, key_fingerprint, naming}; None: plain
+    # {level: filesystem, mountpoints, freeze_ms} | {level: crash, reason}; None: written before
+    # ekko recorded it (docs/format.md "Consistency")
+    consistency: Optional[Dict[str, Any]] = None
 
     def header(self) -> Dict[str, Any]:
         return {
@@ -130,6 +133,7 @@ class Manifest:
             "created": self.created, "timings": self.timings, "counts": self.counts,
             "labels": self.labels, "hash": self.hash, "compression": self.compression,
             **({"encryption": self.encryption} if self.encryption is not None else {}),
+            **({"consistency": self.consistency} if self.consistency is not None else {}),
         }
 
 
@@ -182,12 +186,7 @@ def _read_table(frame, n: int) -> Tuple[bytearray, bytearray]:
     flags, digests = bytearray(n), bytearray(n * DIGEST_SIZE)
     with zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False) as r:
         for buf in (flags, digests):
-            view, got = memoryview(buf), 0
-            while got < len(buf):
-                k = r.readinto(view[got:])
-                if not k:
-                    raise ValueError(f"table is shorter than {n} entries")
-                got += k
+            _fill(r, buf, n)
         if r.read(1):
             raise ValueError(f"table is longer than {n} entries")
     return flags, digests
@@ -205,7 +204,15 @@ def _count(header: Dict[str, Any], key: str, minimum: int, where: str) -> int:
 _MAX_RATIO = 32768
 
 
-def decode(blob: bytes, where: str = "") -> Manifest:
+def _consistency(val: Any) -> Optional[Dict[str, Any]]:
+    """The header's `consistency`, kept only when it is an object with a string `level`: it is
+    information for the operator, never a reason to refuse a manifest."""
+    return val if isinstance(val, dict) and isinstance(val.get("level"), str) else None
+
+
+def _table_frame(blob: bytes, where: str) -> Tuple[Dict[str, Any], int, int, int, memoryview]:
+    """The header (checksum verified), virtual size, segment size, entry count and the table's zstd
+    frame, every size checked against the others before anything is allocated for the table."""
     header, pos = _read_header(blob, where)
     (tlen,) = _U64.unpack_from(blob, pos)
     pos += _U64.size
@@ -229,17 +236,25 @@ def decode(blob: bytes, where: str = "") -> Manifest:
     if declared != want and (declared != -1 or want > tlen * _MAX_RATIO):
         held = f"holds {declared} bytes" if declared != -1 else f"of {tlen} bytes cannot hold them"
         raise ManifestError(f"manifest {where}: {n} entries need {want} table bytes; the table {held}")
+    return header, size, seg, n, frame
+
+
+def _fields(header: Dict[str, Any]) -> Dict[str, Any]:
+    """The Manifest's fields from its header, but the sizes and the table (KeyError: one missing)."""
+    return dict(
+        backup_id=header["backup_id"], target=header["target"], kind=header["kind"],
+        reason=header.get("reason", ""), parent=header.get("parent"), generation=header.get("generation"),
+        disk=header.get("disk") or {}, created=header.get("created", ""),
+        timings=header.get("timings") or {}, counts=header.get("counts") or {},
+        labels=header.get("labels") or {}, hash=header["hash"], compression=header["compression"],
+        encryption=header.get("encryption"), consistency=_consistency(header.get("consistency")))
+
+
+def decode(blob: bytes, where: str = "") -> Manifest:
+    header, size, seg, n, frame = _table_frame(blob, where)
     try:
         table = SegmentTable(n, *_read_table(frame, n))
-        m = Manifest(
-            backup_id=header["backup_id"], target=header["target"],
-            virtual_size=size, segment_size=seg,
-            table=table, kind=header["kind"], reason=header.get("reason", ""),
-            parent=header.get("parent"), generation=header.get("generation"),
-            disk=header.get("disk") or {}, created=header.get("created", ""),
-            timings=header.get("timings") or {}, counts=header.get("counts") or {},
-            labels=header.get("labels") or {}, hash=header["hash"], compression=header["compression"],
-            encryption=header.get("encryption"))
+        m = Manifest(virtual_size=size, segment_size=seg, table=table, **_fields(header))
     except (KeyError, TypeError, ValueError, zstandard.ZstdError) as e:
         raise ManifestError(f"manifest {where}: bad content: {e}") from e
     if m.hash not in HASHES:
@@ -247,3 +262,64 @@ def decode(blob: bytes, where: str = "") -> Manifest:
     if table.flags.count(FLAG_ZERO) + table.flags.count(FLAG_DATA) != n:
         raise ManifestError(f"manifest {where}: the table has flag values other than ZERO and DATA (reserved)")
     return m
+
+
+@dataclass
+class TableStream:
+    """A manifest's identity and its table, the digests read a block at a time from the
+    compressed table (gc and verify: a 16 Mi-entry table is 256 MiB of digests decompressed, and
+    those walk it once). Checked as decode() checks, the flags included, before the first block,
+    but for one thing: a table whose frame does not declare its size and whose digests are fewer
+    or more than its entries raises ManifestError when blocks() reaches that point. blocks() can
+    be walked more than once."""
+    backup_id: str
+    hash: str
+    encryption: Optional[Dict[str, Any]]
+    count: int
+    flags: bytes
+    frame: memoryview = field(repr=False)
+    where: str = ""
+
+    def blocks(self, size: int) -> Iterator[Tuple[bytes, bytes]]:
+        """(flags, packed digests) of `size` entries at a time, in disk order."""
+        n = self.count
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(self.frame, read_across_frames=False) as r:
+                _fill(r, bytearray(n), n)             # the flags, kept since the check
+                for start in range(0, n, size):
+                    end = min(start + size, n)
+                    yield self.flags[start:end], bytes(_fill(r, bytearray((end - start) * DIGEST_SIZE), n))
+                if r.read(1):
+                    raise ValueError(f"table is longer than {n} entries")
+        except (ValueError, zstandard.ZstdError) as e:
+            raise ManifestError(f"manifest {self.where}: bad content: {e}") from e
+
+
+def _fill(r, buf: bytearray, n: int) -> bytearray:
+    """buf filled from the decompressing reader r (a table of n entries)."""
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        k = r.readinto(view[got:])
+        if not k:
+            raise ValueError(f"table is shorter than {n} entries")
+        got += k
+    return buf
+
+
+def decode_stream(blob: bytes, where: str = "") -> TableStream:
+    """The manifest's identity and a TableStream of its table: memory for the flags (1 byte an
+    entry) instead of the whole table (17)."""
+    header, _, _, n, frame = _table_frame(blob, where)
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(frame, read_across_frames=False) as r:
+            flags = bytes(_fill(r, bytearray(n), n))
+        f = _fields(header)              # a header decode() refuses is refused here too
+        ts = TableStream(backup_id=f["backup_id"], hash=f["hash"], encryption=f["encryption"], count=n,
+                         flags=flags, frame=frame, where=where)
+    except (KeyError, TypeError, ValueError, zstandard.ZstdError) as e:
+        raise ManifestError(f"manifest {where}: bad content: {e}") from e
+    if ts.hash not in HASHES:
+        raise ManifestError(f"manifest {where}: unknown hash {ts.hash!r}")
+    if flags.count(FLAG_ZERO) + flags.count(FLAG_DATA) != n:
+        raise ManifestError(f"manifest {where}: the table has flag values other than ZERO and DATA (reserved)")
+    return ts

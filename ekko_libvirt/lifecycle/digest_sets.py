@@ -27,11 +27,11 @@ import tempfile
 from dataclasses import dataclass
 from itertools import compress, islice
 from operator import itemgetter
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Union
 
 import xxhash
 
-from ..format.manifest import FLAG_DATA, SegmentTable
+from ..format.manifest import FLAG_DATA, SegmentTable, TableStream
 from ..format.segment import DIGEST_SIZE
 from ..store.base import Store
 from . import sorted_merge
@@ -171,9 +171,12 @@ class DigestSorter:
         if len(self._chunk) >= self.chunk_size:
             self._spill()
 
-    def add_table(self, table: SegmentTable, pick: Optional[Callable[[bytes], bool]] = None) -> None:
-        """The DATA digests of a manifest table (those `pick` selects), each identical block once."""
-        for flags, packed in table_blocks(table):
+    def add_table(self, table: Union[SegmentTable, TableStream], pick: Optional[Callable[[bytes], bool]] = None
+                  ) -> None:
+        """The DATA digests of a manifest table (those `pick` selects), each identical block once.
+        A TableStream is read a block at a time: no copy of its digests is held whole."""
+        blocks = table.blocks(BLOCK) if isinstance(table, TableStream) else table_blocks(table)
+        for flags, packed in blocks:
             h = xxhash.xxh3_128_digest(packed, seed=len(flags)) + xxhash.xxh3_64_digest(flags)
             if h in self._blocks_seen:
                 continue

@@ -119,7 +119,8 @@ class _Marker:
         with DigestSorter(self.tmpdir) as sorter:
             for n, key in enumerate(keys, 1):
                 try:
-                    m = catalog.load(self.store, key)
+                    m = catalog.load_stream(self.store, key)
+                    sorter.add_table(m)
                 except ObjectNotFound:
                     continue                                   # pruned between list and get
                 except ManifestError as e:
@@ -129,7 +130,6 @@ class _Marker:
                 except KeyMismatch as e:
                     raise UsageError(f"gc stopped before deleting anything: {e}; without that key the segments "
                                      f"it names are unknown") from e
-                sorter.add_table(m.table)
                 self.seen.add(key)
                 del m
                 if phase_progress and self.progress:
@@ -282,13 +282,13 @@ def _check_late_manifests(store: Store, marker: _Marker, deleted: SortedDigests,
     users: Dict[bytes, List[str]] = {}
     for key in late:
         try:
-            m = catalog.load(store, key)
+            m = catalog.load_stream(store, key)
+            with DigestSorter(marker.tmpdir) as sorter:
+                sorter.add_table(m)
+                named = sorter.finish()
         except (ObjectNotFound, ManifestError, KeyMismatch):
             continue
         marker.seen.add(key)
-        with DigestSorter(marker.tmpdir) as sorter:
-            sorter.add_table(m.table)
-            named = sorter.finish()
         with named:
             for block in sorted_merge.intersection(named.blocks(), deleted.blocks()):
                 for d in block:

@@ -142,7 +142,8 @@ def _wanted(store: Store, manifest_keys: Iterable[str], pick: Optional[Callable[
     with DigestSorter(tmpdir) as sorter:
         for key in manifest_keys:
             try:
-                m = catalog.load(store, key)
+                m = catalog.load_stream(store, key)
+                sorter.add_table(m, pick)
             except ObjectNotFound:
                 report.gone.append(key)
                 continue
@@ -150,7 +151,6 @@ def _wanted(store: Store, manifest_keys: Iterable[str], pick: Optional[Callable[
                 report.bad_manifests[key] = str(e)
                 continue
             report.backups.append(m.backup_id)
-            sorter.add_table(m.table, pick)
             del m
         return sorter.finish()
 

@@ -202,10 +202,21 @@ def load(store: Store, key: str) -> mf.Manifest:
     """The manifest; KeyMismatch when it is sealed with another key (or sealed/not sealed
     against the config), ManifestError when it is damaged."""
     m = mf.decode(_read(store, key), key)
-    codec = store.codec
-    if m.hash != codec.naming or m.encryption != codec.describe():
-        raise ManifestError(f"manifest {key}: names its segments by {m.hash}, the store by {codec.naming}")
+    _check_naming(store, key, m.hash, m.encryption)
     return m
+
+
+def load_stream(store: Store, key: str) -> mf.TableStream:
+    """As load(), with the table read a block at a time (gc, verify: only the digests count)."""
+    ts = mf.decode_stream(_read(store, key), key)
+    _check_naming(store, key, ts.hash, ts.encryption)
+    return ts
+
+
+def _check_naming(store: Store, key: str, naming: str, encryption) -> None:
+    codec = store.codec
+    if naming != codec.naming or encryption != codec.describe():
+        raise ManifestError(f"manifest {key}: names its segments by {naming}, the store by {codec.naming}")
 
 
 def _read(store: Store, key: str) -> bytes:

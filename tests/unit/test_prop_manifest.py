@@ -135,13 +135,30 @@ def test_round_trip(mm):
     blob = M.encode(m)
     back = M.decode(blob, "x")
     same_manifest(back, m)
+    assert streamed(blob, "round trip") == (m.backup_id, m.hash, m.encryption, bytes(m.table.flags),
+                                            bytes(m.table.digests))
     check_table(back.table, model)
     assert M.decode_header(blob) == json.loads(json.dumps(m.header()))
     assert ("encryption" in M.decode_header(blob)) == (m.encryption is not None)
     assert M.encode(back) == blob                       # deterministic: byte for byte
 
 
+def streamed(blob, what):
+    """decode_stream's reading of blob: None when refused (at once or while its blocks are read),
+    else (backup_id, hash, encryption, flags, digests) from its blocks. Only ManifestError."""
+    try:
+        ts = M.decode_stream(blob, "x")
+        blocks = list(ts.blocks(3))
+    except ManifestError:
+        return None
+    except Exception as e:                              # noqa: BLE001
+        raise AssertionError(f"{what}: decode_stream raised {type(e).__name__}: {e}") from e
+    assert all(len(f) * DIGEST_SIZE == len(d) and 0 < len(f) <= 3 for f, d in blocks), what
+    return (ts.backup_id, ts.hash, ts.encryption, b"".join(f for f, _ in blocks), b"".join(d for _, d in blocks))
+
+
 def must_refuse(blob, what):
+    assert streamed(blob, what) is None, f"{what}: decode_stream read a manifest decode must refuse"
     try:
         M.decode(blob, "x")
     except ManifestError:
@@ -185,12 +202,15 @@ def sealed(hlen, header, tlen, table):
 
 
 def decodes_consistently_or_refuses(blob, what):
+    s = streamed(blob, what)
     try:
         m = M.decode(blob, "x")
     except ManifestError:
+        assert s is None, f"{what}: decode_stream read a manifest decode refused"
         return None
     except Exception as e:                              # noqa: BLE001
         raise AssertionError(f"{what}: {type(e).__name__} instead of ManifestError: {e}") from e
+    assert s == (m.backup_id, m.hash, m.encryption, bytes(m.table.flags), bytes(m.table.digests)), what
     assert m.table.count == M.segment_count(m.virtual_size, m.segment_size), what
     assert m.segment_size > 0 and m.virtual_size >= 0, what
     assert set(m.table.flags) <= {M.FLAG_ZERO, M.FLAG_DATA}, f"{what}: reserved flag values accepted"
