@@ -57,6 +57,8 @@ class TargetConfig:
     domain: str = ""
     disks: Tuple[str, ...] = ()
     bitmap_prefix: str = units.DEFAULT_BITMAP_PREFIX
+    consistency: Optional[str] = None      # auto | filesystem | crash; None: the top-level one
+    guest_agent_socket: str = ""           # qmp: the host end of the guest agent's channel ("": none)
 
 
 @dataclass(frozen=True)
@@ -95,9 +97,20 @@ class Config:
     extra: Tuple[Tuple[str, Any], ...] = field(default=())
     encryption: EncryptionConfig = EncryptionConfig()
     stores: Tuple[Tuple[str, StoreConfig], ...] = ()    # `stores:` by name; DEFAULT_STORE is `store:`
+    consistency: str = "auto"                  # engine/freeze.py: auto | filesystem | crash
+    guest_agent_timeout: float = 10.0          # seconds, every guest agent call
+    domain_consistency: Tuple[Tuple[str, str], ...] = ()    # domains.<name or UUID>.consistency
 
     def target(self, name: str) -> Optional[TargetConfig]:
         return next((t for t in self.targets if t.name == name), None)
+
+    def consistency_for(self, name: str, uuid: str = "", target: Optional[TargetConfig] = None) -> str:
+        """The consistency policy of a domain or target: targets.<t>.consistency, else
+        domains.<UUID>.consistency, else domains.<name>.consistency, else the top-level one."""
+        if target is not None and target.consistency:
+            return target.consistency
+        by_key = dict(self.domain_consistency)
+        return by_key.get(uuid.lower()) or by_key.get(name) or self.consistency
 
     def store_names(self) -> Tuple[str, ...]:
         return (DEFAULT_STORE,) + tuple(n for n, _ in self.stores)
@@ -123,7 +136,8 @@ class Config:
 
 _TOP_KEYS = {"store", "state_dir", "run_dir", "scratch_reserve", "segment_size", "bitmap_granularity", "compression",
              "serve", "workers", "read", "qmp_timeout", "targets", "encryption", "retention", "schedule",
-             "agent", "libvirt", "domains", "stores"}
+             "agent", "libvirt", "domains", "stores",
+             "consistency", "guest_agent_timeout"}
 
 
 def load(path: Optional[str] = None) -> Config:
@@ -193,6 +207,9 @@ def build(raw: Any, source: str = "") -> Config:
         targets=_targets(raw.get("targets")),
         source=source,
         encryption=_encryption(raw.get("encryption")),
+        consistency=_consistency(raw, "consistency", "consistency") or "auto",
+        guest_agent_timeout=float(_int(raw, "guest_agent_timeout", 10, 1, 600)),
+        domain_consistency=_domain_consistency(raw.get("domains")),
         stores=_stores(raw.get("stores")),
         extra=tuple((k, raw[k]) for k in ("encryption", "retention", "schedule", "agent", "libvirt", "domains")
                     if k in raw),
@@ -356,6 +373,34 @@ def _encryption(raw: Any) -> EncryptionConfig:
     return EncryptionConfig(enabled, key_file)
 
 
+CONSISTENCY = ("auto", "filesystem", "crash")      # engine/freeze.py POLICIES
+
+
+def _consistency(raw: Mapping, key: str, label: str) -> Optional[str]:
+    val = raw.get(key)
+    if val is None:
+        return None
+    if val not in CONSISTENCY:
+        raise ConfigError(label, f"must be one of {', '.join(CONSISTENCY)}, got {_show(val)}")
+    return str(val)
+
+
+def _domain_consistency(raw: Any) -> Tuple[Tuple[str, str], ...]:
+    """domains.<name or UUID>.consistency (the rest of `domains:` is typed by agent/settings.py)."""
+    if not isinstance(raw, Mapping):
+        return ()
+    out = []
+    for key, val in raw.items():
+        if isinstance(key, str) and isinstance(val, Mapping):
+            policy = _consistency(val, "consistency", f"domains.{_label(key)}.consistency")
+            if policy is not None:
+                out.append((key.lower() if _UUID.match(key) else key, policy))
+    return tuple(out)
+
+
+_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+
+
 def _targets(raw: Any) -> Tuple[TargetConfig, ...]:
     if raw is None:
         return ()
@@ -369,7 +414,8 @@ def _targets(raw: Any) -> Tuple[TargetConfig, ...]:
         if not isinstance(t, Mapping):
             raise ConfigError(label, "must be a mapping")
         engine = t.get("engine", "qmp")
-        allowed = {"engine", "qmp_socket", "node", "bitmap_prefix", "domain", "disks"}
+        allowed = {"engine", "qmp_socket", "node", "bitmap_prefix", "domain", "disks", "consistency",
+                   "guest_agent_socket"}
         for k in t:
             if k not in allowed:
                 raise ConfigError(f"{label}.{_label(k)}", f"unknown key (known: {', '.join(sorted(allowed))})")
@@ -377,12 +423,18 @@ def _targets(raw: Any) -> Tuple[TargetConfig, ...]:
         disks = t.get("disks", [])
         if not isinstance(disks, list) or not all(isinstance(d, str) and d.isprintable() for d in disks):
             raise ConfigError(f"{label}.disks", "must be a list of disk targets like [vda, vdb]")
+        policy = _consistency(t, "consistency", f"{label}.consistency")
         if engine == "qmp":
+            agent = _str(t, "guest_agent_socket", "-", f"{label}.guest_agent_socket")
             out.append(TargetConfig(name, "qmp", qmp_socket=_str(t, "qmp_socket", "", f"{label}.qmp_socket"),
-                                    node=_str(t, "node", "", f"{label}.node"), bitmap_prefix=prefix))
+                                    node=_str(t, "node", "", f"{label}.node"), bitmap_prefix=prefix,
+                                    consistency=policy, guest_agent_socket="" if agent == "-" else agent))
         elif engine == "libvirt":
+            if "guest_agent_socket" in t:
+                raise ConfigError(f"{label}.guest_agent_socket", "only for engine: qmp (libvirt owns a domain's "
+                                  "guest agent channel)")
             out.append(TargetConfig(name, "libvirt", domain=_str(t, "domain", name, f"{label}.domain"),
-                                    disks=tuple(disks), bitmap_prefix=prefix))
+                                    disks=tuple(disks), bitmap_prefix=prefix, consistency=policy))
         else:
             raise ConfigError(f"{label}.engine", f"unknown engine {_show(engine)} (known: qmp, libvirt)")
     return tuple(out)

@@ -7,6 +7,9 @@
      |    +-- QMPUnavailable       nothing answers on the QMP socket
      |    +-- DiskNotFound         the node/disk is not there (exit 2)
      |    +-- IncrementalImpossible  an incremental was demanded but cannot be done (exit 2)
+     |    +-- GuestAgentError      the guest agent is absent, refused, or did not answer in time
+     |    +-- FreezeRequired       `consistency: filesystem` and the guest could not be frozen:
+     |                             nothing committed, nothing lost
      +-- ReaderError               NBD export unusable (e.g. no dirty-bitmap context negotiated)
      +-- ReadBackMismatch          the export reads differently from what the backup was about to
      |                             commit (a dirty bitmap missed writes?): nothing committed, next is a full
@@ -55,6 +58,24 @@ class DiskNotFound(EngineError):
 
 class IncrementalImpossible(EngineError):
     exit_code = 2
+
+
+class GuestAgentError(EngineError):
+    """A guest agent call failed or timed out. `reason` is what a manifest records when the
+    backup goes on crash-consistent (`consistency: auto`)."""
+
+    def __init__(self, reason: str, timed_out: bool = False):
+        self.reason = reason
+        self.timed_out = timed_out
+        super().__init__(reason)
+
+
+class FreezeRequired(EngineError):
+    def __init__(self, target: str, reason: str):
+        self.target = target
+        self.reason = reason
+        super().__init__(f"{target}: consistency: filesystem, but the guest cannot be frozen ({reason}); "
+                         "nothing was committed and nothing is lost")
 
 
 class ScratchSpaceLow(EngineError):

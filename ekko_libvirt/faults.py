@@ -4,7 +4,7 @@ SIGKILL itself there, which is exactly what an operator's `kill -9` does. Inert 
 import os
 import signal
 
-POINTS = ("after-transaction", "during-read", "during-store", "before-commit", "after-commit")
+POINTS = ("after-transaction", "during-read", "during-store", "before-commit", "after-commit", "while-frozen")
 
 
 def crash_point(name: str) -> None:
@@ -13,7 +13,7 @@ def crash_point(name: str) -> None:
 
 
 PAUSE_POINTS = ("after-transaction", "during-read", "after-segments",   # during-read: in a worker thread
-                "restore-write", "instant-started")
+                "restore-write", "instant-started", "while-frozen")   # while-frozen: engine/freeze.py
 
 
 def pause_point(name: str) -> None:

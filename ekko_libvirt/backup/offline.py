@@ -113,7 +113,8 @@ def backup_offline(dom, disks: List[dx.DomainDisk], jobs: List[DiskJob], store: 
         qsd.leftovers = [Names.for_target(t).fleece_file for t in targets]
         with qsd:
             # no reaper of the engine's own: should we die, the daemon's reaper ends it, views and all
-            engine = QMPEngine(targets, reaper=False)
+            engine = QMPEngine(targets, reaper=False, no_guest="the domain is shut off: its disks are as its "
+                               "guest left them, nothing to freeze")
             try:
                 # no guest writes: the fleece files stay empty, no scratch room to keep
                 offline = replace(opts, labels=dict(opts.labels, offline=True), scratch_reserve=0)

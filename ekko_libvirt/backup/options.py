@@ -3,7 +3,7 @@ what it gives back (BackupResult)."""
 
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from .. import units
 from ..format.manifest import Manifest
@@ -27,6 +27,9 @@ class BackupOptions:
     scratch_reserve: int = units.DEFAULT_SCRATCH_RESERVE     # free room kept for copy-before-write
     state_dir: str = ""                 # this host's ledger of commits (ledger.py); "": no ledger
     read_back: int = units.DEFAULT_READ_BACK    # segments re-read before the commit; READ_BACK_ALL: all
+    consistency: str = "auto"           # engine/freeze.py: auto | filesystem | crash
+    agent_timeout: float = 10.0         # seconds, every guest agent call
+    consistency_by_domain: Tuple[Tuple[str, str], ...] = ()   # domains.<UUID or name>.consistency
 
 
 
@@ -43,4 +46,6 @@ def options_from_config(cfg, target: str, prefix: str = units.DEFAULT_BITMAP_PRE
                          bitmap_prefix=prefix, compress=cfg.compress, compression_level=cfg.compression_level,
                          workers=cfg.workers, request_size=cfg.request_size, in_flight=cfg.in_flight,
                          lock_dir=os.path.join(cfg.state_dir, "locks"), scratch_reserve=cfg.scratch_reserve,
-                         state_dir=cfg.state_dir, read_back=cfg.read_back, **kw)
+                         state_dir=cfg.state_dir, read_back=cfg.read_back,
+                         **{"consistency": cfg.consistency, "agent_timeout": cfg.guest_agent_timeout,
+                            "consistency_by_domain": cfg.domain_consistency, **kw})

@@ -5,7 +5,10 @@ domain from the CLI or the agent, a shut-off domain through its qemu-storage-dae
     chains   every disk's manifests and this host's ledger (chain.look_at_chain)
     recover  the engine settles what a killed run left, and says which chains it found broken
     plans    full or incremental per disk, and why (engine.bitmaps.plan_generation: pure)
-    begin    ONE engine transaction: new generations + views of all disks
+    quiesce  freeze or not (engine/freeze.py: the policy, the guest agent's answer); `filesystem`
+             and a guest that cannot be frozen stop here, before QEMU is touched
+    begin    ONE engine transaction: new generations + views of all disks, inside the freeze
+             window (frozen just before it, thawed just after; a failed one thaws, then undoes)
     copy     every disk's segments (copy.copy_segments: durable, rechecked, read back)
     commit   every manifest, each under a name no other backup uses
     retire   only now the old generations go (session.commit)
@@ -34,6 +37,7 @@ from ..store.base import Store
 from ..format.codec import PLAIN, Codec, chain_key_reason
 from ..engine.base import BackupSession, ChainRefused, DiskInfo, Engine
 from ..engine.bitmaps import INCREMENTAL, GenerationPlan, plan_generation
+from ..engine.freeze import Consistency, Quiescer
 from ..errors import IncrementalImpossible, LockBusy
 from ..faults import crash_point, pause_point
 from ..format.manifest import Manifest, SegmentTable
@@ -112,7 +116,14 @@ def _transaction(engine: Engine, store: Store, disks: Sequence[DiskJob], opts: B
     if guard:
         guard.check_start()
     started = time.time()
-    session = engine.begin(plans, {t: i.virtual_size for t, i in infos.items()}, backup_id)
+    quiescer = Quiescer(opts.consistency, engine.guest_agent(opts.agent_timeout), opts.target,
+                        os.path.join(opts.state_dir or opts.lock_dir, "thaw-reaper.log"))
+    try:
+        quiescer.prepare()
+        session = engine.begin(plans, {t: i.virtual_size for t, i in infos.items()}, backup_id, quiescer)
+    finally:
+        quiescer.close()
+    consistency = quiescer.result
     try:
         crash_point("after-transaction")
         pause_point("after-transaction")
@@ -124,7 +135,8 @@ def _transaction(engine: Engine, store: Store, disks: Sequence[DiskJob], opts: B
                                          disk_opts, _whole_job(progress, before, total),
                                          watch=guard.watcher(session.close_exports) if guard else None)
             before += info.virtual_size
-            manifests.append(build_manifest(disk_opts, info, plan, backup_id, table, stats, started, codec))
+            manifests.append(build_manifest(disk_opts, info, plan, backup_id, table, stats, started, codec,
+                                            consistency))
         session.close_exports()
         crash_point("before-commit")
         keys = [catalog.commit(store, m) for m in manifests]
@@ -176,8 +188,10 @@ def _abort(session: BackupSession, target: str) -> None:
 
 
 def build_manifest(opts: BackupOptions, info: DiskInfo, plan: GenerationPlan, backup_id: str, table: SegmentTable,
-                   stats: Stats, started: float, codec: Codec = PLAIN) -> Manifest:
-    """`codec`: the store's (store.codec), which named the table's segments."""
+                   stats: Stats, started: float, codec: Codec = PLAIN,
+                   consistency: Optional[Consistency] = None) -> Manifest:
+    """`codec`: the store's (store.codec), which named the table's segments. `consistency`: what
+    the freeze achieved (engine/freeze.py)."""
     finished = time.time()
     counts = stats.as_dict()
     counts.update(segments=table.count, data_segments=table.data_count())
@@ -190,6 +204,7 @@ def build_manifest(opts: BackupOptions, info: DiskInfo, plan: GenerationPlan, ba
         created=datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(timespec="seconds"),
         timings={"started": started, "finished": finished, "seconds": round(finished - started, 3),
                  "read_back_seconds": round(stats.read_back_seconds, 3)},
-        counts=counts, labels=dict(opts.labels), hash=codec.naming, encryption=codec.describe())
+        counts=counts, labels=dict(opts.labels), hash=codec.naming, encryption=codec.describe(),
+        consistency=consistency.as_dict() if consistency is not None else None)
 
 

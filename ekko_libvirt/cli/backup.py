@@ -44,10 +44,11 @@ def _backup_qmp(cfg, target, args, bar):
         raise UsageError(f"target {target.name} is one disk: --disk applies to libvirt domains")
     store = open_store(cfg)
     engine = QMPEngine([QMPTarget(target.name, target.qmp_socket, target.node, cfg.scratch_dir, cfg.run_dir,
-                                  target.bitmap_prefix, cfg.qmp_timeout)])
+                                  target.bitmap_prefix, cfg.qmp_timeout, target.guest_agent_socket)])
     try:
         opts = options_from_config(cfg, target.name, target.bitmap_prefix, force_full=args.full,
-                                   require_incremental=args.incremental)
+                                   require_incremental=args.incremental,
+                                   consistency=cfg.consistency_for(target.name, target=target))
         return run_transaction(engine, store, [DiskJob(target.name)], opts, progress=bar)
     finally:
         engine.close()
@@ -75,7 +76,9 @@ def _backup_libvirt(cfg, target, args, bar):
                              f"{', '.join(t.name for t in cfg.targets) or 'none'}) and {e}") from e
     try:
         req = DomainBackupRequest(domain, disks, args.full, args.incremental)
-        base = options_from_config(cfg, domain, prefix)
+        # a target's own consistency wins over domains.<name>.consistency
+        own = {"consistency": target.consistency, "consistency_by_domain": ()} if target and target.consistency else {}
+        base = options_from_config(cfg, domain, prefix, **own)
         sd = StateDir(cfg.state_dir).ensure()
 
         def run(c, r, progress):

@@ -39,7 +39,21 @@ def summary(h: Dict, key: str) -> Dict:
             "parent": h["parent"], "created": h["created"], "virtual_size": h["virtual_size"],
             "segment_size": h["segment_size"], "stored_bytes": c.get("stored_bytes"),
             "read_bytes": c.get("read_bytes"), "data_segments": c.get("data_segments"),
-            "generation": h.get("generation"), "timings": h.get("timings"), "key": key}
+            "generation": h.get("generation"), "timings": h.get("timings"),
+            "consistency": h.get("consistency"), "key": key}
+
+
+def describe_consistency(c: Optional[Dict], long: bool = False) -> str:
+    """A manifest's `consistency` in a few words (list) or with its details (show)."""
+    if not isinstance(c, dict):
+        return "-" if not long else "not recorded (a backup written before ekko recorded it: crash-consistent)"
+    level = str(c.get("level"))
+    if not long:
+        return f"{level}({c.get('freeze_ms')}ms)" if level == "filesystem" else level
+    if level == "filesystem":
+        mounts = ", ".join(map(str, c.get("mountpoints") or ())) or "-"
+        return f"filesystem (frozen {c.get('freeze_ms')} ms: {mounts})"
+    return f"{level}: {c.get('reason') or '-'}"
 
 
 def verified(state) -> Optional[Dict]:
@@ -76,6 +90,7 @@ def print_backup(m: Manifest, marks: Dict) -> None:
           f"({units.human(c.get('stored_bytes', 0))}), reused {c.get('reused_segments', 0)}")
     gen = m.generation or {}
     print(f"bitmap      {gen.get('bitmap') or '-'} (granularity {gen.get('granularity') or '-'})")
+    print(f"consistency {describe_consistency(m.consistency, long=True)}")
     enc = m.encryption or {}
     print(f"encryption  {enc.get('cipher', 'none')}" + (f", key fingerprint {enc['key_fingerprint']}" if enc else ""))
     print(f"protected   {'yes (never pruned: ekko unprotect to let retention decide)' if marks['protected'] else 'no'}")

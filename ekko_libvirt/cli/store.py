@@ -7,7 +7,7 @@ from .. import units
 from ..store import catalog, markers
 from ..store.factory import open_store
 from .lookup import locate_all, namespaces_of
-from .render import EXIT_OK, describe_verified, emit, print_backup, summary, verified
+from .render import EXIT_OK, describe_consistency, describe_verified, emit, print_backup, summary, verified
 
 
 def _marks(store, target: str, backup_id: str, protected: Optional[set] = None,
@@ -58,7 +58,8 @@ def cmd_list(cfg, args) -> int:
             print(f"{r['key']}  LOCKED: {r['locked']}")
             continue
         print(f"{r['backup_id']}  {r['target']:<16} {r['kind']:<11} {units.human(r['virtual_size']):>10} disk  "
-              f"{units.human(r['stored_bytes'] or 0):>10} new  parent={r['parent'] or '-'}"
+              f"{units.human(r['stored_bytes'] or 0):>10} new  {describe_consistency(r['consistency']):<17} "
+              f"parent={r['parent'] or '-'}"
               f"{'  PROTECTED' if r['protected'] else ''}  {describe_verified(r['verified'])}")
     return EXIT_OK
 

@@ -7,7 +7,9 @@ Lifecycle of one backup, whatever the engine; disks are keyed by their store tar
     rec = engine.recover(chains)            # undo what a killed run left; why a chain is broken
     infos = engine.inspect()                # size, format, our bitmaps; changes nothing
     plans = {t: bitmaps.plan_generation(...)}   # pure: full or incremental, and why, per disk
-    session = engine.begin(plans, sizes)    # ONE transaction: new generations + views of all disks
+    q = Quiescer(policy, engine.guest_agent(timeout), ...); q.prepare()   # freeze.py: freeze or not
+    session = engine.begin(plans, sizes, id, q)  # ONE transaction (inside q's freeze window):
+                                            # new generations + views of all disks
     ... read session.exports[t], store segments, for every disk ...
     session.close_exports()                 # exports and fleecing gone; bitmaps untouched
     <every manifest committed in the store>
@@ -27,6 +29,7 @@ from ..errors import EngineError
 
 if TYPE_CHECKING:
     from .bitmaps import GenerationPlan
+    from .freeze import AgentAccess, Quiescer
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,10 @@ class Engine(Protocol):
 
     def inspect(self) -> Dict[str, DiskInfo]: ...
 
-    def begin(self, plans: Mapping[str, "GenerationPlan"], sizes: Mapping[str, int], backup_id: str
-              ) -> BackupSession: ...
+    def guest_agent(self, timeout: float) -> "AgentAccess": ...
+
+    def begin(self, plans: Mapping[str, "GenerationPlan"], sizes: Mapping[str, int], backup_id: str,
+              quiesce: Optional["Quiescer"] = None) -> BackupSession: ...
 
     def close(self) -> None: ...
 

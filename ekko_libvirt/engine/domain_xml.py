@@ -60,6 +60,18 @@ def parse_nova(xml: str) -> Dict[str, str]:
     return out
 
 
+def requires_quiesce(xml: str) -> bool:
+    """Whether the domain asks for quiesced (frozen) backups: an element `os_require_quiesce`
+    (any namespace) under <metadata> reading yes/true/1, as a Nova deployment can put the image
+    property there (nova:instance has no image properties of its own)."""
+    meta = ET.fromstring(xml).find("./metadata")
+    if meta is None:
+        return False
+    return any(el.tag.rpartition("}")[2] == "os_require_quiesce"
+               and (el.text or el.get("value") or "").strip().lower() in ("yes", "true", "1")
+               for el in meta.iter())
+
+
 def project_namespace(nova: Dict[str, str]) -> Optional[str]:
     """Store namespace for a domain: its Nova project id, so projects never share one."""
     pid = nova.get("project_id")

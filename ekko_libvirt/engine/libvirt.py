@@ -22,6 +22,8 @@ from ..errors import EngineError, UsageError
 from . import domain_xml as dx
 from .base import BitmapInfo, ChainRefused, DiskInfo, Export, Recovered
 from .bitmaps import INCREMENTAL, GenerationPlan, generation_name
+from .freeze import AgentAccess, Quiescer
+from .guest_agent import LibvirtAgent, channel_state
 from .reaper import Reaper
 
 log = logging.getLogger(__name__)
@@ -277,6 +279,11 @@ class LibvirtEngine:
     def _capable(self) -> List[str]:
         return [t for t, d in self.disks.items() if d.bitmap_capable]
 
+    def guest_agent(self, timeout: float) -> AgentAccess:
+        """The domain's guest agent, when its XML has the channel and libvirt sees it connected."""
+        ok, why = channel_state(self.dom.XMLDesc(0))
+        return AgentAccess(LibvirtAgent(self.dom, timeout)) if ok else AgentAccess(None, why)
+
     def recover(self, chains: Mapping) -> Recovered:
         """Settle a dead run's job (job record), then redefine and validate the checkpoint every
         qcow2 disk's chain ends in: one checkpoint for all, or no incremental for any."""
@@ -312,7 +319,8 @@ class LibvirtEngine:
                               virtual_size=sizes[d.dev], bitmaps=bitmaps)
         return out
 
-    def begin(self, plans: Mapping[str, GenerationPlan], sizes: Mapping[str, int], backup_id: str) -> "LibvirtSession":
+    def begin(self, plans: Mapping[str, GenerationPlan], sizes: Mapping[str, int], backup_id: str,
+              quiesce: Optional[Quiescer] = None) -> "LibvirtSession":
         new_cp = generation_name(self.prefix, backup_id)
         base_cp = self.base_cp if any(p.kind == INCREMENTAL for p in plans.values()) else None
         bitmap_devs = [self.disks[t].dev for t in self._capable()]
@@ -328,7 +336,9 @@ class LibvirtEngine:
                          "uuid": self.uuid}, os.path.join(self.state.dir, f"{self.uuid}.reaper.log")).start()
         try:
             self.state.save_job(PullJobRecord(self.uuid, new_cp, base_cp, time.time(), reaper.pid))
-            self.cps.begin_job(dx.backup_xml(specs, socket), dx.checkpoint_xml(new_cp, bitmap_devs, other_devs))
+            # frozen for backupBegin only (new checkpoint + view); a failure thaws before the undo below
+            with quiesce.window() if quiesce is not None else contextlib.nullcontext():
+                self.cps.begin_job(dx.backup_xml(specs, socket), dx.checkpoint_xml(new_cp, bitmap_devs, other_devs))
         except BaseException as e:
             self.state.drop_job(self.uuid)
             if base_cp:

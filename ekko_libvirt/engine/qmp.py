@@ -31,6 +31,8 @@ from ..durable import read_json, write_json_atomic
 from ..errors import DiskNotFound, EngineError, UsageError
 from .base import DiskInfo, Export, Recovered
 from .bitmaps import GenerationPlan, Interrupted, plan_recovery
+from .freeze import AgentAccess, Quiescer
+from .guest_agent import SocketAgent
 from .qmp_client import QMPCommandError, QMPConnection, QMPDisconnected
 from .reaper import Reaper
 
@@ -47,6 +49,7 @@ class QMPTarget:
     run_dir: str              # NBD sockets and journals
     bitmap_prefix: str = "ekko-"
     timeout: float = 30.0
+    guest_agent_socket: str = ""    # the host end of the guest's org.qemu.guest_agent.0 ("": none)
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,11 @@ def retire_actions(plan: GenerationPlan, node: str) -> List[dict]:
 class QMPEngine:
     """The disks of one QEMU (one QMP socket), backed up together in one transaction."""
 
-    def __init__(self, targets: Sequence[QMPTarget], reaper: bool = True):
+    def __init__(self, targets: Sequence[QMPTarget], reaper: bool = True, no_guest: str = ""):
         """`reaper`: start one per backup (reaper.py). Off where a reaper of the whole QEMU ends
-        the view anyway: an offline backup's qemu-storage-daemon (backup/offline.py)."""
+        the view anyway: an offline backup's qemu-storage-daemon (backup/offline.py). `no_guest`:
+        why no guest runs on these disks (that same qemu-storage-daemon): nothing to freeze."""
+        self.no_guest = no_guest
         if not targets or len({t.socket for t in targets}) != 1:
             raise UsageError("a QMP engine backs up disks of one QEMU: give it one QMP socket")
         self.targets = {t.name: t for t in targets}
@@ -141,6 +146,19 @@ class QMPEngine:
                                    f"(nodes there: {', '.join(others) or 'none'})")
             out[name] = _disk_info(n)
         return out
+
+    def guest_agent(self, timeout: float) -> AgentAccess:
+        """The guest agent socket of the targets (one QEMU: one guest, one socket)."""
+        if self.no_guest:
+            return AgentAccess(None, self.no_guest, guest_running=False)
+        sockets = sorted({t.guest_agent_socket for t in self.targets.values() if t.guest_agent_socket})
+        if not sockets:
+            return AgentAccess(None, f"no guest agent socket configured for {', '.join(self.targets)} "
+                               "(targets.<name>.guest_agent_socket)")
+        if len(sockets) > 1:
+            raise UsageError(f"{', '.join(self.targets)}: disks of one QEMU name different guest agent sockets "
+                             f"({', '.join(sockets)})")
+        return AgentAccess(SocketAgent(sockets[0], timeout))
 
     # -- crash recovery ---------------------------------------------------------------------
     def recover(self, chains: Mapping) -> Recovered:
@@ -202,7 +220,8 @@ class QMPEngine:
             os.unlink(self.names[name].journal)
 
     # -- the backup session -----------------------------------------------------------------
-    def begin(self, plans: Mapping[str, GenerationPlan], sizes: Mapping[str, int], backup_id: str = "") -> "QMPSession":
+    def begin(self, plans: Mapping[str, GenerationPlan], sizes: Mapping[str, int], backup_id: str = "",
+              quiesce: Optional[Quiescer] = None) -> "QMPSession":
         os.makedirs(self.first.scratch_dir, mode=0o700, exist_ok=True)
         os.makedirs(self.first.run_dir, mode=0o700, exist_ok=True)
         journal = {name: {"target": name, "plan": dataclasses.asdict(plans[name]), "started_server": False}
@@ -222,8 +241,10 @@ class QMPEngine:
                 self._create_fleece(name, sizes[name])
                 actions += switch_actions(plans[name], t.node, self.names[name])
             self.qmp.drain_events()
-            self.qmp.execute("transaction", {"actions": actions})
-            session.switched = True
+            # frozen for the transaction only; a failed one leaves the window (thaw) before the undo below
+            with quiesce.window() if quiesce is not None else contextlib.nullcontext():
+                self.qmp.execute("transaction", {"actions": actions})
+                session.switched = True
             started = self._start_nbd_server()
             for name in self.targets:
                 journal[name]["started_server"] = started

@@ -13,6 +13,9 @@ closes without it, the backup died, and the reaper ends the view:
     qmp      what the journal names: export, snapshot node, job (the filter goes with it), NBD
              server, fleece file (QMPEngine.release_view)
     libvirt  the domain's pull-backup job (abortJob: libvirt removes export and scratch files)
+    thaw     the guest frozen for the transaction (engine/freeze.py): guest-fsfreeze-thaw through
+             the same agent, retried until the guest says thawed (or 60 s). The backup also hands
+             a thaw that failed or timed out to it (abandon(): the pipe closes without "done")
     process  a helper the backup started, by PID and start time: an offline backup's
              qemu-storage-daemon, which holds the shut-off domain's images and their write locks
              (a domain whose images it holds cannot start). SIGTERM: it closes the images
@@ -64,6 +67,18 @@ class Reaper:
             self.proc.stdin.close()
             self.proc.wait(timeout=10)
         except (OSError, subprocess.TimeoutExpired):
+            pass
+        self.proc = None
+
+
+    def abandon(self) -> None:
+        """Leave the work to the reaper now, as a death would: close the pipe without "done"."""
+        if self.proc is None:
+            return
+        try:
+            assert self.proc.stdin is not None      # stdin=PIPE (start)
+            self.proc.stdin.close()
+        except OSError:
             pass
         self.proc = None
 

@@ -87,7 +87,28 @@ def _stop_process(fields: dict) -> None:
             pass
 
 
-_ENDS = {"qmp": _tear_down, "libvirt": _end_libvirt_job, "process": _stop_process}
+def _thaw(fields: dict) -> None:
+    """Thaw the guest a backup froze: retried (a dead run's connection to the agent socket may
+    still be closing, a hung agent may come back) until the guest says thawed, or 60 s."""
+    from ..errors import GuestAgentError
+    from .guest_agent import agent_from_fields
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            agent = agent_from_fields(fields["agent"])
+            try:
+                agent.thaw()
+                if agent.is_frozen() is not True:
+                    return
+            finally:
+                agent.close()
+        except GuestAgentError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
+_ENDS = {"qmp": _tear_down, "libvirt": _end_libvirt_job, "process": _stop_process, "thaw": _thaw}
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv))

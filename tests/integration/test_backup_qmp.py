@@ -72,8 +72,8 @@ def test_writes_after_transaction_are_in_next_backup_only(store_kind, qdisk, wor
     late = b"C" * (128 * KiB)
 
     class WritesDuringBackup(QMPEngine):
-        def begin(self, plans, sizes, backup_id):
-            session = super().begin(plans, sizes, backup_id)
+        def begin(self, plans, sizes, backup_id, quiesce=None):
+            session = super().begin(plans, sizes, backup_id, quiesce)
             # the guest keeps writing while the backup reads the point-in-time view
             disk.write(2 * MiB + 64 * KiB, late)
             disk.write(9 * MiB, late)
