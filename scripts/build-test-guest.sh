@@ -75,4 +75,8 @@ install -m 0755 "$INIT" "$R/init"
 cp "/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
 mkdir -p "$WORK/out" && mv "$WORK/initrd.gz" "$WORK/vmlinuz" "$WORK/out/"
 rm -rf "$DEST" && mv "$WORK/out" "$DEST"
+# earlier builds (another init, another kernel) are of no use any more
+for old in "$OUT"/*/; do
+    [ "${old%/}" = "$DEST" ] || [ ! -s "${old}initrd.gz" ] || rm -rf "${old%/}"
+done
 echo "$DEST"

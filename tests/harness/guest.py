@@ -13,7 +13,7 @@ that the guest mounts and writes to, continuously, with a journal of checksums (
                                     all have their checksums (EKKO-CHECK lines)
 
 Boot takes 2-4 s under TCG. KVM is used when /dev/kvm works for this guest: a probe boot, once
-per kernel, remembered in the cache directory (nested KVM here accepts the guest and then never
+per guest kernel and host kernel, remembered in the cache directory (nested KVM here accepts the guest and then never
 runs it: that probe times out and the answer is TCG).
 """
 
@@ -109,7 +109,7 @@ def _kvm_usable(kernel: str, initrd: str, workdir: str) -> bool:
         return os.environ["EKKO_GUEST_ACCEL"] == "kvm"
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
-    memo = os.path.join(os.path.dirname(kernel), "kvm-probe")
+    memo = os.path.join(CACHE, f"kvm-probe-{os.path.getsize(kernel)}-{os.uname().release}")
     if os.path.exists(memo):
         with open(memo) as f:
             return f.read().strip() == "kvm"
