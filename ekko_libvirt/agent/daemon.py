@@ -38,7 +38,7 @@ from typing import Dict, Optional
 
 from .. import config as config_mod
 from ..config import Config
-from ..errors import EkkoError, LockBusy
+from ..errors import ConfigError, EkkoError, LockBusy
 from ..procs import process_start_ticks
 from ..store.base import Store
 from . import intake
@@ -193,7 +193,8 @@ class Agent:
     def _reload(self) -> None:
         self.reload_requested = False
         try:
-            new = AgentSettings.from_config(config_mod.load(self.config_path))
+            # the stores stay those the agent started with (`stores:` changes need a restart)
+            new = check_stores(self.cfg, AgentSettings.from_config(config_mod.load(self.config_path)))
         except EkkoError as e:
             log.error("SIGHUP: config not reloaded, keeping the old one: %s", e)
             return
@@ -231,10 +232,19 @@ class Agent:
             return self._stores[namespace]
 
 
+def check_stores(cfg: Config, settings: AgentSettings) -> AgentSettings:
+    """agent.sync names stores of the config (`default`, or under `stores:`): each must exist."""
+    for name in ((settings.sync.source, *settings.sync.dests) if settings.sync else ()):
+        if name not in cfg.store_names():
+            raise ConfigError("agent.sync", f"no store named {name!r} (known: {', '.join(cfg.store_names())}: "
+                              "`default` is `store:`, the others are under `stores:`)")
+    return settings
+
+
 def main(cfg: Config, config_path: Optional[str] = None) -> int:
     """`ekko agent`. -> exit code (0 after SIGTERM/SIGINT)."""
     import libvirt
-    settings = AgentSettings.from_config(cfg)          # fail fast: a bad key exits 2 before anything runs
+    settings = check_stores(cfg, AgentSettings.from_config(cfg))   # fail fast: a bad key exits 2 before anything runs
     agent = Agent(cfg, settings, config_mod.libvirt_uri(cfg), config_path)
     # libvirt prints every error to stderr by default, also those we expect and handle (a lookup
     # by name that is a UUID, "no backup job"); the agent logs what matters itself.

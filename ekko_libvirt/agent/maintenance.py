@@ -146,6 +146,47 @@ def run_verify(open_store: Callable, namespaces: Iterable[Optional[str]], settin
                    since_days=settings.since_days)
 
 
+# -- sync (replication) -----------------------------------------------------------------------------
+def run_sync(cfg, settings, workers: int = 4, cancel: Optional[threading.Event] = None,
+             previous: Optional[Dict] = None) -> Dict:
+    """`settings`: settings.SyncSettings. `ekko sync SOURCE DEST` for each destination in turn, every
+    namespace of the source. Per destination the record keeps `last_complete_ns`: the start of the
+    last run after which the destination held every backup of the source (carried over from
+    `previous`, the last record, while runs fail or are cut short): how far the replica lags."""
+    from ..lifecycle.sync import Syncer
+    from ..store.factory import namespaces, open_raw_store, open_store
+    started = time.time_ns()
+    before = {d.get("dest"): d for d in (previous or {}).get("stores") or () if isinstance(d, dict)}
+    src_cfg = cfg.with_store(settings.source)
+    dests: List[Dict] = []
+    for dest in settings.dests:
+        last = before.get(dest, {}).get("last_complete_ns")
+        entry: Dict = {"project": dest, "dest": dest, "ok": False, "error": None, "last_complete_ns": last}
+        dests.append(entry)
+        try:
+            dst_cfg = cfg.with_store(dest)
+            reps = [Syncer(open_store(src_cfg, ns), open_raw_store(src_cfg, ns), open_raw_store(dst_cfg, ns),
+                           project=ns, workers=workers, cancel=cancel).run() for ns in namespaces(src_cfg)]
+        except Exception as e:   # noqa: BLE001 -- recorded; the other destinations still get their turn
+            if not isinstance(e, EkkoError):
+                log.exception("sync to %s", dest)
+            entry["error"] = str(e)
+            continue
+        failed = [f.key for r in reps for f in r.failed]
+        entry.update(ok=not failed, copied=sum(len(r.copied) for r in reps), failed=failed,
+                     already=sum(r.already for r in reps), segments_copied=sum(r.segments_copied for r in reps),
+                     bytes_copied=sum(r.bytes_copied for r in reps), namespaces=len(reps),
+                     error=f"{len(failed)} backup(s) not copied: damaged or missing segments at the source"
+                     if failed else None)
+        if not failed:
+            entry["last_complete_ns"] = started
+    done = [d for d in dests if "copied" in d]
+    summary = (f"copied {sum(d['copied'] for d in done)} backup(s) "
+               f"({units.human(sum(d['bytes_copied'] for d in done))}) from {settings.source} to "
+               f"{len(done)} of {len(dests)} destination(s)")
+    return _record(started, dests, summary, source=settings.source)
+
+
 # -- retention after a scheduled backup ---------------------------------------------------------
 def _always(policy: Policy) -> PolicyFor:
     """The policy_for of one target: `policy`, whatever its labels."""

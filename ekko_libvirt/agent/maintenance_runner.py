@@ -4,8 +4,9 @@ maintenance.py (prune_domain, run_gc, run_verify); what is due is scheduler.task
     prune_after   in a backup's worker thread, once the backup committed: the domain's retention
                   policy on the targets just backed up, under the domain lock; recorded per domain
                   under "prune" in agent/lifecycle.json
-    start_due     gc and verify when due, in ONE thread, one after the other (never at the same
-                  time, never two runs at once); each run recorded under its name
+    start_due     gc, verify and sync (agent.sync: replication to other stores) when due, in ONE
+                  thread, one after the other (never at the same time, never two runs at once: a
+                  sync never meets a gc deleting what it copies); each run recorded under its name
     wait          at stop: gc/verify see `stopping` and end where it is safe to
 
 A restart does not rerun gc or verify: the last runs are read back from the records first
@@ -87,8 +88,10 @@ class MaintenanceRunner:
     # -- gc and verify on their intervals -------------------------------------------------------------
     def _tasks(self) -> Sequence[Tuple[str, Optional[int], Optional[TaskRun]]]:
         vs = self.settings.verify
+        sy = self.settings.sync
         return (("gc", self.settings.gc_interval_s, self.task_runs.get("gc")),
-                ("verify", vs.interval_s if vs is not None else None, self.task_runs.get("verify")))
+                ("verify", vs.interval_s if vs is not None else None, self.task_runs.get("verify")),
+                ("sync", sy.interval_s if sy is not None else None, self.task_runs.get("sync")))
 
     def start_due(self) -> float:
         """Start the due tasks (gc, verify) in one thread. -> seconds until one is due."""
@@ -120,7 +123,10 @@ class MaintenanceRunner:
                     if name == "gc":
                         rec = maintenance.run_gc(self.open_store, nss, self.settings.retention.gc_grace_hours,
                                                  workers, self.stopping)
-                    elif self.settings.verify is not None:
+                    elif name == "sync" and self.settings.sync is not None:
+                        rec = maintenance.run_sync(self.cfg, self.settings.sync, self.cfg.workers, self.stopping,
+                                                   self.sd.load_lifecycle().get("sync"))
+                    elif name == "verify" and self.settings.verify is not None:
                         rec = maintenance.run_verify(self.open_store, nss, self.settings.verify, workers,
                                                      self.stopping)
                     else:

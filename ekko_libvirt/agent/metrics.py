@@ -62,6 +62,7 @@ class AgentFacts:
     hook_ok: Optional[bool] = None
     collected_ns: int = 0
     collect_errors: int = 0                     # facts that could not be read since the agent started
+    sync_interval_s: Optional[int] = None       # agent.sync.interval (None: no scheduled sync)
 
 
 def _s(ns: Optional[int]) -> Optional[float]:
@@ -99,10 +100,12 @@ def families(domains: Iterable[DomainFacts], lifecycle: Mapping[str, Any], agent
         _domain(b, d)
         for dev, header in sorted(d.heads.items()):
             _disk(b, d, dev, header)
-    for task in ("gc", "verify"):
+    for task in ("gc", "verify", "sync"):
         rec = lifecycle.get(task)
         if isinstance(rec, Mapping):
             _task(b, task, rec)
+    b.add("ekko_sync_interval_seconds", "agent.sync.interval: how often the agent replicates (absent: it does "
+          "not)", {}, agent.sync_interval_s)
     return b.families()
 
 
@@ -224,6 +227,9 @@ def _task(b: _Builder, task: str, rec: Mapping[str, Any]) -> None:
           _num(rec.get("seconds")))
     b.add(f"ekko_{task}_last_run_ok", f"1 if the agent's last {task} succeeded on every store namespace"
           + (" and found no damage" if task == "verify" else ""), {}, int(rec.get("ok") is True))
+    if task == "sync":
+        _sync(b, rec)
+        return
     for st in rec.get("stores") or ():
         if not isinstance(st, Mapping):
             continue
@@ -233,3 +239,24 @@ def _task(b: _Builder, task: str, rec: Mapping[str, Any]) -> None:
         for key, name, help_ in _STORE_FIGURES[task]:
             v = st.get(key)
             b.add(name, help_, lab, float(len(v)) if isinstance(v, (list, tuple)) else _num(v))
+
+
+def _sync(b: _Builder, rec: Mapping[str, Any]) -> None:
+    """The agent's last sync, per destination store (maintenance.run_sync's record)."""
+    for d in rec.get("stores") or ():
+        if not isinstance(d, Mapping) or not isinstance(d.get("dest"), str):
+            continue
+        lab = {"dest": d["dest"]}
+        last = d.get("last_complete_ns")
+        b.add("ekko_sync_last_complete_timestamp_seconds", "start of the last sync after which the destination "
+              "held every backup of the source (its lag: time() minus this)", lab,
+              _s(last) if isinstance(last, int) else None)
+        b.add("ekko_sync_ok", "1 if the last sync to the destination copied every backup it lacked", lab,
+              int(d.get("ok") is True))
+        b.add("ekko_sync_backups_copied", "backups the last sync copied to the destination", lab,
+              _num(d.get("copied")))
+        failed = d.get("failed")
+        b.add("ekko_sync_backups_not_copied", "backups the last sync could not copy (damaged or missing segments "
+              "at the source)", lab, float(len(failed)) if isinstance(failed, list) else None)
+        b.add("ekko_sync_bytes_copied", "bytes (as stored) the last sync copied to the destination", lab,
+              _num(d.get("bytes_copied")))

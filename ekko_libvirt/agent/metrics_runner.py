@@ -189,7 +189,7 @@ class MetricsRunner:
                           max_concurrent=s.max_concurrent, jobs_running=len(self.workers()),
                           spool_waiting=hook["waiting"], spool_quarantined=hook["quarantined"],
                           hook_ok=bool(hook["installed"] and hook["rule_ok"]), collected_ns=time.time_ns(),
-                          collect_errors=self.errors)
+                          collect_errors=self.errors, sync_interval_s=s.sync.interval_s if s.sync else None)
 
     def _domains(self) -> List[DomainFacts]:
         states = {st.uuid: st for st in self.sd.list_domains()}

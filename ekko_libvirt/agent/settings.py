@@ -26,9 +26,10 @@ from .scheduler import Policy, PolicyOverride, override_from_mapping, parse_inte
 from .spool import DEFAULT_HOOK_PATH, DEFAULT_SPOOL_DIR
 
 _AGENT_KEYS = ("spool_dir", "max_concurrent", "poll_interval", "shared_storage", "hook_path", "keep_jobs_days",
-               "prune_after_backup", "gc_interval", "verify", "spool_max_events", "metrics")
+               "prune_after_backup", "gc_interval", "verify", "spool_max_events", "metrics", "sync")
 _VERIFY_KEYS = ("interval", "sample", "deep", "since_days")
 _METRICS_KEYS = ("listen", "textfile", "interval")
+_SYNC_KEYS = ("to", "source", "interval")
 _DOMAIN_KEYS = ("schedule", "retention", "consistency")     # consistency: typed by config.py
 
 
@@ -53,6 +54,16 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class SyncSettings:
+    """agent.sync: the agent's scheduled `ekko sync SOURCE DEST` for each DEST in `to` (store names of
+    the config: `default` is `store:`, the others under `stores:`; config.Config.named_store checks
+    them when the agent starts)."""
+    dests: Tuple[str, ...]
+    source: str = "default"
+    interval_s: int = 6 * 3600
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     spool_dir: str = DEFAULT_SPOOL_DIR
     max_concurrent: int = 1          # backups running at once on this host
@@ -67,6 +78,7 @@ class AgentSettings:
     gc_interval_s: Optional[int] = None          # None: the agent runs no gc
     verify: Optional[VerifySettings] = None      # None: the agent runs no verify
     metrics: Optional[MetricsSettings] = None    # None: no metrics
+    sync: Optional[SyncSettings] = None          # None: the agent replicates nothing
     retention: RetentionConfig = RetentionConfig()
     domain_retention: Tuple[Tuple[str, RetentionPolicy], ...] = ()   # (name or UUID, policy)
 
@@ -99,6 +111,7 @@ class AgentSettings:
             gc_interval_s=_interval(agent, "gc_interval"),
             verify=_verify(agent.get("verify")),
             metrics=_metrics(agent.get("metrics")),
+            sync=_sync(agent.get("sync")),
             retention=RetentionConfig.from_mapping(raw.get("retention")),
             domain_retention=_domain_retention(raw.get("domains")),
         )
@@ -224,6 +237,24 @@ def _metrics(raw: Any) -> Optional[MetricsSettings]:
                           "(e.g. /var/lib/prometheus/node-exporter/ekko.prom), or both")
     interval = _interval(raw, "interval", "agent.metrics.interval", 60)
     return MetricsSettings(host, port, textfile, interval)
+
+
+def _sync(raw: Any) -> Optional[SyncSettings]:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("agent.sync", "must be a mapping (keys: " + ", ".join(_SYNC_KEYS) + ")")
+    unknown = sorted(set(map(str, raw)) - set(_SYNC_KEYS))
+    if unknown:
+        raise ConfigError(f"agent.sync.{unknown[0]}", f"unknown key (known: {', '.join(_SYNC_KEYS)})")
+    to = raw.get("to")
+    to = [to] if isinstance(to, str) else to
+    if not isinstance(to, list) or not to or not all(isinstance(d, str) and d for d in to) or len(set(to)) != len(to):
+        raise ConfigError("agent.sync.to", f"must be a store name or a list of distinct ones, got {raw.get('to')!r}")
+    source = raw.get("source", "default")
+    if not isinstance(source, str) or not source or source in to:
+        raise ConfigError("agent.sync.source", f"must be a store name other than the destinations, got {source!r}")
+    return SyncSettings(tuple(to), source, _interval(raw, "interval", "agent.sync.interval", 6 * 3600))
 
 
 def _listen(val: Any) -> Tuple[str, int]:

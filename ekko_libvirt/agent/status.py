@@ -86,7 +86,7 @@ def row(uuid: str, name: Optional[str], active: Optional[bool], st: Optional[Dom
 
 
 # -- the agent's lifecycle work (gc, verify) ------------------------------------------------------
-TASKS = ("gc", "verify")
+TASKS = ("gc", "verify", "sync")
 
 
 def last_task_runs(record: Dict) -> Dict[str, TaskRun]:
@@ -102,12 +102,13 @@ def last_task_runs(record: Dict) -> Dict[str, TaskRun]:
     return out
 
 
-def lifecycle_info(record: Dict, gc_interval_s: Optional[int], verify, now: datetime) -> Dict:
+def lifecycle_info(record: Dict, gc_interval_s: Optional[int], verify, now: datetime, sync=None) -> Dict:
     """Per task: on or off, its settings, the last run (when, ok, error, summary) and when the next
-    is due. `verify`: settings.VerifySettings or None."""
+    is due. `verify`: settings.VerifySettings or None; `sync`: settings.SyncSettings or None."""
     runs = last_task_runs(record)
     out = {}
-    for name, interval in (("gc", gc_interval_s), ("verify", verify.interval_s if verify else None)):
+    for name, interval in (("gc", gc_interval_s), ("verify", verify.interval_s if verify else None),
+                           ("sync", sync.interval_s if sync else None)):
         rec = record.get(name) if isinstance(record.get(name), dict) else None
         dec = task_due(now, name, interval, runs.get(name))
         info: Dict[str, Any] = {
@@ -120,7 +121,21 @@ def lifecycle_info(record: Dict, gc_interval_s: Optional[int], verify, now: date
             info["last"]["grace_hours"] = rec.get("grace_hours")
         if name == "verify" and verify is not None:
             info.update(sample=verify.sample, deep=verify.deep, since_days=verify.since_days)
+        if name == "sync":
+            info.update(source=sync.source if sync else None, dests=list(sync.dests) if sync else [],
+                        lag=_sync_lag(rec, now))
         out[name] = info
+    return out
+
+
+def _sync_lag(rec: Optional[Dict], now: datetime) -> Dict[str, Optional[float]]:
+    """Per destination: seconds since the start of the last sync that left it complete (None:
+    never complete)."""
+    out: Dict[str, Optional[float]] = {}
+    for d in (rec or {}).get("stores") or ():
+        if isinstance(d, dict) and isinstance(d.get("dest"), str):
+            last = d.get("last_complete_ns")
+            out[d["dest"]] = round(now.timestamp() - last / 1e9, 1) if isinstance(last, int) else None
     return out
 
 
@@ -128,15 +143,19 @@ def describe_lifecycle(info: Dict) -> str:
     """The lifecycle part of `ekko status` for people: one line per task."""
     lines = []
     for name, t in info.items():
+        if name == "sync" and not t["enabled"] and t["last"] is None:
+            continue                  # a host that does not replicate: nothing to say
         if not t["enabled"]:
-            key = "agent.gc_interval" if name == "gc" else "agent.verify"
+            key = {"gc": "agent.gc_interval", "verify": "agent.verify", "sync": "agent.sync"}[name]
             last = t["last"]
             lines.append(f"{name + ':':<8}off (no {key})" + (f"; last {last['started']}" if last else ""))
             continue
         last = t["last"]
         what = "never run" if last is None else \
             f"last {last['started']} {'ok' if last['ok'] else 'FAILED'}: {last['error'] or last['summary']}"
-        lines.append(f"{name + ':':<8}{what}; next {'now' if t['due'] else t['next']} (every {t['interval']})")
+        lag = "".join(f"; {d} behind by {'never complete' if s is None else format_interval(max(1, int(s)))}"
+                      for d, s in (t.get("lag") or {}).items())
+        lines.append(f"{name + ':':<8}{what}; next {'now' if t['due'] else t['next']} (every {t['interval']}){lag}")
     return "\n".join(lines)
 
 

@@ -60,7 +60,8 @@ def cmd_status(cfg, args) -> int:
     if args.domain and not rows:
         raise UsageError(f"no domain {args.domain!r} known to libvirt or to the agent's state in {cfg.state_dir}")
     agent = status.agent_info(sd)
-    lifecycle = status.lifecycle_info(sd.load_lifecycle(), settings.gc_interval_s, settings.verify, now)
+    lifecycle = status.lifecycle_info(sd.load_lifecycle(), settings.gc_interval_s, settings.verify, now,
+                                      settings.sync)
     hook = status.hook_info(settings.hook_path, settings.spool_dir)
     vanished, store_error = _vanished(cfg, args.domain)
     from ..restore import instant      # instant restores: their records, servers and supervisors

@@ -56,6 +56,10 @@ def value(got, name, **labels):
     return matches[0]
 
 
+def status_of_lifecycle(ekko):
+    return ekko.run("status", json_out=True).data["lifecycle"]
+
+
 def head_id(got, dev):
     """The backup id of the disk's newest backup in the metrics, or None."""
     ids = [dict(lab)["backup_id"] for n, lab in got if n == "ekko_disk_last_backup_info" and dict(lab)["disk"] == dev]
@@ -91,8 +95,11 @@ def test_metrics_of_a_real_run_and_the_alert_rules(libvirtd, ekko_hook, test_dom
     assert agent.terminate() == 0
     assert value(parse(open(textfile).read()), "ekko_agent_up") == 0      # a stopped agent says so
 
-    # 2. the scheduled backup succeeds (the first: a full), then an incremental and a forced full by hand
+    # 2. the scheduled backup succeeds (the first: a full), then an incremental and a forced full by hand;
+    # the agent's first sync (at start: it never ran) to a second store leaves it complete
     del ekko.cfg["scratch_reserve"]
+    ekko.cfg["stores"] = {"site2": {"type": "local", "path": os.path.join(lvwork, "site2")}}
+    ekko.cfg["agent"]["sync"] = {"to": "site2", "interval": "1h"}
     ekko.write_config()
     agent = agents(ekko)
     url = metrics_url(agent)
@@ -102,8 +109,8 @@ def test_metrics_of_a_real_run_and_the_alert_rules(libvirtd, ekko_hook, test_dom
     g.write("vda", 2048 * KiB, os.urandom(100 * KiB))
     forced = ekko.run("backup", name, "--full", json_out=True).data["backups"]
     forced_id = forced[0]["backup_id"]
-    got = wait_for(lambda: (m := scrape(url)[0]) and head_id(m, "vda") == forced_id and m, 30,
-                   "the forced full in the metrics")
+    got = wait_for(lambda: (m := scrape(url)[0]) and head_id(m, "vda") == forced_id
+                   and any(k[0] == "ekko_sync_ok" for k in m) and m, 60, "the forced full and the sync in the metrics")
     st = status_of(ekko, name)
     assert st["chain"]["last_backup_id"] == forced_id != first
     for dev in ("vda", "vdb"):
@@ -124,6 +131,11 @@ def test_metrics_of_a_real_run_and_the_alert_rules(libvirtd, ekko_hook, test_dom
     chain = StateDir(ekko_hook.state_dir).load_domain(uuid).chain
     assert value(got, "ekko_domain_last_success_timestamp_seconds", domain=name) == chain.last_backup_ns / 1e9
     assert value(got, "ekko_domain_last_full_timestamp_seconds", domain=name) == chain.last_full_ns / 1e9
+    assert value(got, "ekko_sync_ok", dest="site2") == 1 and value(got, "ekko_sync_interval_seconds") == 3600
+    synced = StateDir(ekko_hook.state_dir).load_lifecycle()["sync"]
+    assert value(got, "ekko_sync_last_complete_timestamp_seconds", dest="site2") == synced["started_ns"] / 1e9
+    lag = status_of_lifecycle(ekko)["sync"]
+    assert lag["dests"] == ["site2"] and lag["last"]["ok"] and 0 <= lag["lag"]["site2"] < 3600
     assert agent.terminate() == 0
 
     # 3. a flipped segment that the agent's verify (deep, at start: never run) finds; QEMU killed
@@ -186,6 +198,10 @@ def promtool_test(work, text, scraped_at, name, uuid):
                 "exp_labels": dict(dom, state="full-required", severity="info"),
                 "exp_annotations": {"summary": f"backup chain of {name} broken: its next backup is a full"}}]},
             {"eval_time": "24h20m", "alertname": "EkkoBackupsFailing", "exp_alerts": []},
+            {"eval_time": "25h", "alertname": "EkkoReplicaBehind", "exp_alerts": []},
+            {"eval_time": "26h30m", "alertname": "EkkoReplicaBehind", "exp_alerts": [{
+                "exp_labels": dict(base, dest="site2", severity="warning"),
+                "exp_annotations": {"summary": "replica site2 lags behind its source"}}]},
             {"eval_time": "24h20m", "alertname": "EkkoHookBroken", "exp_alerts": []},
             {"eval_time": "24h20m", "alertname": "EkkoAgentDown", "exp_alerts": []},
             # the figures stop moving (as a killed agent's textfile would): stale after 15 min
