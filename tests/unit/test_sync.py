@@ -256,3 +256,48 @@ def test_a_damaged_segment_two_backups_share_fails_both():
     rep = Syncer(src, src, dst).run()
     assert sorted(f.key for f in rep.failed) == sorted(a + b) and rep.copied == []
     assert catalog.keys(dst) == [] and not dst.exists(key)
+
+
+def _cli(tmp_path, capsys, cfg, *argv):
+    import yaml
+    from ekko_libvirt.cli import main
+    path = tmp_path / "ekko.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = main(["-c", str(path), *argv])
+    return code, capsys.readouterr()
+
+
+def test_cli_refuses_bad_store_names_and_one_store_twice(tmp_path, capsys):
+    base = {"store": {"type": "local", "path": str(tmp_path / "a")}, "state_dir": str(tmp_path / "st"),
+            "stores": {"b": {"type": "local", "path": str(tmp_path / "b")},
+                       "same": {"type": "local", "path": str(tmp_path / "a")}}}
+    code, out = _cli(tmp_path, capsys, base, "sync", "default", "nowhere")
+    assert code == 2 and "no store named 'nowhere' in the config (known: default, b, same" in out.err
+    code, out = _cli(tmp_path, capsys, base, "sync", "b", "b")
+    assert code == 2 and "source and destination are the same store ('b')" in out.err
+    code, out = _cli(tmp_path, capsys, base, "sync", "default", "same")
+    assert code == 2 and "configured the same: one store" in out.err
+    code, out = _cli(tmp_path, capsys, dict(base, stores={"b": {"type": "ftp"}}), "sync", "default", "b")
+    assert code == 2 and "config: stores.b.type: unknown store type 'ftp'" in out.err
+    code, out = _cli(tmp_path, capsys, dict(base, stores={"default": {"type": "local"}}), "list")
+    assert code == 2 and "stores.default: 'default' is the name of `store:`" in out.err
+    code, out = _cli(tmp_path, capsys, dict(base, stores={"b": {"type": "local", "path": "x", "pth": 1}}), "list")
+    assert code == 2 and "config: stores.b.pth: unknown key for a local store" in out.err
+
+
+def test_cli_sync_json_and_exit_3_on_damage(tmp_path, capsys):
+    import json
+    src = LocalStore(str(tmp_path / "a"))
+    keys = put_chain(src, "vm.vda", disk_versions(random.Random(2), 5, 2))
+    cfg = {"store": {"type": "local", "path": str(tmp_path / "a")}, "state_dir": str(tmp_path / "st"),
+           "stores": {"b": {"type": "local", "path": str(tmp_path / "b")}}}
+    code, out = _cli(tmp_path, capsys, cfg, "sync", "default", "b", "--json")
+    rep = json.loads(out.out)
+    assert code == 0 and rep["ok"] and rep["namespaces"][0]["copied"] == [k.split("/", 1)[1] for k in keys]
+    more = put_chain(src, "vm.vdb", disk_versions(random.Random(4), 3, 1))
+    bad = segment.segment_key(sorted(mf.decode(src.get(more[0]), more[0]).table.unique_digests())[0])
+    blob = src.get(bad)
+    src.put(bad, blob[:-1] + bytes([blob[-1] ^ 1]))
+    code, out = _cli(tmp_path, capsys, cfg, "sync", "default", "b")
+    assert code == 3 and f"NOT copied {more[0].split('/', 1)[1]}" in out.out and bad in out.out
+    assert "0 backup(s) copied, 2 already there, 1 NOT copied" in out.out
