@@ -25,7 +25,7 @@ import signal
 import socket
 import subprocess
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from ekko_libvirt.engine.qmp_client import QMPConnection
 
@@ -128,7 +128,7 @@ def _kvm_usable(kernel: str, initrd: str, workdir: str) -> bool:
 
 class Guest:
     def __init__(self, workdir: str, disks: List[str], agent: bool = True, name: str = "guest",
-                 accel: Optional[str] = None, read_only: bool = False, check: bool = False,
+                 accel: Optional[str] = None, read_only: Union[bool, Sequence[bool]] = False, check: bool = False,
                  kernel: Optional[Tuple[str, str]] = None, memory: int = 256):
         self.workdir = workdir
         self.disks = list(disks)
@@ -161,7 +161,8 @@ class Guest:
                 "-qmp", f"unix:{self.admin_socket},server=on,wait=off"]
         for i, img in enumerate(self.disks):
             fmt = "qcow2" if img.endswith(".qcow2") else "raw"
-            ro = ",read-only=on" if self.read_only else ""
+            flag = self.read_only[i] if isinstance(self.read_only, (list, tuple)) else self.read_only
+            ro = ",read-only=on" if flag else ""
             args += ["-blockdev", f"driver=file,node-name=f{i},filename={img},discard=unmap{ro}",
                      "-blockdev", f"driver={fmt},node-name={self.node(i)},file=f{i},discard=unmap{ro}",
                      "-device", f"virtio-blk-pci,drive={self.node(i)},id=vd{i}"]
@@ -270,21 +271,27 @@ class Guest:
             time.sleep(0.1)
 
 
-def check_disks(workdir: str, images: List[str], read_only: bool = True, timeout: float = 180) -> Dict[str, str]:
-    """Boot the guest on `images` (restored disks): {vdX: "ok files=N torn=M" | "BAD ..."} in the
-    order given (vda is images[0]). read_only: the disks are read-only, so a file system that needs
-    journal replay does not mount ("BAD cannot mount"); else a throwaway overlay lets it replay."""
+def check_disks(workdir: str, images: List[str], read_only: Union[bool, Sequence[bool]] = True,
+                timeout: float = 180) -> List[str]:
+    """Boot the guest once on `images` (restored disks): "ok files=N torn=M" | "BAD ..." for each, in
+    the order given. read_only (one for all, or one per image): the disk is read-only, so a file
+    system that needs journal replay does not mount ("BAD cannot mount"); else a throwaway overlay
+    lets it replay. An image may be given twice (once each way)."""
     name = f"check{os.getpid()}{int(time.monotonic() * 1000) % 100000}"
-    disks = images
-    overlays = []
-    if not read_only:
-        for i, img in enumerate(images):
-            ov = os.path.join(workdir, f"{name}.{i}.overlay.qcow2")
-            fmt = "qcow2" if img.endswith(".qcow2") else "raw"
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", img, "-F", fmt, ov], check=True)
-            overlays.append(ov)
-        disks = overlays
-    g = Guest(workdir, disks, agent=False, name=name, read_only=read_only, check=True)
+    flags = list(read_only) if isinstance(read_only, (list, tuple)) else [read_only] * len(images)
+    disks, overlays = [], []
+    for i, (img, ro) in enumerate(zip(images, flags, strict=True)):
+        if ro:
+            disks.append(img)
+            continue
+        ov = os.path.join(workdir, f"{name}.{i}.overlay.qcow2")
+        fmt = "qcow2" if img.endswith(".qcow2") else "raw"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", img, "-F", fmt, ov], check=True)
+        overlays.append(ov)
+        disks.append(ov)
+    if len(disks) > 26:
+        raise ValueError("the check guest names its disks vda..vdz: 26 at most")
+    g = Guest(workdir, disks, agent=False, name=name, read_only=flags, check=True)
     try:
         g.start(timeout=timeout)
         found = {}
@@ -292,7 +299,7 @@ def check_disks(workdir: str, images: List[str], read_only: bool = True, timeout
             m = re.match(r"^EKKO-CHECK (vd[a-z]) (.*)$", line)
             if m:
                 found[m.group(1)] = m.group(2)
-        return found
+        return [found.get("vd" + chr(ord("a") + i), "BAD not checked") for i in range(len(disks))]
     finally:
         g.stop()
         for ov in overlays:

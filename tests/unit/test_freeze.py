@@ -219,9 +219,9 @@ def test_socket_agent_skips_stale_replies_and_foreign_ids():
     seed = random.randrange(1 << 32)
     print(f"seed {seed}")
     rnd = random.Random(seed)
+    junk = bytes(rnd.randrange(256) for _ in range(5)).replace(b"\xff", b"")
     noise = b"".join(rnd.choice([b'{"return": 1}\n', b'{"return": {"pid": 4}}\n', b"not json\n", b"\n",
-                                 b'{"return": 77}\n', bytes(rnd.randrange(256) for _ in range(5)).replace(b"\xff", b"")])
-                     for _ in range(rnd.randrange(1, 20)))
+                                 b'{"return": 77}\n', junk]) for _ in range(rnd.randrange(1, 20)))
 
     def behave(conn, msg):
         if msg["execute"] == "guest-sync-delimited":
