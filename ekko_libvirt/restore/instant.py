@@ -93,7 +93,7 @@ def start_server(cfg, d: InstantDisk, verbose: int = 0) -> None:
     """A detached server for disk `d` on its socket, reachable by QEMU (libvirt-qemu): fills in its
     PID and start time."""
     srv = server.start(cfg, d.namespace, d.key, socket_path=d.socket, detached=True, logfile=d.log,
-                       verbose=verbose)
+                       verbose=verbose, zeros_as_holes=True)
     d.server_pid, d.server_ticks = srv.pid, srv.start_ticks
     try:
         pw = pwd.getpwnam(QEMU_USER)
@@ -180,6 +180,7 @@ def start_instant(cfg, found: Sequence[Tuple[Optional[str], str, Manifest]], dir
             undo.callback(stop_server, d)
             create_overlay(d.overlay, d.socket, d.virtual_size)
             undo.callback(_unlink_quietly, d.overlay)
+        job.timings["served"] = since_start()
         new_xml, notes = dx.restored_domain_xml(xml, name, job.uuid, {d.dev: (d.overlay, "qcow2") for d in job.disks})
         new_xml = instant_domain_xml(new_xml, {d.dev: d.socket for d in job.disks})
         save(cfg, job)
@@ -187,6 +188,7 @@ def start_instant(cfg, found: Sequence[Tuple[Optional[str], str, Manifest]], dir
         dom = _define(conn, new_xml, name)
         undo.callback(_undefine_quietly, dom)
         _libvirt_step(f"start {name}", dom.create)
+        job.timings["running"] = since_start()
         undo.callback(_destroy_quietly, dom)
         for d in job.disks:
             _libvirt_step(f"pull {d.dev} of {name}", dom.blockPull, d.dev, bandwidth, BLOCK_PULL_BANDWIDTH_BYTES)
@@ -196,8 +198,16 @@ def start_instant(cfg, found: Sequence[Tuple[Optional[str], str, Manifest]], dir
         job.phase = "streaming"
         save(cfg, job)
         job.supervisor_pid, job.supervisor_ticks = (spawn or spawn_supervisor)(cfg, name)
+        job.timings["supervised"] = since_start()
         undo.pop_all()
     return job
+
+
+def since_start() -> float:
+    """Seconds since this process started (its Python start-up included): the kernel's start time
+    of the process counts in clock ticks of CLOCK_BOOTTIME."""
+    ticks = procs.process_start_ticks(os.getpid()) or 0
+    return round(time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"), 3)
 
 
 def spawn_supervisor(cfg, name: str, verbose: int = 0) -> Tuple[int, int]:

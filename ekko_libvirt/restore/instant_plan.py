@@ -77,6 +77,7 @@ class InstantJob:
     guest_resumes: int = 0
     pulls_started: int = 0
     last_resume: Optional[float] = None
+    timings: Dict[str, float] = field(default_factory=dict)     # step -> s since the command started
 
     def to_dict(self) -> Dict:
         return asdict(self)

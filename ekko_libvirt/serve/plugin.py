@@ -11,6 +11,8 @@ byte of it is served; a segment that is missing or damaged fails that read with 
 manifest's ZERO entries. thread_model parallel: ServedDisk locks what it shares, and the work
 of a read (store I/O, decompression, hashing in _segcore) releases the GIL.
 
+zeros=hole: block status says HOLE, not HOLE|ZERO, for zero segments (see extents).
+
 --idle-timeout: after S seconds with no client connected, the server shuts itself down
 (nbdkit.shutdown: nbdkit closes and exits 0).
 """
@@ -34,7 +36,7 @@ API_VERSION = 2
 
 _params: Dict[str, Optional[str]] = {
     "namespace": None, "cache": None, "readahead": None, "workers": "4", "idle_timeout": None, "verbose": "0",
-    "parent_fd": None, "unlink": None, "logfile": None}
+    "parent_fd": None, "unlink": None, "logfile": None, "zeros": "zero"}
 _state: Dict[str, Any] = {}
 log = logging.getLogger("ekko_libvirt.serve")
 
@@ -174,10 +176,15 @@ _ZERO = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
 
 
 def extents(h, count, offset, flags):
+    """Zero segments are holes that read as zeros. zeros=hole (instant restore's servers) says HOLE
+    only: QEMU then counts them as unallocated in the backing, so block-stream does not copy them
+    (an unallocated cluster of the overlay reads as zeros once the backing is gone, which is what
+    the backup holds there); with ZERO it would read and write every zero of a 1 TiB disk."""
     runs = _state["disk"].extents(offset, count)
     if flags & nbdkit.FLAG_REQ_ONE:
         runs = runs[:1]
-    return [(o, n, _ZERO if z else 0) for o, n, z in runs]
+    zero = nbdkit.EXTENT_HOLE if _params["zeros"] == "hole" else _ZERO
+    return [(o, n, zero if z else 0) for o, n, z in runs]
 
 
 class _Idle:

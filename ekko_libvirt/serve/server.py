@@ -164,11 +164,12 @@ def start(cfg, namespace: Optional[str], key: str, *, socket_path: Optional[str]
           cache_bytes: Optional[int] = None, readahead: Optional[int] = None, verbose: int = 0,
           log: Optional[TextIO] = None, exit_with_parent: bool = True,
           pythonpath: Optional[List[str]] = None, nbdkit: str = "nbdkit", detached: bool = False,
-          logfile: Optional[str] = None) -> Server:
+          logfile: Optional[str] = None, zeros_as_holes: bool = False) -> Server:
     """Serve the backup whose manifest is `key` in namespace `namespace` of cfg's store; returns
     once a client can connect. UsageError: a bad socket or address; ServeError: nbdkit missing
     or failing; the errors of catalog.load for the manifest. detached: a daemon that outlives
-    this process (no lifeline; srv.proc is None), its log appended to `logfile`."""
+    this process (no lifeline; srv.proc is None), its log appended to `logfile`. zeros_as_holes:
+    block status marks zero segments HOLE only (plugin.extents: what block-stream must skip)."""
     if detached:
         exit_with_parent = False
         if logfile is None:
@@ -216,6 +217,8 @@ def start(cfg, namespace: Optional[str], key: str, *, socket_path: Optional[str]
         params.append(f"unlink={socket_path}")
     if logfile:
         params.append(f"logfile={os.path.abspath(logfile)}")
+    if zeros_as_holes:
+        params.append("zeros=hole")
     lifeline = os.pipe() if exit_with_parent else None      # both ends close-on-exec
     if lifeline:
         params.append(f"parent_fd={lifeline[0]}")
