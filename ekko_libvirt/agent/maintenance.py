@@ -148,7 +148,8 @@ def run_verify(open_store: Callable, namespaces: Iterable[Optional[str]], settin
 
 # -- sync (replication) -----------------------------------------------------------------------------
 def run_sync(cfg, settings, workers: int = 4, cancel: Optional[threading.Event] = None,
-             previous: Optional[Dict] = None) -> Dict:
+             previous: Optional[Dict] = None, gc_grace_hours: float = 24.0,
+             tz: datetime.tzinfo = UTC) -> Dict:
     """`settings`: settings.SyncSettings. `ekko sync SOURCE DEST` for each destination in turn, every
     namespace of the source. Per destination the record keeps `last_complete_ns`: the start of the
     last run after which the destination held every backup of the source (carried over from
@@ -165,8 +166,11 @@ def run_sync(cfg, settings, workers: int = 4, cancel: Optional[threading.Event] 
         dests.append(entry)
         try:
             dst_cfg = cfg.with_store(dest)
+            policy = settings.retention_of(dest)
+            select = _kept_by(policy, tz) if policy is not None else None
             reps = [Syncer(open_store(src_cfg, ns), open_raw_store(src_cfg, ns), open_raw_store(dst_cfg, ns),
-                           project=ns, workers=workers, cancel=cancel).run() for ns in namespaces(src_cfg)]
+                           project=ns, workers=workers, cancel=cancel, select=select).run()
+                    for ns in namespaces(src_cfg)]
         except Exception as e:   # noqa: BLE001 -- recorded; the other destinations still get their turn
             if not isinstance(e, EkkoError):
                 log.exception("sync to %s", dest)
@@ -180,11 +184,45 @@ def run_sync(cfg, settings, workers: int = 4, cancel: Optional[threading.Event] 
                      if failed else None)
         if not failed:
             entry["last_complete_ns"] = started
+        if policy is not None:
+            _prune_replica(entry, dst_cfg, policy, gc_grace_hours, workers, tz)
     done = [d for d in dests if "copied" in d]
     summary = (f"copied {sum(d['copied'] for d in done)} backup(s) "
                f"({units.human(sum(d['bytes_copied'] for d in done))}) from {settings.source} to "
                f"{len(done)} of {len(dests)} destination(s)")
     return _record(started, dests, summary, source=settings.source)
+
+
+def _kept_by(policy: Policy, tz: datetime.tzinfo) -> Callable[[set], set]:
+    """The manifest keys a destination's policy keeps among those of source and destination
+    together: the sync copies only those (what its prune would delete at once is not sent)."""
+    from ..lifecycle import prune
+
+    def select(keys: set) -> set:
+        backups = [prune.Backup(k.rsplit("/", 1)[1], k[len(catalog.PREFIX):].rsplit("/", 1)[0],
+                                prune.backup_time(k.rsplit("/", 1)[1])) for k in keys]
+        return {catalog.manifest_key(d.backup.target, d.backup.backup_id)
+                for d in prune.plan(backups, lambda _t: policy, tz) if d.keep}
+    return select
+
+
+def _prune_replica(entry: Dict, dst_cfg, policy: Policy, grace_hours: float, workers: int,
+                   tz: datetime.tzinfo) -> None:
+    """The destination's own retention (agent.sync.retention), then gc there: a replica may keep
+    more or less than its source. Recorded in `entry` (pruned, gc_deleted, or prune_error)."""
+    from ..lifecycle.gc import collect
+    from ..store.factory import namespaces, open_store
+    pruned = deleted = 0
+    try:
+        for ns in namespaces(dst_cfg):
+            store = open_store(dst_cfg, ns)
+            pruned += sum(1 for r in prune_store(store, _always(policy), None, tz) if r["deleted"])
+            deleted += collect(store, grace_hours, workers=workers).deleted
+    except Exception as e:   # noqa: BLE001 -- the copy itself went fine; recorded
+        if not isinstance(e, EkkoError):
+            log.exception("retention of replica %s", entry["dest"])
+        entry["prune_error"] = str(e)
+    entry.update(pruned=pruned, gc_deleted=deleted)
 
 
 # -- retention after a scheduled backup ---------------------------------------------------------

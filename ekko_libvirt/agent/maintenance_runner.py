@@ -125,7 +125,9 @@ class MaintenanceRunner:
                                                  workers, self.stopping)
                     elif name == "sync" and self.settings.sync is not None:
                         rec = maintenance.run_sync(self.cfg, self.settings.sync, self.cfg.workers, self.stopping,
-                                                   self.sd.load_lifecycle().get("sync"))
+                                                   self.sd.load_lifecycle().get("sync"),
+                                                   self.settings.retention.gc_grace_hours,
+                                                   datetime.now().astimezone().tzinfo or timezone.utc)
                     elif name == "verify" and self.settings.verify is not None:
                         rec = maintenance.run_verify(self.open_store, nss, self.settings.verify, workers,
                                                      self.stopping)

@@ -29,7 +29,7 @@ _AGENT_KEYS = ("spool_dir", "max_concurrent", "poll_interval", "shared_storage",
                "prune_after_backup", "gc_interval", "verify", "spool_max_events", "metrics", "sync")
 _VERIFY_KEYS = ("interval", "sample", "deep", "since_days")
 _METRICS_KEYS = ("listen", "textfile", "interval")
-_SYNC_KEYS = ("to", "source", "interval")
+_SYNC_KEYS = ("to", "source", "interval", "retention")
 _DOMAIN_KEYS = ("schedule", "retention", "consistency")     # consistency: typed by config.py
 
 
@@ -61,6 +61,10 @@ class SyncSettings:
     dests: Tuple[str, ...]
     source: str = "default"
     interval_s: int = 6 * 3600
+    retention: Tuple[Tuple[str, RetentionPolicy], ...] = ()   # per destination: pruned (and gc'd) after its sync
+
+    def retention_of(self, dest: str) -> Optional[RetentionPolicy]:
+        return dict(self.retention).get(dest)
 
 
 @dataclass(frozen=True)
@@ -254,7 +258,25 @@ def _sync(raw: Any) -> Optional[SyncSettings]:
     source = raw.get("source", "default")
     if not isinstance(source, str) or not source or source in to:
         raise ConfigError("agent.sync.source", f"must be a store name other than the destinations, got {source!r}")
-    return SyncSettings(tuple(to), source, _interval(raw, "interval", "agent.sync.interval", 6 * 3600))
+    return SyncSettings(tuple(to), source, _interval(raw, "interval", "agent.sync.interval", 6 * 3600),
+                        _sync_retention(raw.get("retention"), to))
+
+
+def _sync_retention(raw: Any, dests: list) -> Tuple[Tuple[str, RetentionPolicy], ...]:
+    """agent.sync.retention: {DEST: {keep_daily: 30, ...}}: each destination's own policy."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("agent.sync.retention", "must be a mapping of destination -> {keep_*: N}")
+    out = []
+    for dest, rules in raw.items():
+        label = f"agent.sync.retention.{dest}"
+        if dest not in dests:
+            raise ConfigError(label, f"not a destination of agent.sync.to ({', '.join(dests)})")
+        if not isinstance(rules, Mapping) or not rules:
+            raise ConfigError(label, "must be a mapping of keep_* rules, at least one")
+        out.append((str(dest), RetentionPolicy.from_mapping(rules, label)))
+    return tuple(out)
 
 
 def _listen(val: Any) -> Tuple[str, int]:

@@ -45,6 +45,7 @@ from .digest_sets import BLOCK, ListingCounts, segment_blocks
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, Optional[int]], None]          # (bytes copied, None)
+Select = Callable[[Set[str]], Set[str]]     # every manifest key of source and destination -> those wanted
 
 
 @dataclass
@@ -111,13 +112,15 @@ class Syncer:
     destination with objects as stored (never sealed: it gets the source's bytes)."""
 
     def __init__(self, source: Store, source_raw: Store, dest: Store, project: Optional[str] = None,
-                 workers: int = 4, progress: Optional[Progress] = None, cancel: Optional[threading.Event] = None):
+                 workers: int = 4, progress: Optional[Progress] = None, cancel: Optional[threading.Event] = None,
+                 select: Optional[Select] = None):
         self.codec = source.codec
         self.src = source_raw
         self.dst = dest
         self.workers = max(1, workers)
         self.progress = progress
         self.cancel = cancel
+        self.select = select        # a destination's own retention: what it would prune is not copied
         self.report = SyncReport(project)
         self.done: Set[bytes] = set()          # digests known to be at the destination (this run)
         self.tables: Dict[str, Tuple[str, Set[bytes]]] = {}   # target -> (backup id, digests) last committed
@@ -126,6 +129,9 @@ class Syncer:
         src_keys = catalog.keys(self.src)
         dst_keys = set(catalog.keys(self.dst))
         todo = to_copy(src_keys, dst_keys)
+        if self.select is not None:
+            wanted = self.select(set(src_keys) | dst_keys)
+            todo = [k for k in todo if k in wanted]
         self.report.source_manifests = len(src_keys)
         self.report.already = len(set(src_keys) & dst_keys)
         committed = set(dst_keys)

@@ -103,3 +103,41 @@ def test_run_sync_records_the_lag_per_destination(tmp_path):
     assert got[("ekko_sync_backups_copied", (("dest", "site2"),))] == 1
     assert got[("ekko_sync_interval_seconds", ())] == 21600
     assert got[("ekko_sync_last_run_ok", ())] == 0
+
+
+def test_each_destination_keeps_its_own_retention(tmp_path):
+    cfg = cfg_with_sites(tmp_path, sync={"to": ["site2", "site3"], "retention": {"site2": {"keep_last": 1}}})
+    settings = AgentSettings.from_config(cfg).sync
+    src = open_store(cfg)
+    keys = [put_backup(src, "vm.vda", [os.urandom(4096)]) for _ in range(3)]
+    rec = maintenance.run_sync(cfg, settings, gc_grace_hours=0)
+    by = {d["dest"]: d for d in rec["stores"]}
+    assert rec["ok"] and by["site2"]["pruned"] == 0 and "pruned" not in by["site3"]
+    site2, site3 = open_store(cfg.with_store("site2")), open_store(cfg.with_store("site3"))
+    assert catalog.keys(site2) == keys[-1:] and catalog.keys(site3) == keys and catalog.keys(src) == keys
+    assert len(list(site2.list("segments/"))) == 1 and len(list(site3.list("segments/"))) == 3
+    # a backup the destination already had and its policy no longer keeps is pruned there, and gc'd
+    site2_extra = put_backup(site2, "vm.vdb", [os.urandom(4096)])
+    put_backup(site2, "vm.vdb", [os.urandom(4096)])
+    assert maintenance.run_sync(cfg, settings, gc_grace_hours=0)["stores"][0]["pruned"] == 1
+    assert site2_extra not in catalog.keys(site2) and len(list(site2.list("segments/"))) == 2
+    for k in catalog.keys(site2, "vm.vdb"):
+        site2.delete(k)
+    assert by["site2"]["copied"] == 1 and by["site3"]["copied"] == 3      # what site2 would prune is not sent
+    # the next sync does not bring the pruned ones back; a new backup replaces the kept one
+    rec2 = maintenance.run_sync(cfg, settings, previous=rec, gc_grace_hours=0)
+    assert {d["dest"]: d["copied"] for d in rec2["stores"]} == {"site2": 0, "site3": 0}
+    k4 = put_backup(src, "vm.vda", [os.urandom(4096)])
+    rec3 = maintenance.run_sync(cfg, settings, previous=rec2, gc_grace_hours=0)
+    assert {d["dest"]: d["copied"] for d in rec3["stores"]} == {"site2": 1, "site3": 1}
+    assert catalog.keys(site2) == [k4] and catalog.keys(site3) == keys + [k4]
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"to": "a", "retention": {"b": {"keep_last": 1}}}, r"agent\.sync\.retention\.b: not a destination"),
+    ({"to": "a", "retention": {"a": {}}}, r"agent\.sync\.retention\.a: must be a mapping of keep_\* rules"),
+    ({"to": "a", "retention": {"a": {"keep_often": 1}}}, r"agent\.sync\.retention\.a"),
+    ({"to": "a", "retention": ["a"]}, r"agent\.sync\.retention: must be a mapping")])
+def test_bad_sync_retention(raw, match):
+    with pytest.raises(ConfigError, match=match):
+        AgentSettings.from_mapping({"agent": {"sync": raw}})
