@@ -33,13 +33,14 @@ import argparse
 import datetime
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -141,9 +142,10 @@ def generate_local(root: str, lay: Layout) -> bytearray:
     return packed
 
 
-def generate_swift(server, container: str, lay: Layout) -> bytearray:
-    """Listing rows for every segment (seed_listing), the garbage's first GARBAGE_REAL objects
-    uploaded for real, the manifests put through SwiftStore."""
+def generate_swift(server, container: str, lay: Layout, missing: Set[int] = frozenset()) -> bytearray:
+    """Listing rows for every segment (seed_listing) but the referenced ones in `missing` (the
+    damage existence verify must find), the garbage's first GARBAGE_REAL objects uploaded for
+    real, the manifests put through SwiftStore."""
     from ekko_libvirt.store.swift import SwiftConfig, SwiftStore
     user, key = server.credentials("test")
     store = SwiftStore(SwiftConfig(auth_url=server.auth_url, user=user, key=key, container=container))
@@ -155,7 +157,7 @@ def generate_swift(server, container: str, lay: Layout) -> bytearray:
         packed += d
         if i >= lay.referenced:                         # garbage: uploaded for real, gc deletes it
             real.append((segment.segment_key(d), blob))
-        else:
+        elif i not in missing:
             names.append(segment.segment_key(d))
         if len(names) == 200_000:
             server.seed_listing(container, names)
@@ -211,12 +213,18 @@ def write_config(work: str, store_section: Dict) -> str:
     return path
 
 
-def measure(cfg: str, lay: Layout) -> Dict[str, Run]:
-    """list, existence verify, prune (dry run), gc (dry run), gc; each result checked."""
+def measure(cfg: str, lay: Layout, missing: Set[str] = frozenset()) -> Dict[str, Run]:
+    """list, existence verify, prune (dry run), gc (dry run), gc; each result checked (verify must
+    name exactly the `missing` segment keys as damaged, with the backups that use them)."""
     runs: Dict[str, Run] = {}
     runs["list"] = ekko(cfg, "list")
     runs["verify"] = v = ekko(cfg, "verify")
-    assert v.data and v.data["ok"] and v.data["segments_checked"] == lay.referenced, v.data
+    assert v.data and v.data["segments_checked"] == lay.referenced, v.data
+    found = {d["key"] for d in v.data["damaged_segments"]}
+    assert found == set(missing) and v.data["ok"] == (not missing), (len(found), len(missing))
+    assert all(d.get("used_by") for d in v.data["damaged_segments"]), "a damaged segment without its backups"
+    if missing:
+        log(f"  verify named exactly the {len(missing)} segments missing from the listing, each with its backups")
     runs["prune"] = p = ekko(cfg, "prune", "--keep-last", str(MANIFESTS), "--dry-run")
     assert p.data and p.data["kept"] == MANIFESTS, p.data
     runs["gc_dry"] = g = ekko(cfg, "gc", "--dry-run", "--grace-hours", "0")
@@ -232,7 +240,6 @@ def measure(cfg: str, lay: Layout) -> Dict[str, Run]:
 def damage(cfg: str, root: str, packed: bytearray, lay: Layout, count: int) -> Dict:
     """Delete `count` referenced segments and flip a byte in `count` others; existence verify
     must name exactly the deleted ones, deep verify (on the same store) both sets."""
-    import random
     rng = random.Random(21)
     picks = rng.sample(range(lay.referenced), 2 * count)
     gone = {segment.segment_key(bytes(packed[i * 16:i * 16 + 16])) for i in picks[:count]}
@@ -281,8 +288,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="1M,4M", help="local store sizes in segments (default 1M,4M)")
     p.add_argument("--swift-sizes", default="1M", help="Swift sizes, or 'none' (default 1M)")
-    p.add_argument("--damage", type=int, default=0, help="also delete and flip this many segments (local, "
-                                                         "smallest size) and check verify finds them")
+    p.add_argument("--damage", type=int, default=0,
+                   help="also delete and flip this many segments (local, smallest size; Swift: the listing "
+                        "rows of this many left out) and check verify finds them")
     p.add_argument("--dir", default="/tmp", help="where the stores are built (default /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the stores")
     p.add_argument("--out", help="JSON output (default bench/out/store-scale-<time>.json)")
@@ -311,13 +319,15 @@ def main(argv=None) -> int:
                     lay = layout(n, GARBAGE_REAL)
                     prefix = f"scale{n}"
                     log(f"swift, {n:,} segments: building")
-                    generate_swift(server, prefix, lay)
+                    gone = set(random.Random(n).sample(range(lay.referenced), a.damage)) if a.damage else set()
+                    packed = generate_swift(server, prefix, lay, gone)
+                    missing = {segment.segment_key(bytes(packed[i * 16:i * 16 + 16])) for i in gone}
                     user, key = server.credentials("test")
                     cfg = write_config(os.path.join(work, f"swift-{n}"),
                                        {"type": "swift", "auth_url": server.auth_url, "auth_version": "1",
                                         "user": user, "key": key, "container_prefix": prefix})
                     log(f"swift, {n:,} segments: measuring")
-                    results.setdefault("swift", {})[n] = measure(cfg, lay)
+                    results.setdefault("swift", {})[n] = measure(cfg, lay, missing)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -39,6 +39,8 @@ from . import sorted_merge
 BLOCK = 4096                    # digests per block (64 KiB packed)
 CHUNK = 1 << 18                 # digests sorted in memory at once before they go to a run file
 SEGMENTS = "segments/"
+MERGE_BUDGET = 8 * BLOCK        # digests held by the blocks of all runs being merged at once (~2 MiB)
+MIN_MERGE_BLOCK = 256
 LIST_BLOCK = 10000              # listed keys parsed at once (a Swift page)
 # segments/<hhh>/<digest>, one per line: lowercase hex, the fan-out directory the first 3 digits
 # of the name (findall: (directory, digest hex) of each)
@@ -155,6 +157,13 @@ class SortedDigests:
         self.close()
 
 
+def merge_block(runs: int) -> int:
+    """Digests read at once from each of `runs` runs being merged: MERGE_BUDGET in all (a block
+    of each run is in memory during the merge, and the runs are as many as the digests named
+    / CHUNK), but not fewer than MIN_MERGE_BLOCK a run, where a read costs more than the digests."""
+    return max(MIN_MERGE_BLOCK, min(BLOCK, MERGE_BUDGET // max(1, runs)))
+
+
 class DigestSorter:
     """Collects digests in any order; finish() -> SortedDigests of the distinct ones."""
 
@@ -200,7 +209,7 @@ class DigestSorter:
         self._spill()
         path = os.path.join(self.dir, "sorted")
         count = 0
-        readers = [SortedDigests(p, 0).blocks() for p in self._runs]
+        readers = [SortedDigests(p, 0).blocks(merge_block(len(self._runs))) for p in self._runs]
         with open(path, "wb") as out:
             for block in sorted_merge.union(readers):
                 out.write(b"".join(block))

@@ -16,6 +16,8 @@ ascending (a swap, a repeat inside a block or across a boundary) raises OrderErr
 
 from typing import List
 
+from unittest import mock
+
 import pytest
 from hypothesis import given, strategies as st
 
@@ -92,10 +94,16 @@ def test_order_error_names_the_place():
         list(sorted_merge.merge([[a, a]], [[a]], "the listing"))
 
 
-@given(values=st.lists(digest, max_size=300), chunk=st.integers(1, 50), via_table=st.booleans())
-def test_sorter_gives_sorted_distinct_digests_whatever_the_chunk(values, chunk, via_table, tmp_path_factory):
+@given(values=st.lists(digest, max_size=300), chunk=st.integers(1, 50), via_table=st.booleans(),
+       budget=st.integers(1, 64), least=st.integers(1, 8))
+def test_sorter_gives_sorted_distinct_digests_whatever_the_chunk(values, chunk, via_table, budget, least,
+                                                                 tmp_path_factory):
+    """...and whatever the merge's block per run (digest_sets.merge_block: runs of many digests
+    read a few at a time, so a block of one run ends anywhere in another's)."""
     tmp = str(tmp_path_factory.mktemp("runs"))
-    with digest_sets.DigestSorter(tmp, chunk=chunk) as sorter:
+    with mock.patch.object(digest_sets, "MERGE_BUDGET", budget), \
+            mock.patch.object(digest_sets, "MIN_MERGE_BLOCK", least), \
+            digest_sets.DigestSorter(tmp, chunk=chunk) as sorter:
         if via_table:
             t = mf.SegmentTable(len(values))
             for i, d in enumerate(values):
