@@ -89,11 +89,11 @@ def supervisor_alive(job: InstantJob) -> bool:
             and procs.process_running(job.supervisor_pid, job.supervisor_ticks))
 
 
-def start_server(cfg, d: InstantDisk, verbose: int = 0) -> None:
+def start_server(cfg, d: InstantDisk, verbose: int = 0, manifest: Optional[Manifest] = None) -> None:
     """A detached server for disk `d` on its socket, reachable by QEMU (libvirt-qemu): fills in its
-    PID and start time."""
+    PID and start time. `manifest`: d.key's, loaded already (a 1 TiB disk's takes ~0.4 s)."""
     srv = server.start(cfg, d.namespace, d.key, socket_path=d.socket, detached=True, logfile=d.log,
-                       verbose=verbose, zeros_as_holes=True)
+                       verbose=verbose, zeros_as_holes=True, manifest=manifest)
     d.server_pid, d.server_ticks = srv.pid, srv.start_ticks
     try:
         pw = pwd.getpwnam(QEMU_USER)
@@ -175,8 +175,8 @@ def start_instant(cfg, found: Sequence[Tuple[Optional[str], str, Manifest]], dir
             raise UsageError(f"--to {directory}: cannot create it: {e.strerror}") from e
         if made_dir:
             undo.callback(_rmdir_quietly, directory)
-        for d in job.disks:
-            start_server(cfg, d, verbose)
+        for d, (_, _, m) in zip(job.disks, found, strict=True):
+            start_server(cfg, d, verbose, m)
             undo.callback(stop_server, d)
             create_overlay(d.overlay, d.socket, d.virtual_size)
             undo.callback(_unlink_quietly, d.overlay)

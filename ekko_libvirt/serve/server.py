@@ -164,21 +164,19 @@ def start(cfg, namespace: Optional[str], key: str, *, socket_path: Optional[str]
           cache_bytes: Optional[int] = None, readahead: Optional[int] = None, verbose: int = 0,
           log: Optional[TextIO] = None, exit_with_parent: bool = True,
           pythonpath: Optional[List[str]] = None, nbdkit: str = "nbdkit", detached: bool = False,
-          logfile: Optional[str] = None, zeros_as_holes: bool = False) -> Server:
+          logfile: Optional[str] = None, zeros_as_holes: bool = False,
+          manifest: Optional[Manifest] = None) -> Server:
     """Serve the backup whose manifest is `key` in namespace `namespace` of cfg's store; returns
     once a client can connect. UsageError: a bad socket or address; ServeError: nbdkit missing
     or failing; the errors of catalog.load for the manifest. detached: a daemon that outlives
     this process (no lifeline; srv.proc is None), its log appended to `logfile`. zeros_as_holes:
-    block status marks zero segments HOLE only (plugin.extents: what block-stream must skip)."""
+    block status marks zero segments HOLE only (plugin.extents: what block-stream must skip).
+    manifest: the manifest of `key`, loaded and checked by the caller already (not loaded again)."""
     if detached:
         exit_with_parent = False
         if logfile is None:
             raise ValueError("a detached server needs a logfile (its stderr is gone)")
-    store = open_store(cfg, namespace)
-    try:
-        m = catalog.load(store, key)
-    finally:
-        store.close()
+    m = manifest if manifest is not None else _load(cfg, namespace, key)
     if not cfg.source:
         raise UsageError("ekko serve needs a config file (the server reads it again)")
     if tcp is None:
@@ -250,6 +248,14 @@ def start(cfg, namespace: Optional[str], key: str, *, socket_path: Optional[str]
     if srv.socket:
         os.chmod(srv.socket, 0o600)     # nbdkit makes it 0755 whatever the umask: no one else can connect
     return srv
+
+
+def _load(cfg, namespace: Optional[str], key: str) -> Manifest:
+    store = open_store(cfg, namespace)
+    try:
+        return catalog.load(store, key)
+    finally:
+        store.close()
 
 
 @contextmanager
