@@ -6,7 +6,7 @@ domain from the CLI or the agent, a shut-off domain through its qemu-storage-dae
     recover  the engine settles what a killed run left, and says which chains it found broken
     plans    full or incremental per disk, and why (engine.bitmaps.plan_generation: pure)
     quiesce  freeze or not (engine/freeze.py: the policy, the guest agent's answer); `filesystem`
-             and a guest that cannot be frozen stop here, before QEMU is touched
+             and a guest that cannot be frozen stop here, before the engine changes anything
     begin    ONE engine transaction: new generations + views of all disks, inside the freeze
              window (frozen just before it, thawed just after; a failed one thaws, then undoes)
     copy     every disk's segments (copy.copy_segments: durable, rechecked, read back)
@@ -23,6 +23,7 @@ The order is the safety argument:
      it finds its generation merged away and is a full that says so.
 """
 
+import contextlib
 import dataclasses
 import datetime
 import fcntl
@@ -103,26 +104,26 @@ def _transaction(engine: Engine, store: Store, disks: Sequence[DiskJob], opts: B
     # a chain sealed with a key we do not hold stops the backup here (KeyMismatch), before the engine changes anything
     key_reasons = {t: chain_key_reason(c.entry.key, c.entry.key_fingerprint, codec.fingerprint, opts.force_full)
                    if c.entry is not None else None for t, c in chains.items()}
-    recovered = engine.recover(chains)
-    infos = engine.inspect()
-    backup_id = catalog.new_backup_id()
-    plans = {d.target: _plan(infos[d.target], chains[d.target], key_reasons[d.target], opts, backup_id,
-                             (broken if chains[d.target].head is not None else None)
-                             or recovered.broken.get(d.target)) for d in disks}
-    for d in disks:
-        log.info("%s: %s backup %s: %s", d.target, plans[d.target].kind, backup_id, plans[d.target].reason)
-    parents = {d.target: _parent(store, chains[d.target], plans[d.target]) for d in disks}
-    guard = scratch.guard_for(engine.scratch_dir, opts.scratch_reserve)
-    if guard:
-        guard.check_start()
-    started = time.time()
+    # before recover(): a guest that must be frozen and cannot be stops the backup here, before the
+    # engine changes anything (libvirt's recover redefines the base checkpoint on the domain)
     quiescer = Quiescer(opts.consistency, engine.guest_agent(opts.agent_timeout), opts.target,
                         os.path.join(opts.state_dir or opts.lock_dir, "thaw-reaper.log"))
-    try:
+    with contextlib.closing(quiescer):         # the agent's connection, whatever happens
         quiescer.prepare()
+        recovered = engine.recover(chains)
+        infos = engine.inspect()
+        backup_id = catalog.new_backup_id()
+        plans = {d.target: _plan(infos[d.target], chains[d.target], key_reasons[d.target], opts, backup_id,
+                                 (broken if chains[d.target].head is not None else None)
+                                 or recovered.broken.get(d.target)) for d in disks}
+        for d in disks:
+            log.info("%s: %s backup %s: %s", d.target, plans[d.target].kind, backup_id, plans[d.target].reason)
+        parents = {d.target: _parent(store, chains[d.target], plans[d.target]) for d in disks}
+        guard = scratch.guard_for(engine.scratch_dir, opts.scratch_reserve)
+        if guard:
+            guard.check_start()
+        started = time.time()
         session = engine.begin(plans, {t: i.virtual_size for t, i in infos.items()}, backup_id, quiescer)
-    finally:
-        quiescer.close()
     consistency = quiescer.result
     try:
         crash_point("after-transaction")

@@ -17,9 +17,6 @@ from harness import guest as G
 from harness.libvirtd import destroy_and_undefine, make_workdir
 from libvirt_fixtures import libvirt_conn, libvirtd, missing  # noqa: F401
 
-QUIESCE = "<metadata><ekko:os_require_quiesce xmlns:ekko='urn:ekko:test'>yes</ekko:os_require_quiesce></metadata>"
-
-
 def domain_xml(name: str, image: str, console: str, kernel: str, initrd: str, agent: bool, metadata: str = "",
                dom_type: str = "qemu") -> str:
     channel = ("<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
@@ -126,17 +123,27 @@ def test_libvirt_chain_frozen_under_load(lvguests, lvwork):
 
 
 def test_libvirt_without_channel_and_nova_quiesce(lvguests, lvwork):
-    """No guest agent channel: `auto` says so in the manifest; a domain that asks for quiescing
-    (os_require_quiesce in its metadata) cannot be, so its backup fails and commits nothing."""
-    plain = lvguests("nochan", agent=False)
+    """No guest agent channel: `auto` says so in the manifest. The same domain then asks for
+    quiescing (os_require_quiesce put into its metadata, as Nova would from the image): it cannot
+    be frozen, so its backup fails and commits nothing."""
+    import libvirt
+    g = lvguests("nochan", agent=False)
     ek = ekko_in(lvwork, "nochan")
-    b = ek.backup(plain.dom.name())
+    name = g.dom.name()
+    b = ek.backup(name)
     assert b["consistency"] == {"level": "crash",
                                 "reason": "the domain has no guest agent channel (org.qemu.guest_agent.0)"}, b
-    nova = lvguests("quiesce", agent=False, metadata=QUIESCE)
-    p = ek.run("backup", nova.dom.name(), check=False)
+    g.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, "<os_require_quiesce>yes</os_require_quiesce>",
+                      "ekko", "urn:ekko:test", libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    before = ek.run("list", name, json_out=True).data["backups"]
+    p = ek.run("backup", name, check=False)
     assert p.returncode == 1, p.stderr
     assert "consistency: filesystem, but the guest cannot be frozen (the domain has no guest agent channel" \
         in p.stderr, p.stderr
-    assert ek.run("list", nova.dom.name(), json_out=True).data["backups"] == []
-    assert not nova.dom.listAllCheckpoints(), "a refused backup left a checkpoint"
+    assert ek.run("list", name, json_out=True).data["backups"] == before
+    assert not g.dom.listAllCheckpoints(), "a refused backup left a checkpoint"
+    g.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, "urn:ekko:test",
+                      libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    c = ek.backup(name)                 # nothing lost: the chain goes on from the last committed backup
+    assert c["kind"] == "incremental" and c["parent"] == b["backup_id"], c
+    assert c["consistency"]["level"] == "crash", c
