@@ -1,6 +1,9 @@
 """`ekko files BACKUP [PATH]`: list a directory of the guest file system in a backup;
 `ekko files BACKUP PATH... --extract DIR`: copy files and trees out. Through `ekko serve`'s
-server (serve/server.py) and one libguestfs appliance per command (serve/files.py)."""
+server (serve/server.py) and one libguestfs appliance per command (serve/files.py).
+
+Exit 3 when the guest file system is damaged: it cannot be mounted, the directory cannot be
+read, or (extracting) some entries could not be read: those are named, the rest is extracted."""
 
 import datetime
 import stat
@@ -10,6 +13,8 @@ from ..errors import UsageError
 from ..serve import files, server
 from .render import EXIT_OK, emit
 from .serve import locate_namespace
+
+EXIT_DAMAGED = files.DamagedFileSystem.exit_code
 
 
 def cmd_files(cfg, args) -> int:
@@ -26,23 +31,36 @@ def cmd_files(cfg, args) -> int:
             where = {"backup_id": srv.manifest.backup_id, "target": srv.manifest.target,
                      "filesystem": g.device, "fstype": g.fstype}
             if args.extract is None:
-                entries = g.listdir(wanted[0])
+                entries, refused = g.listdir(wanted[0])
                 if args.json:
-                    emit(dict(where, ok=True, path=wanted[0], entries=[e.as_dict() for e in entries]))
+                    emit(dict(where, ok=True, path=wanted[0], entries=[e.as_dict() for e in entries],
+                              refused=refused))
                 else:
                     print(f"{where['backup_id']} ({where['target']}) {g.device} ({g.fstype}): {wanted[0]}")
                     for e in entries:
                         print(_line(e))
+                for r in refused:
+                    sys.stderr.write(f"ekko files: {files.printable(r)}: a name that is not one path component, "
+                                     "not shown\n")
                 return EXIT_OK
             done = files.extract(g, wanted, args.extract)
+    failed = [{"path": p, "error": why} for p, why in done.failed]
     if args.json:
-        emit(dict(where, ok=True, into=args.extract, paths=wanted, files=done.files, directories=done.directories,
-                  symlinks=done.symlinks, bytes=done.bytes, skipped=done.skipped))
+        emit(dict(where, ok=not failed, into=args.extract, paths=wanted, files=done.files,
+                  directories=done.directories, symlinks=done.symlinks, hardlinks=done.hardlinks, bytes=done.bytes,
+                  skipped=done.skipped, failed=failed))
     else:
         print(f"extracted {done.files} files ({done.bytes} bytes), {done.directories} directories, "
-              f"{done.symlinks} symlinks from {where['backup_id']} {where['filesystem']} into {args.extract}")
-        for p in done.skipped or []:
-            sys.stderr.write(f"ekko files: skipped {files.printable(p)} (not a file, directory or symlink)\n")
+              f"{done.symlinks} symlinks, {done.hardlinks} hard links from {where['backup_id']} "
+              f"{where['filesystem']} into {args.extract}")
+    for p in done.skipped:
+        sys.stderr.write(f"ekko files: skipped {files.printable(p)} (not a file, directory or symlink)\n")
+    for p, why in done.failed:
+        sys.stderr.write(f"ekko files: not extracted: {files.printable(p)}: {why}\n")
+    if failed:
+        sys.stderr.write(f"ekko files: {len(failed)} entries could not be read (damaged guest file system); "
+                         "everything else is in the destination\n")
+        return EXIT_DAMAGED
     return EXIT_OK
 
 

@@ -17,19 +17,29 @@ created with O_EXCL|O_NOFOLLOW, and symlinks are made as symlinks, their targets
 is overwritten. Owners are not restored; setuid/setgid bits are dropped (the files belong to
 whoever runs ekko, root: a guest's setuid binary must not become a setuid-root one here).
 
+Hard links are kept (one inode, several names, within one extraction). Regular files are copied
+as their allocation says (`copy_plan`): an empty one costs no transfer, one with no block at all
+is made as a hole of its size (a hostile 1 TiB sparse file costs nothing here), a sparse one is
+read in pieces and its zero pieces are left as holes, so DIR never holds more than the data.
+What the guest file system cannot give (a directory the kernel finds damaged, a read error, a
+name that is not one path component) is skipped and named, the rest extracted (exit 3).
+
 libguestfs (Debian python3-guestfs, system Python 3.11 only) is imported when a command needs
 it. The appliance runs under KVM when /dev/kvm works and TCG otherwise (LIBGUESTFS_BACKEND=direct
-unless set).
+unless set). Where KVM is there but refuses the appliance (nested KVM here), every launch would
+first fail under KVM (~3 s) and start again under TCG: the refusal is remembered in
+libguestfs' own cache directory, per QEMU binary and host kernel (`accel_order`).
 """
 
 import errno
 import importlib
+import json
 import logging
 import os
 import posixpath
 import stat
-from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from ..errors import EkkoError, UsageError
 
@@ -40,6 +50,14 @@ TYPES = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFLNK: "symlink
          stat.S_IFBLK: "block", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
 # file systems worth mounting: what list_filesystems reports that is not one
 NOT_MOUNTABLE = {"swap", "unknown", "luks", "crypto_LUKS", "LVM2_member", "linux_raid_member"}
+# errors of the guest's kernel that mean "the file system is damaged here" (EUCLEAN is also what
+# Linux returns for a directory entry whose name holds a '/'), or a read that failed (EIO: a
+# damaged segment of the backup too, which the server's log then names)
+DAMAGE = tuple(os.strerror(c) for c in (errno.EUCLEAN, errno.EIO, errno.EBADMSG))
+# Larger than any file data kept inside an inode (ext4 inline data, btrfs inline extents, NTFS
+# resident data are at most a block): a file this big with no block allocated is all hole.
+INLINE_MAX = 64 * 1024
+PIECE = 2 * 1024 * 1024        # guestfs pread returns at most 2 MiB per call
 
 
 class FilesError(EkkoError):
@@ -50,6 +68,12 @@ class FilesError(EkkoError):
 
 class ApplianceError(EkkoError):
     """The libguestfs appliance could not start or failed (exit 1); the message is its own."""
+
+
+class DamagedFileSystem(EkkoError):
+    """The guest file system cannot be mounted or read there: damaged as the guest left it, or a
+    damaged segment of the backup (exit 3, as for damaged data elsewhere)."""
+    exit_code = 3
 
 
 # -- pure parts ---------------------------------------------------------------------------------
@@ -107,6 +131,9 @@ class Entry:
     mode: int             # permission bits (st_mode & 0o7777)
     mtime_ns: int
     target: Optional[str] = None      # a symlink's target, as stored (never resolved)
+    blocks: int = 0                   # 512-byte units allocated (st_blocks): the file's data, holes not
+    ino: int = 0
+    nlink: int = 1
 
     def as_dict(self) -> Dict[str, Any]:
         return {"name": self.name, "path": self.path, "type": self.type, "size": self.size,
@@ -120,7 +147,31 @@ def entry_of(directory: str, name: str, st: Dict[str, int], target: Optional[str
     kind = TYPES.get(stat.S_IFMT(mode), "other")
     mtime = int(st["st_mtime_sec"]) * 1_000_000_000 + int(st["st_mtime_nsec"])
     return Entry(name, posixpath.join(directory, name), kind, int(st["st_size"]), mode & 0o7777, mtime,
-                 target if kind == "symlink" else None)
+                 target if kind == "symlink" else None, max(0, int(st.get("st_blocks", 0))), int(st.get("st_ino", 0)),
+                 int(st.get("st_nlink", 1)))
+
+
+def copy_plan(e: Entry) -> str:
+    """How a regular file's content comes out of the appliance: 'empty' (nothing to transfer),
+    'hole' (no block allocated and too big to live in its inode: all zeros, made as a hole of its
+    size), 'sparse' (fewer blocks than its size: read in pieces, zero pieces left as holes) or
+    'dense' (one streamed download)."""
+    if e.size <= 0:
+        return "empty"
+    if e.blocks == 0 and e.size > INLINE_MAX:
+        return "hole"
+    if e.blocks * 512 < e.size:
+        return "sparse"
+    return "dense"
+
+
+def accel_order(kvm_device: bool, forced_tcg: bool, refused_here: bool) -> List[bool]:
+    """Launches to try, in order (True: TCG). KVM first when it may work; TCG after it, since
+    nested KVM may refuse the appliance's CPU; straight to TCG when KVM already refused this
+    QEMU on this host kernel."""
+    if not kvm_device or forced_tcg or refused_here:
+        return [True]
+    return [False, True]
 
 
 def choose_filesystem(found: Dict[str, str], wanted: Optional[str]) -> Tuple[str, str]:
@@ -146,7 +197,9 @@ class Guest:
     """One libguestfs handle on one NBD export (unix socket), a file system mounted read-only on
     '/'. Each call is a round trip to the appliance; a directory is listed in three."""
 
-    def __init__(self, socket: str, fs: Optional[str] = None, trace: bool = False):
+    def __init__(self, socket: Union[str, Sequence[str]], fs: Optional[str] = None, trace: bool = False):
+        """socket: one NBD export (unix socket), or several: one appliance, several disks (sda,
+        sdb, ... in that order), so one launch serves them all."""
         os.environ.setdefault("LIBGUESTFS_BACKEND", "direct")
         try:
             guestfs: Any = importlib.import_module("guestfs")
@@ -154,34 +207,50 @@ class Guest:
             raise ApplianceError("libguestfs' Python binding is not installed (Debian: apt install python3-guestfs "
                                  "libguestfs-tools linux-image-amd64; it exists for the system python3.11 only)") from e
         self.g: Any = None
-        tcg = not os.access("/dev/kvm", os.R_OK | os.W_OK) or "force_tcg" in os.environ.get(
-            "LIBGUESTFS_BACKEND_SETTINGS", "")
-        try:
-            self._launch(guestfs, socket, tcg, trace)
-        except RuntimeError as e:
-            self.close()
-            if tcg:
-                raise ApplianceError(f"the libguestfs appliance failed to start: {e}") from e
-            # KVM is there but the appliance's `-cpu host` may not run on it (nested KVM refusing an
-            # MSR, measured here): TCG then, slower but the same result.
-            log.warning("the libguestfs appliance did not start under KVM; using TCG (slower)")
-            log.debug("under KVM: %s", e)
+        self.device = self.fstype = ""
+        verdict = _verdict_path()
+        order = accel_order(os.access("/dev/kvm", os.R_OK | os.W_OK),
+                            "force_tcg" in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", ""),
+                            _refused(verdict))
+        for n, tcg in enumerate(order):
             try:
-                self._launch(guestfs, socket, True, trace)
-            except RuntimeError as e2:
+                self._launch(guestfs, [socket] if isinstance(socket, str) else list(socket), tcg, trace)
+                break
+            except RuntimeError as e:
                 self.close()
-                raise ApplianceError(f"the libguestfs appliance failed to start: {e2}") from e2
-        found = self._call("list_filesystems")
-        self.device, self.fstype = choose_filesystem(dict(found), fs)
-        self._call("mount_ro", self.device, "/")
+                if n == len(order) - 1:
+                    raise ApplianceError(f"the libguestfs appliance failed to start: {e}") from e
+                # KVM is there but the appliance's `-cpu host` may not run on it (nested KVM refusing
+                # an MSR, measured here): TCG then, slower but the same result; remembered.
+                log.warning("the libguestfs appliance did not start under KVM; using TCG (slower)")
+                log.debug("under KVM: %s", e)
+                _remember_refusal(verdict, str(e))
+        self.filesystems: Dict[str, str] = dict(self._call("list_filesystems"))
+        self.use(fs)
 
-    def _launch(self, guestfs: Any, socket: str, tcg: bool, trace: bool) -> None:
+    def use(self, fs: Optional[str] = None) -> None:
+        """Mount file system `fs` (or the only one) read-only on '/', instead of the one before.
+        DamagedFileSystem when the guest's kernel cannot mount it."""
+        device, fstype = choose_filesystem(self.filesystems, fs)
+        if self.device:
+            self._call("umount_all")
+            self.device = self.fstype = ""
+        try:
+            self.g.mount_ro(device, "/")
+        except RuntimeError as e:
+            raise DamagedFileSystem(f"{device} ({fstype}) cannot be mounted read-only: {_reason(e)}; the file "
+                                    "system is damaged in this backup (as the guest left it, or a damaged segment: "
+                                    "the server's log names those)") from e
+        self.device, self.fstype = device, fstype
+
+    def _launch(self, guestfs: Any, sockets: List[str], tcg: bool, trace: bool) -> None:
         self.g = g = guestfs.GuestFS(python_return_dict=True)
         if trace:
             g.set_trace(1)
         if tcg:
             g.set_backend_settings(["force_tcg"])
-        g.add_drive_opts("", format="raw", readonly=1, protocol="nbd", server=[f"unix:{socket}"])
+        for socket in sockets:
+            g.add_drive_opts("", format="raw", readonly=1, protocol="nbd", server=[f"unix:{socket}"])
         g.launch()
 
     def close(self) -> None:
@@ -202,8 +271,13 @@ class Guest:
             return getattr(self.g, name)(*args)
         except RuntimeError as e:
             # the Python binding has no last_errno: the daemon's message carries strerror
+            what = printable(str(args[0])) if args else ""
             if any(os.strerror(c) in str(e) for c in (errno.ENOENT, errno.ENOTDIR)):
-                raise FilesError(f"{args[0] if args else ''}: no such file or directory in {self.device}") from e
+                raise FilesError(f"{what}: no such file or directory in {self.device}") from e
+            if any(d in str(e) for d in DAMAGE):
+                raise DamagedFileSystem(f"{what}: {_reason(e)} (reading {self.device} ({self.fstype}): damaged "
+                                        "there in this backup, or a damaged segment: the server's log names those)"
+                                        ) from e
             raise ApplianceError(f"libguestfs {name}: {e}") from e
 
     def stat(self, path: str) -> Entry:
@@ -212,29 +286,66 @@ class Guest:
         target = self._call("readlink", path) if stat.S_ISLNK(int(st["st_mode"])) else None
         return entry_of(posixpath.dirname(path), posixpath.basename(path) or "/", st, target)
 
-    def listdir(self, path: str) -> List[Entry]:
-        """The entries of directory `path`, sorted by name (a file: itself)."""
+    def listdir(self, path: str) -> Tuple[List[Entry], List[str]]:
+        """The entries of directory `path`, sorted by name (a file: itself), and the names in it
+        refused (not one path component: never looked up, since the lookup would go elsewhere).
+        Three round trips to the appliance whatever the number of entries."""
         top = self.stat(path)
         if top.type != "directory":
-            return [top]
-        names = sorted(check_name(n) for n in self._call("ls", top.path))
+            return [top], []
+        names, refused = [], []
+        for n in self._names(top.path):
+            try:
+                names.append(check_name(n))
+            except FilesError:
+                refused.append(posixpath.join(top.path, n))
+        names.sort()
         if not names:
-            return []
+            return [], refused
         stats = self._call("lstatnslist", top.path, names)
         links = [n for n, st in zip(names, stats, strict=True) if stat.S_ISLNK(int(st["st_mode"]))]
         targets = dict(zip(links, self._call("readlinklist", top.path, links), strict=True)) if links else {}
-        return [entry_of(top.path, n, st, targets.get(n)) for n, st in zip(names, stats, strict=True)]
+        return [entry_of(top.path, n, st, targets.get(n)) for n, st in zip(names, stats, strict=True)], refused
 
-    def walk(self, path: str) -> Iterator[Entry]:
-        """`path` and, for a directory, everything below it, parents before children."""
+    def _names(self, path: str) -> List[str]:
+        """The names in directory `path`. `ls` streams them (no message size limit: 100,000
+        names are fine), but when the guest's kernel fails the directory part-way its error is
+        lost ("file receive cancelled by daemon"). `readdir` may then say why; it cannot be
+        trusted to list (guestfsd's readdir ends quietly at the error, with what came before)."""
+        try:
+            return list(self._call("ls", path))
+        except ApplianceError as e:
+            if "cancelled" not in str(e):
+                raise
+            log.debug("ls %r: %s; asking readdir why", path, e)
+            self._call("readdir", path)         # DamagedFileSystem with the kernel's reason, if it has one
+            raise DamagedFileSystem(f"{printable(path)}: the directory cannot be read whole: the guest's kernel "
+                                    "stopped part-way (a damaged directory, e.g. an entry whose name holds '/', "
+                                    f"in {self.device} ({self.fstype}) of this backup)") from e
+
+    def walk(self, path: str, failed: Callable[[str, str], None]) -> Iterator[Entry]:
+        """`path` and, for a directory, everything below it, parents before children. What
+        cannot be listed (a damaged directory, a refused name) goes to failed(path, why)."""
         top = self.stat(path)
         yield top
-        if top.type == "directory":
-            for e in self.listdir(top.path):
-                if e.type == "directory":
-                    yield from self.walk(e.path)
-                else:
-                    yield e
+        if top.type != "directory":
+            return
+        stack = [top.path]
+        while stack:
+            d = stack.pop()
+            try:
+                entries, refused = self.listdir(d)
+            except DamagedFileSystem as err:
+                failed(d, str(err))
+                continue
+            for r in refused:
+                failed(r, "not a single path component: refused")
+            for e in entries:
+                yield e
+            stack.extend(reversed([e.path for e in entries if e.type == "directory"]))
+
+    def read(self, path: str, size: int, offset: int) -> bytes:
+        return self._call("pread", path, size, offset)
 
     def download(self, path: str, fd: int) -> None:
         """The content of regular file `path` into the open file `fd` (through /proc: the file
@@ -247,8 +358,27 @@ class Extracted:
     files: int = 0
     directories: int = 0
     symlinks: int = 0
+    hardlinks: int = 0                      # names made as links to a file extracted before
     bytes: int = 0
-    skipped: Optional[List[str]] = None     # devices, fifos, sockets: not extracted
+    skipped: List[str] = field(default_factory=list)     # devices, fifos, sockets: not extracted
+    failed: List[Tuple[str, str]] = field(default_factory=list)    # (guest path, why): could not be read
+
+
+def fill_sparse(read: Callable[[int, int], bytes], size: int, out: int) -> int:
+    """Copy `size` bytes, read in PIECE-sized pieces, into `out` at their offsets, leaving the
+    all-zero pieces as holes; the length set at the end. -> bytes written."""
+    zero = bytes(PIECE)
+    written = 0
+    for off in range(0, size, PIECE):
+        n = min(PIECE, size - off)
+        data = read(n, off)
+        if len(data) != n:
+            raise DamagedFileSystem(f"short read: {len(data)} of {n} bytes at offset {off}")
+        if data != zero[:n]:
+            os.pwrite(out, data, off)
+            written += n
+    os.ftruncate(out, size)
+    return written
 
 
 class Writer:
@@ -303,6 +433,25 @@ class Writer:
         finally:
             os.close(out)
 
+    def link(self, parts: List[str], first: List[str]) -> None:
+        """A hard link at `parts` to the file extracted before at `first` (both under DIR)."""
+        src, dst = self._parent(first), self._parent(parts)
+        try:
+            os.link(first[-1], parts[-1], src_dir_fd=src, dst_dir_fd=dst, follow_symlinks=False)
+        except FileExistsError:
+            raise FilesError(f"{self._show(parts)} exists: not overwritten") from None
+        finally:
+            os.close(src)
+            os.close(dst)
+
+    def remove(self, parts: List[str]) -> None:
+        """Remove the file this Writer created at `parts` (a copy that failed half-way)."""
+        fd = self._parent(parts)
+        try:
+            os.unlink(parts[-1], dir_fd=fd)
+        finally:
+            os.close(fd)
+
     def symlink(self, parts: List[str], e: Entry) -> None:
         assert e.target is not None
         fd = self._parent(parts)
@@ -331,30 +480,110 @@ class Writer:
 
 
 def extract(guest: Guest, paths: List[str], into: str) -> Extracted:
-    """Copy each guest path (file, symlink or tree) into directory `into`, as destination() says."""
+    """Copy each guest path (file, symlink or tree) into directory `into`, as destination() says.
+    A FilesError (a destination that exists) stops it; what the guest cannot give is in .failed."""
     roots = [guest_path(p) for p in paths]
     for r in roots:
         guest.stat(r)                   # every path exists, before anything is written
-    done = Extracted(skipped=[])
+    done = Extracted()
     w = Writer(into)
+
+    def failed(path: str, why: str) -> None:
+        done.failed.append((path, why))
     try:
         for root in roots:
-            for e in guest.walk(root):
+            seen: Dict[int, List[str]] = {}          # inode -> where its first name went
+            for e in guest.walk(root, failed):
                 parts = destination(root, e.path)
                 if e.type == "directory":
                     w.directory(parts, e)
                     done.directories += 1
+                elif e.type == "file" and e.nlink > 1 and e.ino in seen:
+                    w.link(parts, seen[e.ino])
+                    done.hardlinks += 1
                 elif e.type == "file":
-                    w.file(parts, e, lambda fd, e=e: guest.download(e.path, fd))
+                    try:
+                        w.file(parts, e, lambda fd, e=e: _fill(guest, e, fd))
+                    except DamagedFileSystem as err:
+                        w.remove(parts)
+                        failed(e.path, str(err))
+                        continue
+                    if e.nlink > 1:
+                        seen[e.ino] = parts
                     done.files += 1
                     done.bytes += e.size
                 elif e.type == "symlink":
                     w.symlink(parts, e)
                     done.symlinks += 1
                 else:
-                    assert done.skipped is not None
                     done.skipped.append(e.path)
         w.finish()
     finally:
         w.close()
     return done
+
+
+def _fill(guest: Guest, e: Entry, fd: int) -> None:
+    plan = copy_plan(e)
+    if plan == "hole":
+        os.ftruncate(fd, e.size)
+    elif plan == "sparse":
+        fill_sparse(lambda n, off: guest.read(e.path, n, off), e.size, fd)
+    elif plan == "dense":
+        guest.download(e.path, fd)
+
+
+def _reason(e: BaseException) -> str:
+    """libguestfs' message without its function-name prefix, on one line."""
+    text = " ".join(str(e).split())
+    head, sep, rest = text.partition(": ")
+    return rest if sep and " " not in head else text
+
+
+# -- KVM's refusal, remembered --------------------------------------------------------------------
+def _verdict_path() -> Optional[str]:
+    """A file in libguestfs' own cache directory for this user (the appliance lives there), or
+    None when that directory is not there or not ours (then nothing is remembered)."""
+    base = os.environ.get("LIBGUESTFS_CACHEDIR") or os.environ.get("TMPDIR") or "/var/tmp"
+    d = os.path.join(base, f".guestfs-{os.getuid()}")
+    try:
+        st = os.lstat(d)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return None
+    return os.path.join(d, "ekko-kvm-refused.json")
+
+
+def _host_key() -> Dict[str, Any]:
+    """What KVM's refusal depends on: the QEMU binary and the host kernel."""
+    key: Dict[str, Any] = {"kernel": os.uname().release}
+    for exe in ("/usr/bin/qemu-system-x86_64", "/usr/libexec/qemu-kvm"):
+        try:
+            st = os.stat(exe)
+        except OSError:
+            continue
+        key["qemu"] = [exe, st.st_size, st.st_mtime_ns]
+        break
+    return key
+
+
+def _refused(path: Optional[str]) -> bool:
+    if path is None:
+        return False
+    try:
+        with open(path, "rb") as f:
+            rec = json.loads(f.read(65536))
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and rec.get("key") == _host_key()
+
+
+def _remember_refusal(path: Optional[str], error: str) -> None:
+    if path is None:
+        return
+    from ..durable import write_json_atomic
+    try:
+        write_json_atomic(path, {"key": _host_key(), "error": " ".join(error.split())[:500]})
+    except OSError as e:
+        log.debug("could not remember that KVM refused the appliance: %s", e)

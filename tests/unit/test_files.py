@@ -135,3 +135,159 @@ def test_human_listing_line():
     assert _line(link) == "lrwxrwxrwx           11 2020-09-13 12:26:40 pass\\nwd -> /etc/passwd"
     d = Entry("ann", "/home/ann", "directory", 1024, 0o700, 0, None)
     assert _line(d) == "drwx------         1024 1970-01-01 00:00:00 ann"
+
+
+# -- copy plans, sparse copies, hard links, failures (issue 16 hardening) ----------------------------
+def sized(size, blocks, kind="file"):
+    return Entry("f", "/f", kind, size, 0o644, 0, None, blocks)
+
+
+def test_copy_plan():
+    assert files.copy_plan(sized(0, 0)) == "empty"
+    assert files.copy_plan(sized(0, 8)) == "empty"
+    # no block and bigger than any inline data: all hole (a 1 TiB sparse file costs nothing)
+    assert files.copy_plan(sized(1 << 40, 0)) == "hole"
+    assert files.copy_plan(sized(files.INLINE_MAX + 1, 0)) == "hole"
+    # no block but small enough to live in the inode (ext4 inline_data): read it
+    assert files.copy_plan(sized(60, 0)) == "sparse"
+    assert files.copy_plan(sized(files.INLINE_MAX, 0)) == "sparse"
+    assert files.copy_plan(sized(1 << 30, 8)) == "sparse"
+    assert files.copy_plan(sized(4096, 8)) == "dense"
+    assert files.copy_plan(sized(4097, 8)) == "sparse"
+    assert files.copy_plan(sized(4096, 16)) == "dense"     # preallocated beyond its size
+
+
+def test_accel_order():
+    assert files.accel_order(kvm_device=True, forced_tcg=False, refused_here=False) == [False, True]
+    assert files.accel_order(kvm_device=False, forced_tcg=False, refused_here=False) == [True]
+    assert files.accel_order(kvm_device=True, forced_tcg=True, refused_here=False) == [True]
+    assert files.accel_order(kvm_device=True, forced_tcg=False, refused_here=True) == [True]
+
+
+def test_kvm_refusal_is_remembered_per_qemu_and_kernel(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIBGUESTFS_CACHEDIR", str(tmp_path))
+    assert files._verdict_path() is None                   # libguestfs' directory not there: nothing kept
+    d = tmp_path / f".guestfs-{os.getuid()}"
+    d.mkdir(mode=0o755)
+    path = files._verdict_path()
+    assert path == str(d / "ekko-kvm-refused.json") and not files._refused(path)
+    files._remember_refusal(path, "failed to set MSR 0x10a\nto 0x69")
+    assert files._refused(path)
+    monkeypatch.setattr(files, "_host_key", lambda: {"kernel": "another"})
+    assert not files._refused(path)                        # a new kernel or QEMU: KVM is tried again
+    (d / "ekko-kvm-refused.json").write_text("not json")
+    assert not files._refused(path)
+    os.chmod(d, 0o777)                                     # writable by others: not trusted
+    assert files._verdict_path() is None
+
+
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_fill_sparse_writes_data_and_leaves_zero_pieces_as_holes(tmp_path, seed):
+    import random
+    rnd = random.Random(seed)
+    print("seed", seed)
+    piece = files.PIECE
+    size = rnd.randrange(3 * piece, 12 * piece)
+    content = bytearray(size)
+    for _ in range(rnd.randrange(1, 4)):                  # a few data runs, anywhere, any length
+        off = rnd.randrange(size)
+        n = rnd.randrange(1, min(size - off, piece * 2) + 1)
+        content[off:off + n] = rnd.randbytes(n)
+    calls = []
+
+    def read(n, off):
+        calls.append((off, n))
+        return bytes(content[off:off + n])
+    out = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        written = files.fill_sparse(read, size, out)
+    finally:
+        os.close(out)
+    assert (tmp_path / "f").read_bytes() == bytes(content)
+    data_pieces = [o for o in range(0, size, piece) if any(content[o:o + piece])]
+    assert written == sum(min(piece, size - o) for o in data_pieces)
+    assert calls == [(o, min(piece, size - o)) for o in range(0, size, piece)]
+    # the zero pieces are holes: allocation at most the data pieces (plus a block each side)
+    assert os.stat(tmp_path / "f").st_blocks * 512 <= written + 2 * 4096 * len(data_pieces) + 4096
+
+
+def test_fill_sparse_short_read_is_damage(tmp_path):
+    out = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(files.DamagedFileSystem, match="short read: 10 of 4096 bytes at offset 0"):
+            files.fill_sparse(lambda n, off: b"x" * 10, 4096, out)
+    finally:
+        os.close(out)
+
+
+class FakeGuest:
+    """A guest tree in memory, as serve.files.Guest answers: stat, walk (with its failure
+    callback), download and read; `bad_dirs` cannot be listed, `bad_files` fail their read."""
+
+    def __init__(self, tree, bad_dirs=(), bad_files=(), refused=()):
+        self.tree, self.bad_dirs, self.bad_files, self.refused = tree, set(bad_dirs), set(bad_files), refused
+
+    def stat(self, path):
+        return self.tree[path]
+
+    def walk(self, path, failed):
+        yield self.tree[path]
+        for p in sorted(self.tree):
+            if p.startswith(path.rstrip("/") + "/") and p != path:
+                if any(p.startswith(b + "/") for b in self.bad_dirs):
+                    continue
+                yield self.tree[p]
+        for b in sorted(self.bad_dirs):
+            failed(b, "Structure needs cleaning")
+        for r in self.refused:
+            failed(r, "not a single path component: refused")
+
+    def _data(self, path):
+        if path in self.bad_files:
+            raise files.DamagedFileSystem(f"{path}: Input/output error")
+        return self.tree[path].name.encode() * 3
+
+    def download(self, path, fd):
+        data = self._data(path)
+        os.write(fd, data[:1])              # half-way, then the error
+        os.write(fd, data[1:])
+
+    def read(self, path, n, off):
+        return self._data(path)[off:off + n]
+
+
+def node(path, kind, size=0, ino=0, nlink=1, target=None, blocks=None):
+    name = path.rsplit("/", 1)[1] or "/"
+    return Entry(name, path, kind, size, 0o644 if kind != "directory" else 0o755, 1_600_000_000 * 10**9, target,
+                 (size + 511) // 512 if blocks is None else blocks, ino, nlink)
+
+
+def test_extract_keeps_hard_links_and_names_what_it_cannot_read(tmp_path):
+    tree = {p: node(p, k, **kw) for p, k, kw in [
+        ("/", "directory", {}), ("/d", "directory", {}), ("/d/a", "file", {"size": 3, "ino": 5, "nlink": 2}),
+        ("/d/b", "file", {"size": 3, "ino": 5, "nlink": 2}), ("/d/c", "file", {"size": 3, "ino": 6}),
+        ("/bad", "directory", {}), ("/bad/x", "file", {"size": 3}), ("/broken", "file", {"size": 21}),
+        ("/huge", "file", {"size": 1 << 40, "blocks": 0}), ("/empty", "file", {}),
+        ("/l", "symlink", {"target": "/etc/passwd"}), ("/fifo", "fifo", {})]}
+    g = FakeGuest(tree, bad_dirs=["/bad"], bad_files=["/broken"], refused=["/d/../x"])
+    into = tmp_path / "out"
+    done = files.extract(g, ["/"], str(into))
+    assert (done.files, done.hardlinks, done.directories, done.symlinks) == (4, 1, 3, 1)
+    assert done.skipped == ["/fifo"]
+    assert done.failed == [("/broken", "/broken: Input/output error"), ("/bad", "Structure needs cleaning"),
+                           ("/d/../x", "not a single path component: refused")]
+    assert os.stat(into / "d" / "a").st_ino == os.stat(into / "d" / "b").st_ino
+    assert os.stat(into / "d" / "a").st_nlink == 2 and (into / "d" / "b").read_bytes() == b"aaa"
+    assert os.stat(into / "d" / "c").st_nlink == 1
+    assert not (into / "broken").exists()                 # the half-written copy removed
+    assert os.listdir(into / "bad") == []
+    st = os.stat(into / "huge")
+    assert st.st_size == 1 << 40 and st.st_blocks == 0    # a hole: nothing read, nothing allocated
+    assert (into / "empty").read_bytes() == b""
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_reason_drops_the_function_prefix():
+    assert files._reason(RuntimeError("mount_ro: /dev/sda2 on / (options: 'ro'): mount: bad\n superblock")) == (
+        "/dev/sda2 on / (options: 'ro'): mount: bad superblock")
+    assert files._reason(RuntimeError("no prefix here")) == "no prefix here"
