@@ -154,7 +154,7 @@ def run_sync(cfg, settings, workers: int = 4, cancel: Optional[threading.Event] 
     namespace of the source. Per destination the record keeps `last_complete_ns`: the start of the
     last run after which the destination held every backup of the source (carried over from
     `previous`, the last record, while runs fail or are cut short): how far the replica lags."""
-    from ..lifecycle.sync import Syncer
+    from ..lifecycle.sync import Syncer, fetchers
     from ..store.factory import namespaces, open_raw_store, open_store
     started = time.time_ns()
     before = {d.get("dest"): d for d in (previous or {}).get("stores") or () if isinstance(d, dict)}
@@ -168,8 +168,9 @@ def run_sync(cfg, settings, workers: int = 4, cancel: Optional[threading.Event] 
             dst_cfg = cfg.with_store(dest)
             policy = settings.retention_of(dest)
             select = _kept_by(policy, tz) if policy is not None else None
+            n = fetchers(workers, src_cfg.store.type, dict(src_cfg.store.options))
             reps = [Syncer(open_store(src_cfg, ns), open_raw_store(src_cfg, ns), open_raw_store(dst_cfg, ns),
-                           project=ns, workers=workers, cancel=cancel, select=select).run()
+                           project=ns, workers=n, cancel=cancel, select=select).run()
                     for ns in namespaces(src_cfg)]
         except Exception as e:   # noqa: BLE001 -- recorded; the other destinations still get their turn
             if not isinstance(e, EkkoError):

@@ -7,7 +7,7 @@ from typing import Dict, List
 from .. import units
 from ..config import Config
 from ..errors import UsageError
-from ..lifecycle.sync import SyncReport, Syncer
+from ..lifecycle.sync import SyncReport, Syncer, fetchers
 from ..store.factory import namespaces, open_raw_store, open_store
 from . import logs
 from .render import EXIT_DAMAGED, EXIT_OK, emit, progress_bar
@@ -31,7 +31,8 @@ def cmd_sync(cfg: Config, args) -> int:
             def progress(done, _total, base=copied_before):
                 bar(base + done, None)
             syncer = Syncer(open_store(src_cfg, ns), open_raw_store(src_cfg, ns), open_raw_store(dst_cfg, ns),
-                            project=ns, workers=cfg.workers, progress=progress)
+                            project=ns, progress=progress,
+                            workers=fetchers(cfg.workers, src_cfg.store.type, dict(src_cfg.store.options)))
             reports.append(syncer.run())
             copied_before += reports[-1].bytes_copied
     finally:

@@ -88,6 +88,16 @@ def candidates(needed: Set[bytes], parent: Optional[Set[bytes]], done: Set[bytes
     return out - parent if parent is not None else out
 
 
+def fetchers(workers: int, store_type: str, options: Dict) -> int:
+    """Segments fetched at once: a Swift source answers each GET after a round trip, so its
+    `threads` (default 8) come on top of the workers that decode and re-hash (measured: 4 fetching
+    gave 0.35x a full backup's throughput Swift -> Swift, bench/sync.py)."""
+    if store_type != "swift":
+        return workers
+    threads = options.get("threads", 8)
+    return workers + (threads if isinstance(threads, int) and not isinstance(threads, bool) else 8)
+
+
 # -- I/O --------------------------------------------------------------------------------------------
 def open_object(codec: Codec, key: str, blob: bytes) -> bytes:
     """The plain object under `key` as a source store holds it (sealed: opened with its key)."""
