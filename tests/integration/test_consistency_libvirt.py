@@ -7,7 +7,9 @@ Run under `flock /tmp/ekko-libvirtd.lock` like every libvirtd test."""
 
 import os
 import re
+import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -93,7 +95,8 @@ def ekko_in(work: str, name: str, **extra) -> Ekko:
 def test_libvirt_chain_frozen_under_load(lvguests, lvwork):
     """Five backups through libvirt while the guest writes: each frozen by the domain's agent
     around backupBegin (its hook ran once each way), each restored disk clean without replay and
-    every journaled file there with its checksum, checked by the guest booted on them read-only."""
+    every journaled file there with its checksum, checked by the guest booted on them read-only.
+    Then ekko SIGKILLed with the guest frozen: thawed and writing again within 5 s."""
     g = lvguests("chain")
     ek = ekko_in(lvwork, "chain")
     dom = g.dom.name()
@@ -120,6 +123,29 @@ def test_libvirt_chain_frozen_under_load(lvguests, lvwork):
         assert re.fullmatch(r"ok files=[1-9]\d* torn=0", res), f"{raw}: {res}"
     for raw in restored:
         os.unlink(raw)
+    # ekko SIGKILLed while libvirt holds the guest frozen: the thaw reaper thaws through libvirt
+    fifo = os.path.join(lvwork, "pause.fifo")
+    os.mkfifo(fifo)
+    mark = g.console.mark()
+    proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ek.path, "backup", dom],
+                            env=dict(os.environ, PYTHONPATH=G.ROOT, EKKO_TEST_PAUSE=f"while-frozen:{fifo}"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        fd = os.open(fifo, os.O_WRONLY)          # blocks until ekko waits there, the guest frozen
+        g.console.wait_for(r"^EKKO-HOOK freeze$", 30, since=mark)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        os.close(fd)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.unlink(fifo)
+    after = g.console.mark()
+    g.console.wait_for(r"^EKKO-HOOK thaw$", 5, since=mark)
+    g.console.wait_for(r"^EKKO-W /mnt/vda \d+ \d+$", 5, since=after)
+    c = ek.backup(dom)                  # the next run settles the killed one and freezes again
+    assert c["consistency"]["level"] == "filesystem", c
 
 
 def test_libvirt_without_channel_and_nova_quiesce(lvguests, lvwork):
