@@ -19,8 +19,9 @@ def main(argv) -> int:
     if rest == DONE:
         return 0
     with open(log_path, "a") as log:
+        what = "thawing its guest" if fields["kind"] == "thaw" else "ending its point-in-time view"
         log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} backup of {fields['name']} ended without settling its "
-                  "session: ending its point-in-time view\n")
+                  f"session: {what}\n")
         try:
             _ENDS[fields["kind"]](fields)
             log.write("  done; generations and checkpoints are left to the next run's recovery\n")

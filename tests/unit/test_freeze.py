@@ -351,3 +351,47 @@ def test_a_reader_from_before_consistency_reads_the_new_manifests():
     got = old.decode(mf.encode(m))
     assert bytes(got.table.flags) == bytes(t.flags) and bytes(got.table.digests) == bytes(t.digests)
     assert {k: v for k, v in got.header().items()} == {k: v for k, v in m.header().items() if k != "consistency"}
+
+
+def test_thaw_reaper_process_thaws_when_its_pipe_closes_without_done(tmp_path):
+    """The real reaper process (engine/reaper_main.py, kind thaw) against a fake agent: abandoned
+    (what a SIGKILLed ekko or a failed thaw does), it syncs, thaws and asks until it hears thawed."""
+    from ekko_libvirt.engine.reaper import Reaper
+    seen, state = [], {"frozen": True}
+
+    def behave(conn, msg):
+        seen.append(msg["execute"])
+        if msg["execute"] == "guest-fsfreeze-thaw":
+            state["frozen"] = False
+            conn.sendall(b'{"return": 2}\n')
+        elif msg["execute"] == "guest-fsfreeze-status":
+            conn.sendall(json.dumps({"return": "frozen" if state["frozen"] else "thawed"}).encode() + b"\n")
+        else:
+            honest(conn, msg)
+    srv = FakeServer(behave)
+    try:
+        r = Reaper({"kind": "thaw", "name": "t1", "agent": {"kind": "socket", "path": srv.path, "timeout": 2}},
+                   str(tmp_path / "reaper.log")).start()
+        proc = r.proc
+        assert proc is not None
+        r.abandon()
+        assert proc.wait(timeout=60) == 0, (tmp_path / "reaper.log").read_text()
+        assert seen == ["guest-sync-delimited", "guest-fsfreeze-thaw", "guest-fsfreeze-status"], seen
+        assert "ended without settling its session: thawing its guest" in (tmp_path / "reaper.log").read_text()
+    finally:
+        srv.close()
+
+
+def test_thaw_reaper_process_says_done_and_does_nothing(tmp_path):
+    from ekko_libvirt.engine.reaper import Reaper
+    seen = []
+    srv = FakeServer(lambda conn, msg: seen.append(msg))
+    try:
+        r = Reaper({"kind": "thaw", "name": "t1", "agent": {"kind": "socket", "path": srv.path, "timeout": 2}},
+                   str(tmp_path / "reaper.log")).start()
+        proc = r.proc
+        r.done()
+        assert proc is not None and proc.returncode == 0
+        assert seen == [] and not (tmp_path / "reaper.log").exists()
+    finally:
+        srv.close()
