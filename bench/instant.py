@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -116,6 +117,23 @@ def instant_once(conn, ekko, bid: str, new: str, target: str, stream: bool) -> d
     return out
 
 
+def stop_leftovers(state: str) -> None:
+    """Supervisors and servers of jobs that did not end (a failed run), by PID and start time."""
+    from ekko_libvirt import procs
+    from ekko_libvirt.serve import server
+    for n in os.listdir(state) if os.path.isdir(state) else []:
+        if not n.endswith(".json"):
+            continue
+        with open(os.path.join(state, n)) as f:
+            rec = json.load(f)
+        if rec.get("supervisor_pid") and procs.process_running(rec["supervisor_pid"], rec["supervisor_ticks"]):
+            os.kill(rec["supervisor_pid"], signal.SIGTERM)
+            log(f"stopped the supervisor of {rec['domain']} (pid {rec['supervisor_pid']})")
+        for d in rec["disks"]:
+            if d["server_pid"] and server.stop_pid(d["server_pid"], d["server_ticks"]):
+                log(f"stopped the server of {rec['domain']} {d['dev']} (pid {d['server_pid']})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="W of 1 GiB, one repeat")
@@ -170,6 +188,7 @@ def main(argv=None) -> int:
                 destroy_and_undefine(conn, n)
             except Exception as e:  # noqa: BLE001 - clean up the others
                 log(f"cleanup of {n}: {e}")
+        stop_leftovers(os.path.join(workdir, "state", "instant"))
         conn.close()
         lv.stop()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -4,7 +4,8 @@
                 -> run until SIGTERM/SIGINT -> finally stop
     start       one agent per state directory; settle what a dead agent left (JobRunner.
                 recover_at_start, then its settle once libvirt answers) -- before any new backup;
-                then the events the hook kept in the spool while the agent was down
+                then the events the hook kept in the spool while the agent was down; a new
+                supervisor for every instant restore whose own is gone (restore/supervisor.py)
     loop        every poll_interval, or at once when a signal, a libvirt event or a finished job
                 wakes it, one round (tick):
                   connection    (re)connect to libvirt; after libvirtd restarted: reconcile
@@ -40,6 +41,7 @@ from .. import config as config_mod
 from ..config import Config
 from ..errors import ConfigError, EkkoError, LockBusy
 from ..procs import process_start_ticks
+from ..restore import instant
 from ..store.base import Store
 from . import intake
 from .connection import LibvirtConnection
@@ -114,6 +116,8 @@ class Agent:
         self.connection.start()
         self.jobs.settle(self.connection.conn)       # before any new backup
         self._drain()                                # what the hook kept while the agent was down
+        for name in instant.resume_supervisors(self.cfg):    # instant restores whose supervisor died
+            log.info("instant restore of %s: its supervisor was gone, a new one took over", name)
         self.metrics.start()
         log.info("agent ready: libvirt %s (%s), spool %s, state %s, at most %d backup(s) at once",
                  self.uri, "connected" if self.connection.conn is not None else "not reachable yet",

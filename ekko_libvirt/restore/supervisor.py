@@ -51,11 +51,24 @@ class Supervisor:
         return job
 
     def look(self, job: InstantJob) -> World:
+        """The world as libvirt and /proc show it now. A domain undefined while we look is gone."""
+        import libvirt
+        try:
+            return self._look(job)
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+        return self._gone(job)
+
+    def _gone(self, job: InstantJob) -> World:
+        return World(False, False, False, tuple(DiskState(d.dev, True, instant.server_alive(d), None)
+                                                for d in job.disks), time.time(), job.last_resume)
+
+    def _look(self, job: InstantJob) -> World:
         import libvirt
         dom = self._domain()
         if dom is None:
-            return World(False, False, False, tuple(DiskState(d.dev, True, instant.server_alive(d), None)
-                                                    for d in job.disks), time.time(), job.last_resume)
+            return self._gone(job)
         active = bool(dom.isActive())
         state, reason = dom.state()
         paused_io = active and state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
@@ -103,7 +116,15 @@ class Supervisor:
         import libvirt
         job = self.job()
         before = job.to_dict()
-        for a in decide(self.look(job)):
+        try:
+            world = self.look(job)
+        except libvirt.libvirtError as e:
+            # libvirtd restarting, a connection lost: the servers and the guest go on without us;
+            # look again with a new connection at the next round
+            log.warning("%s: libvirt: %s; connecting again", job.domain, e.get_error_message())
+            self._reconnect()
+            return job
+        for a in decide(world):
             try:
                 self.act(job, a)
             except (libvirt.libvirtError, EkkoError) as e:
@@ -120,6 +141,18 @@ class Supervisor:
             job = self.round()
             if job.phase != "streaming" or self.stop.wait(POLL_S):
                 return job
+
+    def _reconnect(self) -> None:
+        import libvirt
+        from .. import config
+        try:
+            self.conn.close()
+        except libvirt.libvirtError:
+            pass
+        try:
+            self.conn = libvirt.open(config.libvirt_uri(self.cfg))
+        except libvirt.libvirtError as e:
+            log.warning("%s: libvirt not reachable: %s", self.name, e.get_error_message())
 
     def _domain(self):
         import libvirt
