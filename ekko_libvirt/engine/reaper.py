@@ -14,7 +14,7 @@ closes without it, the backup died, and the reaper ends the view:
              server, fleece file (QMPEngine.release_view)
     libvirt  the domain's pull-backup job (abortJob: libvirt removes export and scratch files)
     thaw     the guest frozen for the transaction (engine/freeze.py): guest-fsfreeze-thaw through
-             the same agent, retried until the guest says thawed (or 60 s). The backup also hands
+             the same agent, retried until the guest says thawed (or 10 min). The backup also hands
              a thaw that failed or timed out to it (abandon(): the pipe closes without "done")
     process  a helper the backup started, by PID and start time: an offline backup's
              qemu-storage-daemon, which holds the shut-off domain's images and their write locks

@@ -90,10 +90,11 @@ def _stop_process(fields: dict) -> None:
 
 def _thaw(fields: dict) -> None:
     """Thaw the guest a backup froze: retried (a dead run's connection to the agent socket may
-    still be closing, a hung agent may come back) until the guest says thawed, or 60 s."""
+    still be closing, a hung agent may come back) until the guest says thawed, for up to 10
+    minutes: a guest left frozen stops its applications, a reaper that waits costs nothing."""
     from ..errors import GuestAgentError
     from .guest_agent import agent_from_fields
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600
     while True:
         try:
             agent = agent_from_fields(fields["agent"])
