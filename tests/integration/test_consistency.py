@@ -197,64 +197,6 @@ def test_sigkill_while_frozen_thaws_within_5s(guest, gdir):
     assert b["consistency"]["level"] == "filesystem", b
 
 
-def stop_agent_for(g: G.Guest, seconds: int) -> None:
-    """qemu-ga SIGSTOPped in the guest for `seconds` (a guest agent that never answers), by a
-    shell the agent itself starts: it answers guest-exec first, then stops."""
-    g.agent_call("guest-exec", {"path": "/bin/sh", "arg": ["-c", f"(sleep 1; kill -STOP $(pidof qemu-ga); "
-                                                           f"sleep {seconds}; kill -CONT $(pidof qemu-ga)) "
-                                                           ">/dev/null 2>&1 &"]})
-
-
-def wait_agent_back(g: G.Guest, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if g.agent_call("guest-fsfreeze-status", timeout=5) == "thawed":
-                return
-        except (OSError, RuntimeError, ValueError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("the guest agent did not come back")
-
-
-def test_agent_that_never_answers(guest, gdir):
-    """qemu-ga stopped: `auto` goes on crash-consistent and says why, `filesystem` fails with
-    nothing committed, both within the agent timeout; the chain goes on when the agent is back."""
-    ek = ekko_for(gdir, guest, "hung", guest_agent_timeout=3)
-    first = ek.backup("hung.vda")
-    assert first["consistency"]["level"] == "filesystem"
-    stop_agent_for(guest, 40)
-    # the agent is silent once a probe of ours times out
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            guest.agent_call("guest-ping", timeout=2)
-        except OSError:
-            break
-        assert time.monotonic() < deadline, "qemu-ga was never stopped"
-    b = ek.backup("hung.vda")
-    assert b["consistency"]["level"] == "crash", b
-    assert "did not answer within 3 s" in b["consistency"]["reason"], b
-    assert b["kind"] == "incremental", b
-    ek.cfg["targets"]["hung.vda"]["consistency"] = "filesystem"
-    ek.write_config()
-    before = ek.run("list", "hung.vda", json_out=True).data["backups"]
-    p = ek.run("backup", "hung.vda", check=False)
-    assert p.returncode == 1, p.stderr
-    assert "consistency: filesystem, but the guest cannot be frozen" in p.stderr, p.stderr
-    assert "nothing was committed" in p.stderr, p.stderr
-    assert ek.run("list", "hung.vda", json_out=True).data["backups"] == before
-    wait_agent_back(guest)
-    guest.wait_progress(2)
-    c = ek.backup("hung.vda")
-    assert c["kind"] == "incremental" and c["parent"] == b["backup_id"], c
-    assert c["consistency"]["level"] == "filesystem", c
-    raw = restore(ek, c["backup_id"], os.path.join(gdir, "hung.raw"))
-    assert not needs_recovery(raw)
-    assert fsck(raw, "ext4").returncode == 0
-    os.unlink(raw)
-
-
 def test_no_agent_channel(guest, gdir):
     """No channel (the socket is not there) or none configured: crash-consistent with the reason
     under `auto`; `filesystem` fails before QEMU is touched."""
@@ -332,3 +274,47 @@ def test_fstrim_ranges_restore_as_zeros_and_are_not_stored(guest, gdir):
             assert f.read(e - s) == bytes(e - s), f"trimmed range [{s}, {e}) does not restore as zeros"
     assert fsck(raw, "ext4").returncode == 0
     os.unlink(raw)
+
+
+def stop_agent_for(g: G.Guest, seconds: int) -> None:
+    """qemu-ga SIGSTOPped in the guest for `seconds` (a guest agent that never answers), by a
+    shell the agent itself starts: it answers guest-exec first, then stops."""
+    g.agent_call("guest-exec", {"path": "/bin/sh", "arg": ["-c", f"(sleep 1; kill -STOP $(pidof qemu-ga); "
+                                                           f"sleep {seconds}; kill -CONT $(pidof qemu-ga)) "
+                                                           ">/dev/null 2>&1 &"]})
+
+
+def test_agent_that_never_answers(guest, gdir):
+    """qemu-ga stopped: `auto` goes on crash-consistent and says why, `filesystem` fails with
+    nothing committed, both within the agent timeout; the chain goes on from the last committed
+    backup. The module's last test: its agent stays stopped until the guest is shut down."""
+    from ekko_libvirt.store import catalog
+    ek = ekko_for(gdir, guest, "hung", guest_agent_timeout=3)
+    first = ek.backup("hung.vda")
+    assert first["consistency"]["level"] == "filesystem"
+    stop_agent_for(guest, 3600)
+    deadline = time.monotonic() + 20         # silent once a probe of ours times out
+    while True:
+        try:
+            guest.agent_call("guest-ping", timeout=2)
+        except OSError:
+            break
+        assert time.monotonic() < deadline, "qemu-ga was never stopped"
+    b = ek.backup("hung.vda")
+    assert b["consistency"]["level"] == "crash", b
+    assert "did not answer within 3 s" in b["consistency"]["reason"], b
+    assert b["kind"] == "incremental" and b["parent"] == first["backup_id"], b
+    ek.cfg["targets"]["hung.vda"]["consistency"] = "filesystem"
+    ek.write_config()
+    keys = sorted(e.key for e in catalog.entries(ek.store()))
+    p = ek.run("backup", "hung.vda", check=False)
+    assert p.returncode == 1, p.stderr
+    assert "consistency: filesystem, but the guest cannot be frozen" in p.stderr, p.stderr
+    assert "nothing was committed" in p.stderr, p.stderr
+    assert sorted(e.key for e in catalog.entries(ek.store())) == keys
+    assert not guest.admin.execute("query-block-jobs"), "a failed backup left a job in QEMU"
+    ek.cfg["targets"]["hung.vda"]["consistency"] = "auto"
+    ek.write_config()
+    c = ek.backup("hung.vda")                # nothing lost: the chain goes on from b
+    assert c["kind"] == "incremental" and c["parent"] == b["backup_id"], c
+    assert c["consistency"]["level"] == "crash", c
