@@ -62,11 +62,13 @@ class IncrementalImpossible(EngineError):
 
 class GuestAgentError(EngineError):
     """A guest agent call failed or timed out. `reason` is what a manifest records when the
-    backup goes on crash-consistent (`consistency: auto`)."""
+    backup goes on crash-consistent (`consistency: auto`). `refused`: the agent answered, with an
+    error (a command it does not offer or blocks): it is alive."""
 
-    def __init__(self, reason: str, timed_out: bool = False):
+    def __init__(self, reason: str, timed_out: bool = False, refused: bool = False):
         self.reason = reason
         self.timed_out = timed_out
+        self.refused = refused
         super().__init__(reason)
 
 

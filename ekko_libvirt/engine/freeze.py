@@ -10,7 +10,9 @@ engine transaction that creates the new generation and the point-in-time view, t
                               (os_require_quiesce) gets it whatever the config says
 
     prepare()   before engine.begin(): asks the agent which file systems it would freeze (this is
-                also the liveness probe, under the agent timeout); decides freeze or not (pure:
+                also the liveness probe, under the agent timeout; an agent that refuses the
+                question, e.g. guest-get-fsinfo blocked, is alive: the freeze is tried, and the
+                manifest names no mount points); decides freeze or not (pure:
                 decide()); under `filesystem` a guest that cannot be frozen stops here, before
                 QEMU is touched
     window      engine.begin() wraps its transaction in it: a thaw reaper is started, the guest
@@ -109,7 +111,10 @@ class Quiescer:
             try:
                 self.mountpoints = tuple(agent.filesystems())
             except GuestAgentError as e:
-                probe_error = e.reason
+                if e.refused:
+                    log.info("%s: %s; freezing without knowing the mount points", self.target, e.reason)
+                else:
+                    probe_error = e.reason
         self.decision = decide(self.policy, self.access, probe_error)
         if self.decision.error is not None:
             raise FreezeRequired(self.target, self.decision.error)

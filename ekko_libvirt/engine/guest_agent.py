@@ -99,7 +99,8 @@ class SocketAgent:
             raise GuestAgentError(f"{self.describe}: {command}: {e.strerror or e}") from e
         if "error" in reply:
             err = reply["error"] if isinstance(reply["error"], dict) else {}
-            raise GuestAgentError(f"{self.describe}: {command} refused: {err.get('desc', reply['error'])}")
+            raise GuestAgentError(f"{self.describe}: {command} refused: {err.get('desc', reply['error'])}",
+                                  refused=True)
         return reply.get("return")
 
     # -- the wire --------------------------------------------------------------------------
@@ -199,7 +200,10 @@ class LibvirtAgent:
         try:
             return _in_thread(fn, self.timeout, f"{self.describe}: {what}")
         except libvirt.libvirtError as e:
-            raise GuestAgentError(f"{self.describe}: {what}: {e.get_error_message() or e}") from e
+            # an agent that answered with an error is alive; one libvirt cannot reach is not
+            refused = e.get_error_code() in (getattr(libvirt, "VIR_ERR_OPERATION_UNSUPPORTED", -1),
+                                             getattr(libvirt, "VIR_ERR_AGENT_COMMAND_FAILED", -1))
+            raise GuestAgentError(f"{self.describe}: {what}: {e.get_error_message() or e}", refused=refused) from e
 
     def filesystems(self) -> List[str]:
         return sorted(fs[0] for fs in self._call("getFSInfo", lambda: self.dom.fsInfo(0)) or [])

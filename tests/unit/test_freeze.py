@@ -395,3 +395,44 @@ def test_thaw_reaper_process_says_done_and_does_nothing(tmp_path):
         assert seen == [] and not (tmp_path / "reaper.log").exists()
     finally:
         srv.close()
+
+
+def test_an_agent_that_refuses_fsinfo_is_still_frozen():
+    """guest-get-fsinfo blocked in the guest (qemu-ga -b): the agent answers, so it is frozen all
+    the same; the manifest names no mount points. A refused freeze is a freeze failure."""
+    def behave(conn, msg):
+        if msg["execute"] == "guest-get-fsinfo":
+            conn.sendall(b'{"error": {"class": "GenericError", "desc": "The command guest-get-fsinfo has been '
+                         b'disabled for this instance"}}\n')
+        elif msg["execute"] == "guest-fsfreeze-thaw":
+            conn.sendall(b'{"return": 2}\n')
+        else:
+            honest(conn, msg)
+    srv = FakeServer(behave)
+    try:
+        q = Quiescer(AUTO, AgentAccess(SocketAgent(srv.path, timeout=5)), "t1")
+        q.prepare()
+        with q.window():
+            pass
+        q.close()
+        assert q.result is not None and q.result.level == FILESYSTEM and q.result.mountpoints == ()
+    finally:
+        srv.close()
+
+    def refuse_freeze(conn, msg):
+        if msg["execute"] == "guest-fsfreeze-freeze":
+            conn.sendall(b'{"error": {"class": "GenericError", "desc": "fsfreeze hook has failed with status 1"}}\n')
+        elif msg["execute"] == "guest-fsfreeze-thaw":
+            conn.sendall(b'{"return": 0}\n')
+        else:
+            honest(conn, msg)
+    srv = FakeServer(refuse_freeze)
+    try:
+        q = Quiescer(FILESYSTEM, AgentAccess(SocketAgent(srv.path, timeout=5)), "t1")
+        q.prepare()
+        with pytest.raises(FreezeRequired, match="fsfreeze hook has failed with status 1"):
+            with q.window():
+                pass
+        q.close()
+    finally:
+        srv.close()
