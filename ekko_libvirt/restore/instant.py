@@ -146,6 +146,10 @@ def start_instant(cfg, found: Sequence[Tuple[Optional[str], str, Manifest]], dir
     its supervisor running. Undoes everything on any failure."""
     if not cfg.source:
         raise UsageError("restore --instant needs a config file (the servers and the supervisor read it again)")
+    try:
+        plan.check_name(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     xml = next((m.labels["domain_xml"] for _, _, m in found if m.labels.get("domain_xml")), None)
     backup_id = found[0][2].backup_id
     if xml is None:

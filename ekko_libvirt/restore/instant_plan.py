@@ -96,6 +96,14 @@ class InstantJob:
         return done, total
 
 
+def check_name(name: str) -> None:
+    """NEWNAME names files (the job record, logs): one plain path component, printable. ValueError."""
+    if not name or name.startswith(".") or "/" in name or any(not c.isprintable() for c in name) \
+            or len(name.encode()) > 200:
+        raise ValueError(f"--define {name!r}: a domain name for an instant restore must be one printable path "
+                         "component, not starting with '.', at most 200 bytes")
+
+
 # --- the new domain's XML -----------------------------------------------------------------------
 
 def overlay_name(dev: str) -> str:

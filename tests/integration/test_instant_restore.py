@@ -108,14 +108,18 @@ def cleanup_instant():
                     server.stop_pid(d.server_pid, d.server_ticks)
 
 
-def source_backup(test_domains, images, lvwork, name, rnd, size=SIZE):
-    """A running domain with one qcow2 disk: the boot loop at 0, random data in places (the loop's
-    area too), backed up once; then shut off. -> (ekko, backup id, the disk at the backup)."""
+def source_backup(test_domains, images, lvwork, name, rnd, size=SIZE, raw_vdb=False):
+    """A running domain with one qcow2 disk (and with raw_vdb a raw vdb of 4 MiB + 512 B): the boot
+    loop at 0, random data in places (the loop's area too), backed up once; then shut off.
+    -> (ekko, backup id, the disk at the backup)."""
     qcow = images(f"{name}-a", "qcow2", size)
-    dom = test_domains.conn.defineXML(domain_xml(name, [(qcow, "qcow2", "vda")], test_domains.dom_type))
+    disks = [(qcow, "qcow2", "vda")] + ([(images(f"{name}-b", "raw", 4 * MiB + 512), "raw", "vdb")] if raw_vdb else [])
+    dom = test_domains.conn.defineXML(domain_xml(name, disks, test_domains.dom_type))
     test_domains.names.append(name)
     dom.create()
-    g = Guest(dom, [(qcow, "qcow2", "vda", size)], lvwork)
+    g = Guest(dom, [(p, f, d, size if d == "vda" else 4 * MiB + 512) for p, f, d in disks], lvwork)
+    if raw_vdb:
+        g.write("vdb", 4096, rnd.randbytes(64 * KiB))
     g.write("vda", 0, boot_sector(size - 4 * MiB, size))
     # One run of data from 1 MiB: a pull limited to 512 KiB/s moves through it at that pace (zero
     # segments are skipped at once, uncounted by the limit), so it is still far from the loop's
@@ -261,7 +265,7 @@ def test_instant_restore_runs_at_once_survives_a_dead_server_and_ends_on_its_own
 
 def test_instant_restore_errors_leave_nothing_behind(libvirt_conn, test_domains, images, lvwork, cleanup_instant):
     rnd = random.Random(7)
-    ekko, bid, _ = source_backup(test_domains, images, lvwork, "ekko-test-inst-err", rnd, size=8 * MiB)
+    ekko, bid, _ = source_backup(test_domains, images, lvwork, "ekko-test-inst-err", rnd, size=8 * MiB, raw_vdb=True)
     cleanup_instant(ekko.path)
     new = "ekko-test-inst-err2"
     test_domains.names.append(new)
@@ -269,8 +273,9 @@ def test_instant_restore_errors_leave_nothing_behind(libvirt_conn, test_domains,
     state = os.path.join(ekko.cfg["state_dir"], "instant")
 
     def nothing_left(where=target):
-        assert not os.path.exists(os.path.join(where, "vda.qcow2")) and not os.path.exists(
-            os.path.join(where, "vda.nbd.sock"))
+        for dev in ("vda", "vdb"):
+            assert not os.path.exists(os.path.join(where, f"{dev}.qcow2"))
+            assert not os.path.exists(os.path.join(where, f"{dev}.nbd.sock"))
         assert nbdkits_serving(where) == []
         assert not [n for n in (os.listdir(state) if os.path.isdir(state) else []) if n.endswith(".json")]
         assert new not in [d.name() for d in libvirt_conn.listAllDomains()]
@@ -279,6 +284,7 @@ def test_instant_restore_errors_leave_nothing_behind(libvirt_conn, test_domains,
         (("restore", "nosuchbackup", "--define", new, "--instant", "--to", target), "no backup 'nosuchbackup'"),
         (("restore", bid, "--define", "ekko-test-inst-err", "--instant", "--to", target), "exists already"),
         (("restore", bid, "--instant", "--to", target), "needs --define"),
+        (("restore", bid, "--define", "../../evil", "--instant", "--to", target), "one printable path component"),
         (("restore", bid, "--define", new, "--instant", "--to", ekko.path), "not a directory"),
         (("restore", bid, "--define", new, "--instant", "--to", os.path.join(ekko.path, "sub")), "not writable"),
         (("restore", bid, "--define", new, "--instant", "--to", os.path.join(lvwork, "x" * 100)), "too long"),
@@ -304,7 +310,7 @@ def test_instant_restore_errors_leave_nothing_behind(libvirt_conn, test_domains,
     with open(fifo, "wb"):                         # returns once the command is at the point
         import libvirt
         assert libvirt_conn.lookupByName(new).state()[0] == libvirt.VIR_DOMAIN_RUNNING
-        assert len(nbdkits_serving(target)) == 1 and os.path.exists(os.path.join(target, "vda.qcow2"))
+        assert len(nbdkits_serving(target)) == 2 and os.path.exists(os.path.join(target, "vdb.qcow2"))
         proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
@@ -315,10 +321,13 @@ def test_instant_restore_errors_leave_nothing_behind(libvirt_conn, test_domains,
     # gone between two libvirt calls): the job ends 'abandoned', its server stopped
     res = ekko.run("restore", bid, "--define", new, "--instant", "--to", target, "--bandwidth", "64KiB",
                    json_out=True).data
+    assert [d["dev"] for d in res["disks"]] == ["vda", "vdb"]       # both disks, each on its own server
+    root = ET.fromstring(libvirt_conn.lookupByName(new).XMLDesc(0))
+    assert sorted(h.get("socket") for h in root.iter("host")) == [d["socket"] for d in res["disks"]]
     from harness.libvirtd import destroy_and_undefine
     destroy_and_undefine(libvirt_conn, new)
     rec = wait_for(lambda: (r := job_record(ekko, new))["phase"] != "streaming" and r, 30, "the job's end")
     assert rec["phase"] == "abandoned" and "undefined" in rec["message"]
-    assert not alive(res["disks"][0]["server_pid"], res["disks"][0]["server_ticks"])
+    assert not any(alive(d["server_pid"], d["server_ticks"]) for d in res["disks"])
     assert nbdkits_serving(target) == []
     wait_for(lambda: not alive(rec["supervisor_pid"], rec["supervisor_ticks"]), 10, "the supervisor's exit")

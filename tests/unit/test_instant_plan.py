@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from ekko_libvirt.restore.instant_plan import (RESUME_GAP_S, Action, DiskState, InstantDisk, InstantJob, World,
-                                               decide, describe, instant_domain_xml, nbd_backed)
+                                               check_name, decide, describe, instant_domain_xml, nbd_backed)
 
 XML = """<domain type='kvm'><name>new</name><devices>
 <disk type='file' device='disk'><driver name='qemu' type='qcow2' cache='none'/><source file='/r/vda.qcow2'/>
@@ -118,3 +118,14 @@ def test_decide_named_cases():
     assert decide(world([DiskState("vda", True, False, None)], active=False)) == [Action("restart_server", "vda")]
     assert decide(world([DiskState("vda", True, True, None)], exists=False)) == [Action("stop_server", "vda"),
                                                                                 Action("abandon")]
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", ".hidden", "a\nb", "x\x00", "é" * 101])
+def test_names_that_would_name_other_files_are_refused(name):
+    with pytest.raises(ValueError, match="one printable path component"):
+        check_name(name)
+
+
+@pytest.mark.parametrize("name", ["vm1-copy", "a.b", "instance-0000002a", "é" * 100])
+def test_ordinary_names_pass(name):
+    check_name(name)
