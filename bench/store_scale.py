@@ -204,6 +204,23 @@ def ekko(cfg_path: str, *args: str) -> Run:
     return Run(" ".join(args), float(seconds), round(int(rss_kib) / 1024, 1), p.returncode, data)
 
 
+def bare_listing(server, container: str) -> Run:
+    """The same run's reference for Swift: swiftclient alone lists segments/ page after page on one
+    connection, as fast as this Swift answers (no ekko code, nothing parsed or merged)."""
+    from swiftclient import client as sc
+    user, key = server.credentials("test")
+    conn = sc.Connection(authurl=server.auth_url, user=user, key=key)
+    started, marker, count = time.monotonic(), "", 0
+    while True:
+        _, page = conn.get_container(container, marker=marker or None, prefix="segments/")
+        if not page:
+            break
+        count += len(page)
+        marker = page[-1]["name"]
+    conn.close()
+    return Run("bare listing", round(time.monotonic() - started, 2), 0.0, 0, {"names": count})
+
+
 def write_config(work: str, store_section: Dict) -> str:
     os.makedirs(work, exist_ok=True)
     path = os.path.join(work, "ekko.yaml")
@@ -327,7 +344,11 @@ def main(argv=None) -> int:
                                        {"type": "swift", "auth_url": server.auth_url, "auth_version": "1",
                                         "user": user, "key": key, "container_prefix": prefix})
                     log(f"swift, {n:,} segments: measuring")
-                    results.setdefault("swift", {})[n] = measure(cfg, lay, missing)
+                    results.setdefault("swift", {})[n] = runs = measure(cfg, lay, missing)
+                    bare = bare_listing(server, prefix)
+                    extra.setdefault("swift_bare_listing", {})[n] = asdict(bare)
+                    log(f"  bare listing of segments/ (swiftclient, one connection, no ekko): {bare.seconds:.2f} s; "
+                        f"verify took {runs['verify'].seconds / bare.seconds:.2f}x that")
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
