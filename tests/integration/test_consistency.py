@@ -276,6 +276,30 @@ def test_fstrim_ranges_restore_as_zeros_and_are_not_stored(guest, gdir):
     os.unlink(raw)
 
 
+def test_failing_fsfreeze_hook(guest, gdir):
+    """The guest's fsfreeze hook fails (a database that could not flush): qemu-ga refuses the
+    freeze; `auto` goes on crash-consistent saying so, `filesystem` fails and commits nothing."""
+    from ekko_libvirt.store import catalog
+    ek = ekko_for(gdir, guest, "hook")
+    hook = "/etc/qemu/fsfreeze-hook"
+    guest.exec(f"cp {hook} /run/hook.saved && printf '#!/bin/sh\\n[ \"$1\" = freeze ] && exit 3\\nexit 0\\n' > {hook}")
+    try:
+        b = ek.backup("hook.vda")
+        assert b["consistency"]["level"] == "crash", b
+        assert re.search(r"guest-fsfreeze-freeze failed: .*hook.* failed", b["consistency"]["reason"]), b
+        ek.cfg["consistency"] = "filesystem"
+        ek.write_config()
+        keys = sorted(e.key for e in catalog.entries(ek.store()))
+        p = ek.run("backup", "hook.vda", check=False)
+        assert p.returncode == 1 and "consistency: filesystem, but the guest cannot be frozen" in p.stderr, p.stderr
+        assert sorted(e.key for e in catalog.entries(ek.store())) == keys
+    finally:
+        guest.exec(f"cp /run/hook.saved {hook}")
+    assert guest.agent_call("guest-fsfreeze-status") == "thawed"
+    c = ek.backup("hook.vda")
+    assert c["consistency"]["level"] == "filesystem" and c["parent"] == b["backup_id"], c
+
+
 def stop_agent_for(g: G.Guest, seconds: int) -> None:
     """qemu-ga SIGSTOPped in the guest for `seconds` (a guest agent that never answers), by a
     shell the agent itself starts: it answers guest-exec first, then stops."""
