@@ -73,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "keeps the export up until then; see `ekko status`)")
     r.add_argument("--bandwidth", type=_size, default=0, metavar="SIZE",
                    help="with --instant: pull at most SIZE per second per disk, e.g. 50MiB (default: unlimited)")
-    isv = sub.add_parser("_instant-supervise", parents=[common])      # spawned by restore --instant
+    isv = sub.add_parser("_instant-supervise", parents=[common],
+                         help="(internal) the supervisor of an instant restore: spawned by restore --instant and "
+                              "by the agent; by hand, it takes over a job whose supervisor is gone")
     isv.add_argument("domain")
     isv.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 

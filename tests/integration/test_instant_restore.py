@@ -237,6 +237,8 @@ def test_instant_restore_runs_at_once_survives_a_dead_server_and_ends_on_its_own
     st = ekko.run("status", json_out=True).data["instant_restores"]
     assert [(s["domain"], s["phase"], s["pulled_bytes"], s["total_bytes"]) for s in st] == \
         [(new, "complete", SIZE, SIZE)]
+    human = ekko.run("status", new).stdout
+    assert f"instant restore {new} from {bid}: complete; 1 server restart(s)" in human, human
 
     # the overlay is the backup plus the guest's writes (the reference is the model, built from
     # the bytes written, never read back from QEMU), no backing left
