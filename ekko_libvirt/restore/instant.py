@@ -157,9 +157,10 @@ def start_instant(cfg, found: Sequence[Tuple[Optional[str], str, Manifest]], dir
                          "--instant needs one")
     if _domain_exists(conn, name):
         raise UsageError(f"a domain named {name!r} exists already: choose another name")
-    if load(cfg, name) is not None:
-        raise UsageError(f"an instant restore named {name!r} is recorded already ({state_path(cfg, name)}): "
-                         "choose another name, or remove that record once its domain is gone")
+    before = load(cfg, name)
+    if before is not None and before.phase in ("starting", "streaming"):
+        raise UsageError(f"an instant restore of {name!r} is still under way ({state_path(cfg, name)}): "
+                         "choose another name")        # a finished one's record is replaced
     devs = [disk_of(k) for _, k, _ in found]
     directory = os.path.abspath(directory)
     check_directory(directory, devs, overwrite)

@@ -333,3 +333,21 @@ def test_instant_restore_errors_leave_nothing_behind(libvirt_conn, test_domains,
     assert not any(alive(d["server_pid"], d["server_ticks"]) for d in res["disks"])
     assert nbdkits_serving(target) == []
     wait_for(lambda: not alive(rec["supervisor_pid"], rec["supervisor_ticks"]), 10, "the supervisor's exit")
+
+    # the name is free again (the finished job's record is replaced); a job under way keeps it,
+    # even once its domain is gone (its supervisor held, so it has not noticed yet)
+    again = ekko.run("restore", bid, "--define", new, "--instant", "--to", os.path.join(lvwork, "t2"),
+                     "--bandwidth", "64KiB", json_out=True).data
+    assert again["phase"] == "streaming" and job_record(ekko, new)["uuid"] == again["uuid"] != res["uuid"]
+    sup = job_record(ekko, new)
+    os.kill(sup["supervisor_pid"], signal.SIGSTOP)
+    try:
+        destroy_and_undefine(libvirt_conn, new)
+        p = ekko.run("restore", bid, "--define", new, "--instant", "--to", os.path.join(lvwork, "t3"), check=False)
+        assert p.returncode == 2 and "still under way" in p.stderr, p.stderr
+        assert not os.path.exists(os.path.join(lvwork, "t3"))
+    finally:
+        os.kill(sup["supervisor_pid"], signal.SIGCONT)
+    rec = wait_for(lambda: (r := job_record(ekko, new))["phase"] != "streaming" and r, 30, "the second job's end")
+    assert rec["phase"] == "abandoned"
+    assert not any(alive(d["server_pid"], d["server_ticks"]) for d in again["disks"])
