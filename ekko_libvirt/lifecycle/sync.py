@@ -2,7 +2,7 @@
 namespace (project by project), so that the destination is a store of its own: list, verify,
 restore, serve and `ekko files` work from it alone.
 
-For each manifest the destination lacks, oldest first:
+For each manifest the destination lacks, target by target, each target's oldest first:
 
     read it from the source and check it (checksum; an encrypted one opened with the source's key)
     the segments it names that the destination may lack: those its parent (when that parent is
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, Optional[int]], None]          # (bytes copied, None)
 Select = Callable[[Set[str]], Set[str]]     # every manifest key of source and destination -> those wanted
+DONE_MAX = 1 << 20          # digests remembered as at the destination (~100 MiB): beyond, asked again
 
 
 @dataclass
@@ -76,9 +77,10 @@ class SyncReport:
 
 # -- pure decisions -------------------------------------------------------------------------------
 def to_copy(source_keys: Iterable[str], dest_keys: Iterable[str]) -> List[str]:
-    """Manifest keys the destination lacks, oldest backup first (a parent before its children)."""
+    """Manifest keys the destination lacks, target by target, each target's oldest backup first
+    (a parent before its children; one target's table held at a time)."""
     have = set(dest_keys)
-    return sorted((k for k in set(source_keys) if k not in have), key=lambda k: (k.rsplit("/", 1)[1], k))
+    return sorted((k for k in set(source_keys) if k not in have), key=lambda k: tuple(k.rsplit("/", 1)))
 
 
 def candidates(needed: Set[bytes], parent: Optional[Set[bytes]], done: Set[bytes]) -> Set[bytes]:
@@ -132,8 +134,8 @@ class Syncer:
         self.cancel = cancel
         self.select = select        # a destination's own retention: what it would prune is not copied
         self.report = SyncReport(project)
-        self.done: Set[bytes] = set()          # digests known to be at the destination (this run)
-        self.tables: Dict[str, Tuple[str, Set[bytes]]] = {}   # target -> (backup id, digests) last committed
+        self.done: Set[bytes] = set()          # digests known to be at the destination (this run; bounded)
+        self.last: Optional[Tuple[str, str, Set[bytes]]] = None   # (target, backup id, digests) last committed
 
     def run(self) -> SyncReport:
         src_keys = catalog.keys(self.src)
@@ -172,15 +174,16 @@ class Syncer:
             self.dst.put(key, blob)
         committed.add(key)
         self.report.copied.append(key)
-        self.tables[m.target] = (m.backup_id, needed)
+        self.last = (m.target, m.backup_id, needed)
+        if len(self.done) > DONE_MAX:
+            self.done = set()                   # only spares questions; memory stays bounded
 
     def _parent_digests(self, m: mf.Manifest, committed: Set[str]) -> Optional[Set[bytes]]:
         """The digests of m's parent when the parent is committed at the destination, else None."""
         if not m.parent or catalog.manifest_key(m.target, m.parent) not in committed:
             return None
-        last = self.tables.get(m.target)
-        if last is not None and last[0] == m.parent:
-            return last[1]
+        if self.last is not None and self.last[:2] == (m.target, m.parent):
+            return self.last[2]
         pkey = catalog.manifest_key(m.target, m.parent)
         for store in (self.src, self.dst):      # the same bytes in both (a parent pruned at the source: dest)
             try:

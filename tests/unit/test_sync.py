@@ -116,7 +116,8 @@ def consistent(store):
 def test_pure_decisions():
     a, b, c = "manifests/t/20260101T000000000Z-aaaaaa", "manifests/t/20260102T000000000Z-bbbbbb", \
         "manifests/u/20260101T120000000Z-cccccc"
-    assert to_copy([b, a, c], [a]) == [c, b]                     # oldest backup first, whatever the target
+    assert to_copy([c, b, a], []) == [a, b, c]                   # target by target, each oldest first
+    assert to_copy([b, a, c], [a]) == [b, c]
     assert to_copy([a], [a, b]) == []
     assert candidates({b"1", b"2", b"3"}, {b"2"}, {b"3"}) == {b"1"}
     assert candidates({b"1", b"2"}, None, set()) == {b"1", b"2"}
@@ -301,3 +302,17 @@ def test_cli_sync_json_and_exit_3_on_damage(tmp_path, capsys):
     code, out = _cli(tmp_path, capsys, cfg, "sync", "default", "b")
     assert code == 3 and f"NOT copied {more[0].split('/', 1)[1]}" in out.out and bad in out.out
     assert "0 backup(s) copied, 2 already there, 1 NOT copied" in out.out
+
+
+def test_a_bounded_memory_of_what_is_there_changes_nothing_but_questions(monkeypatch):
+    from ekko_libvirt.lifecycle import sync
+    src = MemoryStore()
+    rnd = random.Random(21)
+    keys = [k for t in ("a.vda", "b.vda", "c.vda") for k in put_chain(src, t, disk_versions(rnd, 8, 3))]
+    wide, narrow = Counting(), Counting()
+    Syncer(src, src, wide).run()
+    monkeypatch.setattr(sync, "DONE_MAX", 2)
+    rep = Syncer(src, src, narrow).run()
+    assert rep.ok and sorted(catalog.keys(narrow)) == sorted(keys) and narrow._objects == wide._objects
+    assert max(narrow.puts.values()) == 1 and narrow.exists_calls >= wide.exists_calls
+    consistent(narrow)
