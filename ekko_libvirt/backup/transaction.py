@@ -111,19 +111,23 @@ def _transaction(engine: Engine, store: Store, disks: Sequence[DiskJob], opts: B
     with contextlib.closing(quiescer):         # the agent's connection, whatever happens
         quiescer.prepare()
         recovered = engine.recover(chains)
-        infos = engine.inspect()
-        backup_id = catalog.new_backup_id()
-        plans = {d.target: _plan(infos[d.target], chains[d.target], key_reasons[d.target], opts, backup_id,
-                                 (broken if chains[d.target].head is not None else None)
-                                 or recovered.broken.get(d.target)) for d in disks}
-        for d in disks:
-            log.info("%s: %s backup %s: %s", d.target, plans[d.target].kind, backup_id, plans[d.target].reason)
-        parents = {d.target: _parent(store, chains[d.target], plans[d.target]) for d in disks}
-        guard = scratch.guard_for(engine.scratch_dir, opts.scratch_reserve)
-        if guard:
-            guard.check_start()
-        started = time.time()
-        session = engine.begin(plans, {t: i.virtual_size for t, i in infos.items()}, backup_id, quiescer)
+        try:
+            infos = engine.inspect()
+            backup_id = catalog.new_backup_id()
+            plans = {d.target: _plan(infos[d.target], chains[d.target], key_reasons[d.target], opts, backup_id,
+                                     (broken if chains[d.target].head is not None else None)
+                                     or recovered.broken.get(d.target)) for d in disks}
+            for d in disks:
+                log.info("%s: %s backup %s: %s", d.target, plans[d.target].kind, backup_id, plans[d.target].reason)
+            parents = {d.target: _parent(store, chains[d.target], plans[d.target]) for d in disks}
+            guard = scratch.guard_for(engine.scratch_dir, opts.scratch_reserve)
+            if guard:
+                guard.check_start()
+            started = time.time()
+            session = engine.begin(plans, {t: i.virtual_size for t, i in infos.items()}, backup_id, quiescer)
+        except BaseException:
+            engine.abandon()        # e.g. the scratch check: libvirt's redefined base checkpoint goes
+            raise
     consistency = quiescer.result
     try:
         crash_point("after-transaction")

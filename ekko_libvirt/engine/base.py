@@ -89,6 +89,10 @@ class Engine(Protocol):
 
     def recover(self, chains: Mapping) -> Recovered: ...
 
+    def abandon(self) -> None:
+        """begin() will not come (a check between recover() and begin() failed): undo what
+        recover() set up for it and nothing else (what it settled of a dead run stays settled)."""
+
     def inspect(self) -> Dict[str, DiskInfo]: ...
 
     def guest_agent(self, timeout: float) -> "AgentAccess": ...

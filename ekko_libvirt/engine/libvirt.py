@@ -319,6 +319,13 @@ class LibvirtEngine:
                               virtual_size=sizes[d.dev], bitmaps=bitmaps)
         return out
 
+    def abandon(self) -> None:
+        """The base checkpoint recover() redefined goes again (metadata only: its bitmaps stay and
+        the next run redefines it); left defined, it is what Nova's undefine of the domain trips on."""
+        if self.base_cp:
+            self.cps.forget(self.base_cp)
+            self.base_cp = None
+
     def begin(self, plans: Mapping[str, GenerationPlan], sizes: Mapping[str, int], backup_id: str,
               quiesce: Optional[Quiescer] = None) -> "LibvirtSession":
         new_cp = generation_name(self.prefix, backup_id)

@@ -160,6 +160,9 @@ class QMPEngine:
                              f"({', '.join(sockets)})")
         return AgentAccess(SocketAgent(sockets[0], timeout))
 
+    def abandon(self) -> None:
+        """recover() only settles (bitmaps and nodes of a dead run): nothing waits for begin()."""
+
     # -- crash recovery ---------------------------------------------------------------------
     def recover(self, chains: Mapping) -> Recovered:
         """Tear down what a killed run left (by journal and by our deterministic names), then

@@ -370,3 +370,30 @@ def test_domain_backup_gives_way_before_libvirts_scratch_fills(libvirt_conn, tes
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_a_backup_refused_after_recover_leaves_no_checkpoint(libvirt_conn, test_domains, images, lvwork):
+    """recover() redefines the base checkpoint for begin(); when a check between them fails (here
+    the scratch reserve: ScratchSpaceLow) begin never comes and the checkpoint must go again:
+    left defined, it is the metadata Nova's undefine trips on. The chain is intact: the next
+    backup is an incremental with every write since the full."""
+    g, _ = start_guest(test_domains, images, lvwork, "ekko-test-abandon")
+    ekko = make_ekko(lvwork)
+    g.write("vda", 0, os.urandom(200 * KiB))
+    first = backups_by_disk(ekko, "ekko-test-abandon")
+    assert first["vda"]["kind"] == "full" and g.dom.listAllCheckpoints() == []
+    g.write("vda", 3 * MiB, os.urandom(100 * KiB))
+    ekko.cfg["scratch_reserve"] = "1000TiB"
+    ekko.write_config()
+    refused = ekko.run("backup", "ekko-test-abandon", check=False)
+    assert refused.returncode != 0 and "scratch" in refused.stderr.lower(), refused.stderr
+    assert g.dom.listAllCheckpoints() == []
+    del ekko.cfg["scratch_reserve"]
+    ekko.write_config()
+    exp = g.snapshot()
+    nxt = backups_by_disk(ekko, "ekko-test-abandon")
+    assert nxt["vda"]["kind"] == "incremental" and nxt["vda"]["parent"] == first["vda"]["backup_id"]
+    assert g.dom.listAllCheckpoints() == []
+    out = os.path.join(lvwork, "r-vda.qcow2")
+    ekko.run("restore", nxt["vda"]["backup_id"], "--disk", "vda", "--to", out)
+    assert read_raw(out) == exp["vda"]
