@@ -194,14 +194,15 @@ def run_sync(cfg, settings, workers: int = 4, cancel: Optional[threading.Event] 
     return _record(started, dests, summary, source=settings.source)
 
 
-def _kept_by(policy: Policy, tz: datetime.tzinfo) -> Callable[[set], set]:
+def _kept_by(policy: Policy, tz: datetime.tzinfo) -> Callable[[set, set], set]:
     """The manifest keys a destination's policy keeps among those of source and destination
     together: the sync copies only those (what its prune would delete at once is not sent)."""
     from ..lifecycle import prune
 
-    def select(keys: set) -> set:
+    def select(keys: set, protected: set) -> set:
         backups = [prune.Backup(k.rsplit("/", 1)[1], k[len(catalog.PREFIX):].rsplit("/", 1)[0],
-                                prune.backup_time(k.rsplit("/", 1)[1])) for k in keys]
+                                prune.backup_time(k.rsplit("/", 1)[1]), k[len(catalog.PREFIX):] in protected)
+                   for k in keys]
         return {catalog.manifest_key(d.backup.target, d.backup.backup_id)
                 for d in prune.plan(backups, lambda _t: policy, tz) if d.keep}
     return select

@@ -52,7 +52,8 @@ def as_dict(r: SyncReport) -> Dict:
             "failed": [{"backup": f.key.split("/", 1)[1], "problem": f.problem,
                         "segments": [{"key": k, "problem": p} for k, p in f.segments]} for f in r.failed],
             "segments_checked": r.segments_checked, "segments_present": r.segments_present,
-            "segments_copied": r.segments_copied, "bytes_copied": r.bytes_copied, "ok": r.ok}
+            "segments_copied": r.segments_copied, "bytes_copied": r.bytes_copied, "protected": r.protected,
+            "ok": r.ok}
 
 
 def describe(r: SyncReport) -> str:

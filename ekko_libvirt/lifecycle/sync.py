@@ -23,8 +23,10 @@ run's check (segments nobody names yet are garbage to the destination's gc only 
 period). Why the cost grows with the new segments: an incremental's segments are checked only
 where they differ from its parent's, already at the destination.
 
-Not copied: protected/, verify/ and damaged/ markers (they are each site's own), and manifests
-the source no longer has (retention may differ per site: the destination's are its own).
+A backup protected at the source is protected at the destination when it is copied (its
+protected/ mark follows; later changes of the mark do not). Not copied: verify/ and damaged/
+marks (each site's own), and manifests the source no longer has (retention may differ per site:
+the destination's are its own).
 """
 
 import logging
@@ -37,7 +39,7 @@ from ..errors import EkkoError, IntegrityError, KeyMismatch, ManifestError, Obje
 from ..format import manifest as mf
 from ..format import segment
 from ..format.codec import Codec
-from ..store import catalog
+from ..store import catalog, markers
 from ..store.base import Batch, Store
 from . import sorted_merge
 from .digest_sets import BLOCK, ListingCounts, segment_blocks
@@ -45,7 +47,9 @@ from .digest_sets import BLOCK, ListingCounts, segment_blocks
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, Optional[int]], None]          # (bytes copied, None)
-Select = Callable[[Set[str]], Set[str]]     # every manifest key of source and destination -> those wanted
+# (every manifest key of source and destination, '<target>/<backup id>' of those protected at the
+# source) -> the keys wanted at the destination
+Select = Callable[[Set[str], Set[str]], Set[str]]
 DONE_MAX = 1 << 20          # digests remembered as at the destination (~100 MiB): beyond, asked again
 
 
@@ -68,6 +72,7 @@ class SyncReport:
     segments_present: int = 0              # of those, already there
     segments_copied: int = 0
     bytes_copied: int = 0                  # as stored (compressed, sealed)
+    protected: int = 0                     # protected/ marks copied with their backups
     damaged: Dict[str, str] = field(default_factory=dict)     # source segment key -> problem
 
     @property
@@ -134,6 +139,7 @@ class Syncer:
         self.cancel = cancel
         self.select = select        # a destination's own retention: what it would prune is not copied
         self.report = SyncReport(project)
+        self.protected: Set[str] = set()
         self.done: Set[bytes] = set()          # digests known to be at the destination (this run; bounded)
         self.last: Optional[Tuple[str, str, Set[bytes]]] = None   # (target, backup id, digests) last committed
 
@@ -141,8 +147,9 @@ class Syncer:
         src_keys = catalog.keys(self.src)
         dst_keys = set(catalog.keys(self.dst))
         todo = to_copy(src_keys, dst_keys)
+        self.protected = markers.protected(self.src)
         if self.select is not None:
-            wanted = self.select(set(src_keys) | dst_keys)
+            wanted = self.select(set(src_keys) | dst_keys, self.protected)
             todo = [k for k in todo if k in wanted]
         self.report.source_manifests = len(src_keys)
         self.report.already = len(set(src_keys) & dst_keys)
@@ -172,11 +179,26 @@ class Syncer:
             return
         if not self.dst.exists(key):            # the commit: every segment it names is durable there
             self.dst.put(key, blob)
+        self._copy_protection(m)
         committed.add(key)
         self.report.copied.append(key)
         self.last = (m.target, m.backup_id, needed)
         if len(self.done) > DONE_MAX:
             self.done = set()                   # only spares questions; memory stays bounded
+
+    def _copy_protection(self, m: mf.Manifest) -> None:
+        """A backup protected at the source is protected at the destination too (after its
+        manifest: the destination's gc removes marks of manifests it does not have). Later
+        changes of the mark are not followed."""
+        if f"{m.target}/{m.backup_id}" not in self.protected:
+            return
+        pkey = markers.protected_key(m.target, m.backup_id)
+        try:
+            if not self.dst.exists(pkey):
+                self.dst.put(pkey, self.src.get(pkey))        # as stored: sealed stays sealed
+                self.report.protected += 1
+        except ObjectNotFound:
+            pass                                # unprotected at the source meanwhile
 
     def _parent_digests(self, m: mf.Manifest, committed: Set[str]) -> Optional[Set[bytes]]:
         """The digests of m's parent when the parent is committed at the destination, else None."""

@@ -141,3 +141,19 @@ def test_each_destination_keeps_its_own_retention(tmp_path):
 def test_bad_sync_retention(raw, match):
     with pytest.raises(ConfigError, match=match):
         AgentSettings.from_mapping({"agent": {"sync": raw}})
+
+
+def test_a_backup_protected_at_the_source_is_copied_and_kept_whatever_the_destination_policy(tmp_path):
+    from ekko_libvirt.store import markers
+    cfg = cfg_with_sites(tmp_path, sync={"to": ["site2"], "retention": {"site2": {"keep_last": 1}}})
+    settings = AgentSettings.from_config(cfg).sync
+    src = open_store(cfg)
+    keys = [put_backup(src, "vm.vda", [os.urandom(4096)]) for _ in range(3)]
+    target, bid = keys[0].split("/")[1:]
+    markers.protect(src, target, bid)
+    rec = maintenance.run_sync(cfg, settings, gc_grace_hours=0)
+    site2 = open_store(cfg.with_store("site2"))
+    assert rec["ok"] and catalog.keys(site2) == [keys[0], keys[2]]
+    assert markers.is_protected(site2, target, bid) and markers.protected(site2) == {f"{target}/{bid}"}
+    assert open_store(cfg.with_store("site2")).get(markers.protected_key(target, bid)) == \
+        src.get(markers.protected_key(target, bid))
