@@ -143,7 +143,7 @@ def job_record(ekko, name):
 
 
 def test_instant_restore_runs_at_once_survives_a_dead_server_and_ends_on_its_own(
-        libvirt_conn, test_domains, images, lvwork, cleanup_instant):
+        libvirtd, libvirt_conn, test_domains, images, lvwork, cleanup_instant):
     seed = int(os.environ.get("EKKO_TEST_SEED", random.randrange(1 << 30)))
     print(f"seed {seed} (EKKO_TEST_SEED to replay)")
     rnd = random.Random(seed)
@@ -225,7 +225,13 @@ def test_instant_restore_runs_at_once_survives_a_dead_server_and_ends_on_its_own
         assert agent.wait(60) == 0, open(agent_log).read()
     assert "its supervisor was gone, a new one took over" in open(agent_log).read()
     assert alive(rec["supervisor_pid"], rec["supervisor_ticks"])      # outlives the agent
-    wait_for(lambda: dom.blockJobInfo("vda", 0), 20, "block job (started again after the server died)")
+
+    # libvirtd restarted mid-pull: QEMU and its block job go on, the supervisor connects again
+    libvirtd.restart()
+    conn = libvirtd.connect()
+    dom = conn.lookupByName(new)
+    g.dom = dom
+    wait_for(lambda: dom.blockJobInfo("vda", 0), 20, "the block job, seen by the new libvirtd")
     dom.blockJobSetSpeed("vda", 0, 0)                          # the rest at full speed
 
     rec = wait_for(lambda: (r := job_record(ekko, new))["phase"] != "streaming" and r, 60, "end of the stream")
@@ -233,6 +239,8 @@ def test_instant_restore_runs_at_once_survives_a_dead_server_and_ends_on_its_own
     assert rec["server_restarts"] == 1 and rec["disks"][0]["server_pid"] == srv_pid    # the takeover kept it
     assert not alive(srv_pid, srv_ticks) and not os.path.exists(sock) and nbdkits_serving(target) == []
     assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    with open(os.path.join(ekko.cfg["run_dir"], "instant", f"{new}-supervisor.log")) as f:
+        assert "connecting again" in f.read()                   # it saw the connection go, and came back
     assert ET.fromstring(dom.XMLDesc(0)).find("devices/disk/backingStore/source") is None
     st = ekko.run("status", json_out=True).data["instant_restores"]
     assert [(s["domain"], s["phase"], s["pulled_bytes"], s["total_bytes"]) for s in st] == \
@@ -263,6 +271,7 @@ def test_instant_restore_runs_at_once_survives_a_dead_server_and_ends_on_its_own
     out = os.path.join(lvwork, "again.raw")
     ekko.run("restore", bid, "--to", out)
     assert read_raw(out) == exp
+    conn.close()
 
 
 def test_instant_restore_errors_leave_nothing_behind(libvirt_conn, test_domains, images, lvwork, cleanup_instant):
