@@ -16,6 +16,7 @@ supervisor that dies leaves the guest running; a new supervisor finds them by PI
 The pure parts (XML, record, decisions) are in instant_plan.py.
 """
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -102,6 +103,27 @@ def start_server(cfg, d: InstantDisk, verbose: int = 0, manifest: Optional[Manif
         pass                                          # QEMU runs as root here
 
 
+def start_servers(cfg, disks: Sequence[InstantDisk], manifests: Sequence[Manifest], verbose: int,
+                  undo: contextlib.ExitStack) -> None:
+    """Every disk's server at once (each start is mostly waiting for nbdkit's Python to load the
+    manifest: a domain of several disks should not wait for them one after the other). Each one
+    that started is registered in `undo`, also when another failed; then the first error is raised."""
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(disks)),
+                                                 thread_name_prefix="ekko-instant-serve")
+    futures = [pool.submit(start_server, cfg, d, verbose, m) for d, m in zip(disks, manifests, strict=True)]
+    try:
+        concurrent.futures.wait(futures)
+    finally:
+        pool.shutdown(wait=True)         # interrupted (SIGTERM): the starts end first, so none is unknown
+        for d, f in zip(disks, futures, strict=True):
+            if f.exception() is None:
+                undo.callback(stop_server, d)
+    for f in futures:
+        e = f.exception()
+        if e is not None:
+            raise e
+
+
 def stop_server(d: InstantDisk) -> None:
     if d.server_pid is not None:
         server.stop_pid(d.server_pid, d.server_ticks)
@@ -180,9 +202,8 @@ def start_instant(cfg, found: Sequence[Tuple[Optional[str], str, Manifest]], dir
             raise UsageError(f"--to {directory}: cannot create it: {e.strerror}") from e
         if made_dir:
             undo.callback(_rmdir_quietly, directory)
-        for d, (_, _, m) in zip(job.disks, found, strict=True):
-            start_server(cfg, d, verbose, m)
-            undo.callback(stop_server, d)
+        start_servers(cfg, job.disks, [m for _, _, m in found], verbose, undo)
+        for d in job.disks:
             create_overlay(d.overlay, d.socket, d.virtual_size)
             undo.callback(_unlink_quietly, d.overlay)
         job.timings["served"] = since_start()
