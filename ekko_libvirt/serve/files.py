@@ -21,6 +21,9 @@ Hard links are kept (one inode, several names, within one extraction). Regular f
 as their allocation says (`copy_plan`): an empty one costs no transfer, one with no block at all
 is made as a hole of its size (a hostile 1 TiB sparse file costs nothing here), a sparse one is
 read in pieces and its zero pieces are left as holes, so DIR never holds more than the data.
+Content comes through guestfs `pread`, 2 MiB a call: one round trip, ~2 ms for a small file,
+where a `download` costs ~200 ms of protocol per file under TCG (measured here), and 50 MB/s
+against download's 33 for big ones.
 What the guest file system cannot give (a directory the kernel finds damaged, a read error, a
 name that is not one path component) is skipped and named, the rest extracted (exit 3).
 
@@ -155,7 +158,7 @@ def copy_plan(e: Entry) -> str:
     """How a regular file's content comes out of the appliance: 'empty' (nothing to transfer),
     'hole' (no block allocated and too big to live in its inode: all zeros, made as a hole of its
     size), 'sparse' (fewer blocks than its size: read in pieces, zero pieces left as holes) or
-    'dense' (one streamed download)."""
+    'dense' (read in pieces, every piece written)."""
     if e.size <= 0:
         return "empty"
     if e.blocks == 0 and e.size > INLINE_MAX:
@@ -347,10 +350,6 @@ class Guest:
     def read(self, path: str, size: int, offset: int) -> bytes:
         return self._call("pread", path, size, offset)
 
-    def download(self, path: str, fd: int) -> None:
-        """The content of regular file `path` into the open file `fd` (through /proc: the file
-        ekko created, not whatever a name might point to by then)."""
-        self._call("download", path, f"/proc/self/fd/{fd}")
 
 
 @dataclass
@@ -364,9 +363,10 @@ class Extracted:
     failed: List[Tuple[str, str]] = field(default_factory=list)    # (guest path, why): could not be read
 
 
-def fill_sparse(read: Callable[[int, int], bytes], size: int, out: int) -> int:
+def fill_sparse(read: Callable[[int, int], bytes], size: int, out: int, holes: bool = True) -> int:
     """Copy `size` bytes, read in PIECE-sized pieces, into `out` at their offsets, leaving the
-    all-zero pieces as holes; the length set at the end. -> bytes written."""
+    all-zero pieces as holes (holes=False: writing them too); the length set at the end.
+    -> bytes written."""
     zero = bytes(PIECE)
     written = 0
     for off in range(0, size, PIECE):
@@ -374,7 +374,7 @@ def fill_sparse(read: Callable[[int, int], bytes], size: int, out: int) -> int:
         data = read(n, off)
         if len(data) != n:
             raise DamagedFileSystem(f"short read: {len(data)} of {n} bytes at offset {off}")
-        if data != zero[:n]:
+        if not holes or data != zero[:n]:
             os.pwrite(out, data, off)
             written += n
     os.ftruncate(out, size)
@@ -527,10 +527,8 @@ def _fill(guest: Guest, e: Entry, fd: int) -> None:
     plan = copy_plan(e)
     if plan == "hole":
         os.ftruncate(fd, e.size)
-    elif plan == "sparse":
-        fill_sparse(lambda n, off: guest.read(e.path, n, off), e.size, fd)
-    elif plan == "dense":
-        guest.download(e.path, fd)
+    elif plan in ("sparse", "dense"):
+        fill_sparse(lambda n, off: guest.read(e.path, n, off), e.size, fd, holes=plan == "sparse")
 
 
 def _reason(e: BaseException) -> str:

@@ -188,6 +188,7 @@ def test_fill_sparse_writes_data_and_leaves_zero_pieces_as_holes(tmp_path, seed)
     print("seed", seed)
     piece = files.PIECE
     size = rnd.randrange(3 * piece, 12 * piece)
+    dense = seed == 9                      # a dense file: every piece written, zero ones too
     content = bytearray(size)
     for _ in range(rnd.randrange(1, 4)):                  # a few data runs, anywhere, any length
         off = rnd.randrange(size)
@@ -200,11 +201,11 @@ def test_fill_sparse_writes_data_and_leaves_zero_pieces_as_holes(tmp_path, seed)
         return bytes(content[off:off + n])
     out = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        written = files.fill_sparse(read, size, out)
+        written = files.fill_sparse(read, size, out, holes=not dense)
     finally:
         os.close(out)
     assert (tmp_path / "f").read_bytes() == bytes(content)
-    data_pieces = [o for o in range(0, size, piece) if any(content[o:o + piece])]
+    data_pieces = [o for o in range(0, size, piece) if any(content[o:o + piece]) or dense]
     assert written == sum(min(piece, size - o) for o in data_pieces)
     assert calls == [(o, min(piece, size - o)) for o in range(0, size, piece)]
     # the zero pieces are holes: allocation at most the data pieces (plus a block each side)
@@ -222,7 +223,7 @@ def test_fill_sparse_short_read_is_damage(tmp_path):
 
 class FakeGuest:
     """A guest tree in memory, as serve.files.Guest answers: stat, walk (with its failure
-    callback), download and read; `bad_dirs` cannot be listed, `bad_files` fail their read."""
+    callback) and read; `bad_dirs` cannot be listed, `bad_files` fail their read (half-way)."""
 
     def __init__(self, tree, bad_dirs=(), bad_files=(), refused=()):
         self.tree, self.bad_dirs, self.bad_files, self.refused = tree, set(bad_dirs), set(bad_files), refused
@@ -247,13 +248,11 @@ class FakeGuest:
             raise files.DamagedFileSystem(f"{path}: Input/output error")
         return self.tree[path].name.encode() * 3
 
-    def download(self, path, fd):
-        data = self._data(path)
-        os.write(fd, data[:1])              # half-way, then the error
-        os.write(fd, data[1:])
-
     def read(self, path, n, off):
-        return self._data(path)[off:off + n]
+        if path in self.bad_files and off > 0:
+            raise files.DamagedFileSystem(f"{path}: Input/output error")
+        data = self.tree[path].name.encode() * 3 if path not in self.bad_files else bytes(self.tree[path].size)
+        return data[off:off + n]
 
 
 def node(path, kind, size=0, ino=0, nlink=1, target=None, blocks=None):
@@ -266,7 +265,7 @@ def test_extract_keeps_hard_links_and_names_what_it_cannot_read(tmp_path):
     tree = {p: node(p, k, **kw) for p, k, kw in [
         ("/", "directory", {}), ("/d", "directory", {}), ("/d/a", "file", {"size": 3, "ino": 5, "nlink": 2}),
         ("/d/b", "file", {"size": 3, "ino": 5, "nlink": 2}), ("/d/c", "file", {"size": 3, "ino": 6}),
-        ("/bad", "directory", {}), ("/bad/x", "file", {"size": 3}), ("/broken", "file", {"size": 21}),
+        ("/bad", "directory", {}), ("/bad/x", "file", {"size": 3}), ("/broken", "file", {"size": files.PIECE + 10}),
         ("/huge", "file", {"size": 1 << 40, "blocks": 0}), ("/empty", "file", {}),
         ("/l", "symlink", {"target": "/etc/passwd"}), ("/fifo", "fifo", {})]}
     g = FakeGuest(tree, bad_dirs=["/bad"], bad_files=["/broken"], refused=["/d/../x"])
