@@ -21,7 +21,7 @@ import pytest
 from conftest import ROOT, Ekko, read_raw
 from harness.libvirtd import domain_xml, make_workdir
 from libvirt_fixtures import images, libvirt_conn, libvirtd, test_domains  # noqa: F401
-from tests.integration.test_libvirt_backup import Guest, make_ekko
+from tests.integration.test_libvirt_backup import NOVA, Guest, make_ekko
 
 KiB, MiB = 1024, 1024 * 1024
 SIZE = 128 * MiB
@@ -108,13 +108,16 @@ def cleanup_instant():
                     server.stop_pid(d.server_pid, d.server_ticks)
 
 
-def source_backup(test_domains, images, lvwork, name, rnd, size=SIZE, raw_vdb=False):
+def source_backup(test_domains, images, lvwork, name, rnd, size=SIZE, raw_vdb=False, nova=False):
     """A running domain with one qcow2 disk (and with raw_vdb a raw vdb of 4 MiB + 512 B): the boot
     loop at 0, random data in places (the loop's area too), backed up once; then shut off.
     -> (ekko, backup id, the disk at the backup)."""
     qcow = images(f"{name}-a", "qcow2", size)
     disks = [(qcow, "qcow2", "vda")] + ([(images(f"{name}-b", "raw", 4 * MiB + 512), "raw", "vdb")] if raw_vdb else [])
-    dom = test_domains.conn.defineXML(domain_xml(name, disks, test_domains.dom_type))
+    xml = domain_xml(name, disks, test_domains.dom_type)
+    if nova:                      # a Nova instance's backups go to its project's namespace
+        xml = xml.replace("</name>", "</name>\n" + NOVA, 1)
+    dom = test_domains.conn.defineXML(xml)
     test_domains.names.append(name)
     dom.create()
     g = Guest(dom, [(p, f, d, size if d == "vda" else 4 * MiB + 512) for p, f, d in disks], lvwork)
@@ -276,7 +279,8 @@ def test_instant_restore_runs_at_once_survives_a_dead_server_and_ends_on_its_own
 
 def test_instant_restore_errors_leave_nothing_behind(libvirt_conn, test_domains, images, lvwork, cleanup_instant):
     rnd = random.Random(7)
-    ekko, bid, _ = source_backup(test_domains, images, lvwork, "ekko-test-inst-err", rnd, size=8 * MiB, raw_vdb=True)
+    ekko, bid, _ = source_backup(test_domains, images, lvwork, "ekko-test-inst-err", rnd, size=8 * MiB, raw_vdb=True,
+                                 nova=True)
     cleanup_instant(ekko.path)
     new = "ekko-test-inst-err2"
     test_domains.names.append(new)
@@ -333,6 +337,7 @@ def test_instant_restore_errors_leave_nothing_behind(libvirt_conn, test_domains,
     res = ekko.run("restore", bid, "--define", new, "--instant", "--to", target, "--bandwidth", "64KiB",
                    json_out=True).data
     assert [d["dev"] for d in res["disks"]] == ["vda", "vdb"]       # both disks, each on its own server
+    assert {d["namespace"] for d in res["disks"]} == {"p-5678"}      # served from the project's namespace
     root = ET.fromstring(libvirt_conn.lookupByName(new).XMLDesc(0))
     assert sorted(h.get("socket") for h in root.iter("host")) == [d["socket"] for d in res["disks"]]
     from harness.libvirtd import destroy_and_undefine
