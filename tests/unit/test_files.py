@@ -290,3 +290,71 @@ def test_reason_drops_the_function_prefix():
     assert files._reason(RuntimeError("mount_ro: /dev/sda2 on / (options: 'ro'): mount: bad\n superblock")) == (
         "/dev/sda2 on / (options: 'ro'): mount: bad superblock")
     assert files._reason(RuntimeError("no prefix here")) == "no prefix here"
+
+
+class FakeHandle:
+    """libguestfs' handle as Guest calls it: each method answers from `answers` (a value, or an
+    exception raised as the binding raises RuntimeError)."""
+
+    def __init__(self, **answers):
+        self.answers, self.calls = answers, []
+
+    def __getattr__(self, name):
+        def call(*args):
+            self.calls.append((name,) + args)
+            a = self.answers[name]
+            if isinstance(a, Exception):
+                raise a
+            return a
+        return call
+
+
+def guest_on(handle, device="/dev/sda1", fstype="ext4"):
+    g = files.Guest.__new__(files.Guest)          # no appliance: the handle is the fake
+    g.g, g.device, g.fstype, g.filesystems = handle, device, fstype, {device: fstype, "/dev/sda2": "xfs"}
+    return g
+
+
+def test_a_directory_the_kernel_refuses_part_way_is_damage_not_a_short_listing():
+    # ls streams the names and loses the kernel's error; readdir ends quietly with what came before it
+    h = FakeHandle(ls=RuntimeError("ls: file receive cancelled by daemon"), readdir=[{"name": "."}, {"name": "ok"}])
+    with pytest.raises(files.DamagedFileSystem, match=r"^/crafted: the directory cannot be read whole"):
+        guest_on(h)._names("/crafted")
+    assert [c[0] for c in h.calls] == ["ls", "readdir"]
+    # readdir that says why: its reason
+    h = FakeHandle(ls=RuntimeError("ls: file receive cancelled by daemon"),
+                   readdir=RuntimeError("readdir: /crafted: Structure needs cleaning"))
+    with pytest.raises(files.DamagedFileSystem, match=r"Structure needs cleaning .*reading /dev/sda1 \(ext4\)"):
+        guest_on(h)._names("/crafted")
+    # another failure of ls is the appliance's (exit 1), not damage
+    h = FakeHandle(ls=RuntimeError("ls: connection lost"))
+    with pytest.raises(files.ApplianceError, match="libguestfs ls: ls: connection lost"):
+        guest_on(h)._names("/x")
+
+
+@pytest.mark.parametrize("message, error", [
+    ("lstatns: /x: No such file or directory", FilesError),
+    ("lstatns: /x/y: Not a directory", FilesError),
+    ("pread: /x: Input/output error", files.DamagedFileSystem),
+    ("pread: /x: Bad message", files.DamagedFileSystem),
+    ("lstatns: /x: Structure needs cleaning", files.DamagedFileSystem),
+    ("lstatns: something else", files.ApplianceError),
+])
+def test_appliance_errors_are_sorted_by_their_strerror(message, error):
+    h = FakeHandle(lstatns=RuntimeError(message))
+    with pytest.raises(error):
+        guest_on(h)._call("lstatns", "/x")
+
+
+def test_use_mounts_another_file_system_and_a_refused_mount_is_damage():
+    h = FakeHandle(umount_all=None, mount_ro=None)
+    g = guest_on(h)
+    g.use("/dev/sda2")
+    assert (g.device, g.fstype) == ("/dev/sda2", "xfs") and h.calls == [("umount_all",), ("mount_ro", "/dev/sda2", "/")]
+    h.answers["mount_ro"] = RuntimeError("mount_ro: /dev/sda1 on / (options: 'ro'): mount: can't read superblock")
+    with pytest.raises(files.DamagedFileSystem, match=r"^/dev/sda1 \(ext4\) cannot be mounted read-only: /dev/sda1 "
+                       r"on / \(options: 'ro'\): mount: can't read superblock; the file system is damaged"):
+        g.use("/dev/sda1")
+    assert g.device == ""                          # nothing mounted, and the Guest says so
+    with pytest.raises(FilesError, match="no file system /dev/sdb1"):
+        g.use("/dev/sdb1")
