@@ -214,7 +214,7 @@ def build_all(workdir: str, seed_bytes: bytes) -> Images:
     make_tree(trees[0], seed_bytes)
     make_tree(trees[1], seed_bytes, second=True)
     tars = [os.path.join(workdir, "tree1.tar"), os.path.join(workdir, "tree2.tar")]
-    for tree, tar in zip(trees, tars):
+    for tree, tar in zip(trees, tars, strict=True):
         tarball(tree, tar)
     imgs = Images(trees, [os.path.join(workdir, f"gpt{i}.raw") for i in (1, 2)],
                   [os.path.join(workdir, f"mbr{i}.raw") for i in (1, 2)])
