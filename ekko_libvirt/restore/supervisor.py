@@ -34,6 +34,12 @@ from .instant_plan import Action, DiskState, InstantJob, World, decide, nbd_back
 log = logging.getLogger("ekko.instant")
 
 POLL_S = 0.25
+SAVE_S = 2.0
+
+
+def _state_of(record: dict) -> dict:
+    """A record without the pull's progress counters."""
+    return dict(record, disks=[{k: v for k, v in d.items() if k not in ("cur", "end")} for d in record["disks"]])
 
 
 class Supervisor:
@@ -43,6 +49,7 @@ class Supervisor:
         self.conn = conn
         self.verbose = verbose
         self.stop = threading.Event()
+        self.saved = 0.0
 
     def job(self) -> InstantJob:
         job = instant.load(self.cfg, self.name)
@@ -132,8 +139,10 @@ class Supervisor:
                 # does not answer) may start later; the guest stays paused meanwhile, never errored.
                 job.message = f"{a.kind} {a.dev or ''} failed: {e}".replace("  ", " ")
                 log.error("%s: %s", job.domain, job.message)
-        if job.to_dict() != before:
-            instant.save(self.cfg, job)
+        after = job.to_dict()
+        if _state_of(after) != _state_of(before) or (after != before and time.monotonic() - self.saved >= SAVE_S):
+            instant.save(self.cfg, job)          # progress alone: every SAVE_S (each save is two fsyncs)
+            self.saved = time.monotonic()
         return job
 
     def run(self) -> InstantJob:
