@@ -14,7 +14,7 @@ the domain runs; libvirt's state and the block job's progress are read right aft
 the same for both sizes. Then the new domain is destroyed and undefined: its supervisor stops
 the server (checked). The first repeat of W (unless --no-stream; of the 1 TiB disk with
 --stream-sparse) also times the whole pull, up to STREAM_LIMIT_S (zero segments are holes of the
-export: not copied, but block-stream asks for the status of every 512 KiB: ~4 min for 1 TiB here).
+export: not copied, but block-stream asks for the status of every 512 KiB: 173 s for 1 TiB here).
 
 Writes bench/out/instant-<UTC time>.json. Big files in /tmp/ekko-bench-inst-*, removed at the end.
 """
