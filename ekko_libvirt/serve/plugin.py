@@ -95,21 +95,27 @@ def after_fork():
 def _watch_parent(fd: int) -> None:
     """The read end of ekko's lifeline: EOF when ekko closes it (stop) or dies (even SIGKILL). Then
     this process ends at once, connected clients or not (nbdkit's own shutdown waits for them)."""
+    stopped = False
     while True:
         try:
-            if not os.read(fd, 4096):
-                break
+            got = os.read(fd, 4096)
         except InterruptedError:
             continue
         except OSError:
             break
+        if not got:
+            break
+        stopped = stopped or b"s" in got        # server.STOP_BYTE: ekko stopped it on purpose
     if _params["unlink"]:
         try:
             os.unlink(_params["unlink"])
         except OSError:
             pass
     try:
-        log.warning("ekko (the parent of this server) is gone or stopped it: exiting")
+        if stopped:
+            log.info("stopped by ekko: exiting")
+        else:
+            log.warning("ekko (the parent of this server) is gone: exiting")
     except Exception:       # noqa: BLE001 - stderr may be gone with the parent
         pass
     os._exit(0)

@@ -69,6 +69,7 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 NBDKIT_PYTHON = (3, 11)         # the Python that Debian 12's nbdkit-plugin-python embeds
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 2.0        # then SIGKILL (on SIGTERM alone nbdkit waits for connected clients)
+STOP_BYTE = b"s"           # written on the lifeline by stop() before it closes it (plugin.py)
 _serial = itertools.count(1)
 
 
@@ -100,6 +101,10 @@ class Server:
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM, then SIGKILL after `timeout`; the socket file removed. Idempotent."""
         if self.lifeline is not None:
+            try:
+                os.write(self.lifeline, STOP_BYTE)      # "stopped": EOF without it means ekko died
+            except OSError:
+                pass
             os.close(self.lifeline)
             self.lifeline = None
         if self.proc is not None:
