@@ -100,6 +100,7 @@ class Config:
     consistency: str = "auto"                  # engine/freeze.py: auto | filesystem | crash
     guest_agent_timeout: float = 10.0          # seconds, every guest agent call
     domain_consistency: Tuple[Tuple[str, str], ...] = ()    # domains.<name or UUID>.consistency
+    project_consistency: Tuple[Tuple[str, str], ...] = ()   # projects.<Nova project id>.consistency
 
     def target(self, name: str) -> Optional[TargetConfig]:
         return next((t for t in self.targets if t.name == name), None)
@@ -137,7 +138,7 @@ class Config:
 _TOP_KEYS = {"store", "state_dir", "run_dir", "scratch_reserve", "segment_size", "bitmap_granularity", "compression",
              "serve", "workers", "read", "qmp_timeout", "targets", "encryption", "retention", "schedule",
              "agent", "libvirt", "domains", "stores",
-             "consistency", "guest_agent_timeout"}
+             "consistency", "guest_agent_timeout", "projects"}
 
 
 def load(path: Optional[str] = None) -> Config:
@@ -210,6 +211,7 @@ def build(raw: Any, source: str = "") -> Config:
         consistency=_consistency(raw, "consistency", "consistency") or "auto",
         guest_agent_timeout=float(_int(raw, "guest_agent_timeout", 10, 1, 600)),
         domain_consistency=_domain_consistency(raw.get("domains")),
+        project_consistency=_project_consistency(raw.get("projects")),
         stores=_stores(raw.get("stores")),
         extra=tuple((k, raw[k]) for k in ("encryption", "retention", "schedule", "agent", "libvirt", "domains")
                     if k in raw),
@@ -383,6 +385,29 @@ def _consistency(raw: Mapping, key: str, label: str) -> Optional[str]:
     if val not in CONSISTENCY:
         raise ConfigError(label, f"must be one of {', '.join(CONSISTENCY)}, got {_show(val)}")
     return str(val)
+
+
+def _project_consistency(raw: Any) -> Tuple[Tuple[str, str], ...]:
+    """projects.<Nova project id>.consistency: the policy of every domain of that project that
+    has none of its own (domains.<UUID or name>.consistency)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("projects", f"must be a mapping of Nova project ids, got {_show(raw)}")
+    out = []
+    for key, val in raw.items():
+        label = f"projects.{_label(key)}"
+        if not isinstance(key, str) or not key.strip():
+            raise ConfigError(label, "must be a Nova project id")
+        if not isinstance(val, Mapping):
+            raise ConfigError(label, f"must be a mapping (consistency: ...), got {_show(val)}")
+        extra = sorted(str(k)[:40] for k in val if k != "consistency")
+        if extra:
+            raise ConfigError(f"{label}.{extra[0]}", "unknown key (a project takes consistency)")
+        policy = _consistency(val, "consistency", f"{label}.consistency")
+        if policy is not None:
+            out.append((key, policy))
+    return tuple(out)
 
 
 def _domain_consistency(raw: Any) -> Tuple[Tuple[str, str], ...]:

@@ -44,13 +44,16 @@ def select_disks(all_disks: List[dx.DomainDisk], wanted: Sequence[str], domain: 
     return [known[w] for w in wanted]
 
 
-def consistency_policy(base: BackupOptions, name: str, uuid: str, xml: str) -> str:
-    """domains.<UUID>.consistency, else domains.<name>.consistency, else the default; a domain that
-    asks for quiescing (Nova's os_require_quiesce) gets `filesystem` whatever they say."""
+def consistency_policy(base: BackupOptions, name: str, uuid: str, xml: str, project_id: str = "") -> str:
+    """domains.<UUID>.consistency, else domains.<name>.consistency, else the Nova project's
+    (projects.<id>.consistency), else the default; a domain that asks for quiescing (Nova's
+    os_require_quiesce) gets `filesystem` whatever they say."""
     if dx.requires_quiesce(xml):
         return "filesystem"
     by_key = dict(base.consistency_by_domain)
-    return by_key.get(uuid.lower()) or by_key.get(name) or base.consistency
+    by_project = dict(base.consistency_by_project)
+    return (by_key.get(uuid.lower()) or by_key.get(name) or (by_project.get(project_id) if project_id else None)
+            or base.consistency)
 
 
 def run_domain_backup(conn, req: DomainBackupRequest, open_store: Callable[[Optional[str]], Store], base: BackupOptions,
@@ -69,7 +72,8 @@ def run_domain_backup(conn, req: DomainBackupRequest, open_store: Callable[[Opti
     # new domain from it. Inactive XML (what is defined, not runtime state), no secret values.
     labels = dict(base.labels, **nova, domain_xml=dx.storable_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
     opts = BackupOptions(**{**base.__dict__, "target": dom.name(), "labels": labels,
-                            "consistency": consistency_policy(base, dom.name(), dom.UUIDString(), xml),
+                            "consistency": consistency_policy(base, dom.name(), dom.UUIDString(), xml,
+                                                              nova.get("project_id", "")),
                             "force_full": req.force_full or base.force_full,
                             "require_incremental": req.require_incremental or base.require_incremental})
     jobs = [DiskJob(dx.target_name(dom.name(), d.dev)) for d in disks]

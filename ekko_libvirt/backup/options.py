@@ -30,6 +30,7 @@ class BackupOptions:
     consistency: str = "auto"           # engine/freeze.py: auto | filesystem | crash
     agent_timeout: float = 10.0         # seconds, every guest agent call
     consistency_by_domain: Tuple[Tuple[str, str], ...] = ()   # domains.<UUID or name>.consistency
+    consistency_by_project: Tuple[Tuple[str, str], ...] = ()  # projects.<Nova project id>.consistency
 
 
 
@@ -48,4 +49,5 @@ def options_from_config(cfg, target: str, prefix: str = units.DEFAULT_BITMAP_PRE
                          lock_dir=os.path.join(cfg.state_dir, "locks"), scratch_reserve=cfg.scratch_reserve,
                          state_dir=cfg.state_dir, read_back=cfg.read_back,
                          **{"consistency": cfg.consistency, "agent_timeout": cfg.guest_agent_timeout,
-                            "consistency_by_domain": cfg.domain_consistency, **kw})
+                            "consistency_by_domain": cfg.domain_consistency,
+                            "consistency_by_project": cfg.project_consistency, **kw})

@@ -173,3 +173,18 @@ def test_libvirt_without_channel_and_nova_quiesce(lvguests, lvwork):
     c = ek.backup(name)                 # nothing lost: the chain goes on from the last committed backup
     assert c["kind"] == "incremental" and c["parent"] == b["backup_id"], c
     assert c["consistency"]["level"] == "crash", c
+
+    # A Nova project's policy (projects.<id>.consistency) reaches the domains of that project: the
+    # project is the one Nova's metadata in the domain names. Another project's policy does not.
+    nova = ("<instance><owner><user uuid='u1'>alice</user>"
+            "<project uuid='5b0c2f8e9d1a4c3b8e7f6a5d4c3b2a10'>db</project></owner></instance>")
+    g.dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, nova, "nova",
+                      "http://openstack.org/xmlns/libvirt/nova/1.1", libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    strict = ekko_in(lvwork, "nochan", projects={"5b0c2f8e9d1a4c3b8e7f6a5d4c3b2a10": {"consistency": "filesystem"}})
+    p = strict.run("backup", name, check=False)
+    assert p.returncode == 1, p.stderr
+    assert "consistency: filesystem, but the guest cannot be frozen" in p.stderr, p.stderr
+    assert not g.dom.listAllCheckpoints(), "a refused backup left a checkpoint"
+    other = ekko_in(lvwork, "nochan", projects={"0000aaaa": {"consistency": "filesystem"}})
+    d = other.backup(name)
+    assert d["consistency"]["level"] == "crash", d

@@ -299,7 +299,27 @@ def test_domain_policy_order():
     assert consistency_policy(base, "vm2", "x", NOVA_QUIESCE.format(u=u, v="yes")) == "filesystem"
 
 
+def test_project_policy_comes_after_the_domains_and_before_the_default():
+    from ekko_libvirt import config
+    from ekko_libvirt.backup.domain import consistency_policy
+    from ekko_libvirt.backup.options import options_from_config
+    u = "6a1f2f0e-0000-4000-8000-00000000abcd"
+    cfg = config.build({"consistency": "crash", "domains": {"vm1": {"consistency": "auto"}},
+                        "projects": {"p-db": {"consistency": "filesystem"}, "p-scratch": {"consistency": "crash"}}})
+    base = options_from_config(cfg, "vm1")
+    plain = f"<domain><name>vm1</name><uuid>{u}</uuid></domain>"
+    assert consistency_policy(base, "vm1", u, plain, "p-db") == "auto"               # the domain's own first
+    assert consistency_policy(base, "vm2", u, plain, "p-db") == "filesystem"         # then its project's
+    assert consistency_policy(base, "vm2", u, plain, "p-other") == "crash"           # then the default
+    assert consistency_policy(base, "vm2", u, plain, "") == "crash"                  # not a Nova domain
+    assert consistency_policy(base, "vm2", u, NOVA_QUIESCE.format(u=u, v="yes"), "p-scratch") == "filesystem"
+
+
 @pytest.mark.parametrize("raw,key", [
+    ({"projects": {"p1": {"consistency": "fs"}}}, "projects.p1.consistency"),
+    ({"projects": {"p1": {"consistency": "auto", "retention": 3}}}, "projects.p1.retention"),
+    ({"projects": {"p1": "filesystem"}}, "projects.p1"),
+    ({"projects": ["p1"]}, "projects"),
     ({"consistency": "quiesce"}, "consistency"),
     ({"consistency": True}, "consistency"),
     ({"domains": {"vm1": {"consistency": "fs"}}}, "domains.vm1.consistency"),
