@@ -27,6 +27,14 @@ setup(
         "libvirt-python>=9.0",
         "prometheus_client>=0.16",     # the agent's metrics (Debian's python3-prometheus-client 0.16)
     ],
-    entry_points={"console_scripts": ["ekko = ekko_libvirt.cli:main"]},
+    # ekko-api (issue 19): requirements-api.txt pins what was tested; Debian's OpenStack libraries are older
+    extras_require={"api": ["Flask>=3.0", "gunicorn>=21", "keystonemiddleware>=10", "oslo.config>=9",
+                            "oslo.policy>=4", "oslo.messaging>=14"]},
+    entry_points={
+        "console_scripts": ["ekko = ekko_libvirt.cli:main", "ekko-api = ekko_libvirt.api.cmd:main"],
+        # the samples: oslo-config-generator --namespace ekko.api, oslopolicy-sample-generator --namespace ekko
+        "oslo.config.opts": ["ekko.api = ekko_libvirt.api.conf:list_opts"],
+        "oslo.policy.policies": ["ekko = ekko_libvirt.api.policy:list_rules"],
+    },
     data_files=[("share/ekko/hooks", ["hooks/qemu"])],
 )

@@ -18,7 +18,10 @@ CORE_PKGS="qemu-system-x86 qemu-utils qemu-block-extra python3-libnbd libnbd-bin
 ALL_PKGS="$CORE_PKGS libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev python3-libvirt
  seabios ipxe-qemu swift swift-proxy swift-account swift-container swift-object python3-swiftclient memcached xfsprogs
  fuse3 nbdkit nbdkit-plugin-python python3-xxhash python3-yaml python3-cryptography
- linux-image-amd64 python3-guestfs libguestfs-tools gdisk prometheus busybox-static qemu-guest-agent cpio"
+ linux-image-amd64 python3-guestfs libguestfs-tools gdisk prometheus busybox-static qemu-guest-agent cpio
+ rabbitmq-server"
+# rabbitmq-server: the message bus between ekko-api and the agents (oslo.messaging), started by the tests on
+# their own node name, ports and directory (tests/harness/rabbitmq.py); never as the system's service here.
 # python3-prometheus-client: the agent's metrics (agent.metrics; the venv sees Debian's, as a Debian package of
 # ekko would); prometheus: only its promtool, which tests the example alert rules (packaging/ekko-alerts.yml)
 # against the metrics of a real run. Its own service is not started here (policy-rc.d below).
@@ -65,7 +68,10 @@ if [ -n "$venv_zstd" ] && [ "$venv_zstd" != "$sys_zstd" ]; then
     echo "install-deps: the venv's zstandard bundles zstd $venv_zstd, the system has $sys_zstd: using Debian's python3-zstandard" >&2
     "$VENV/bin/python" -m pip uninstall -q -y zstandard
 fi
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$HERE/requirements.txt" -r "$HERE/requirements-test.txt"
+# requirements-api.txt (ekko-api: Flask, gunicorn, keystonemiddleware, oslo.*) in core too: pure Python, and
+# `make lint` (mypy over the whole package) and `make unit` (the API's unit tests) run after core only.
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -r "$HERE/requirements.txt" \
+    -r "$HERE/requirements-test.txt" -r "$HERE/requirements-api.txt"
 # Editable install; it also builds the C extension in place (setup.py ext_modules). `make` rebuilds it
 # when _segcore.c changes (Makefile: native).
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$HERE"
@@ -74,6 +80,8 @@ fi
 if [ "$WHAT" = all ]; then
     "$VENV/bin/python" -c 'import guestfs' || {
         echo "install-deps: the venv at $VENV cannot import guestfs (python3-guestfs)" >&2; exit 1; }
+    # Glance for the restore-as-image tests: from PyPI into a venv of its own under /var/cache (once, ~30 s)
+    (cd "$HERE" && "$VENV/bin/python" -m tests.harness.glance install)
 fi
 "$VENV/bin/python" -c 'from ekko_libvirt.format import _segcore' || {
     echo "install-deps: the C extension ekko_libvirt/format/_segcore.c did not build" >&2; exit 1; }
