@@ -56,6 +56,13 @@ class Worker:
     started_ns: int = field(default_factory=time.time_ns)
     thread: Optional[threading.Thread] = None
     outcome: str = "running"      # running | ok | busy | failed | cancelled
+    force_full: bool = False
+    bus_job: Optional[str] = None     # the API's job id of a backup-now request (agent.bus)
+    backup_id: Optional[str] = None   # what it committed
+    error: Optional[str] = None       # why it did not
+
+
+OnFinished = Callable[[Worker], None]      # a reaped worker (the agent reports bus jobs with it)
 
 
 def bitmap_prefix(cfg: Config, name: str, uuid: str) -> str:
@@ -68,7 +75,8 @@ def bitmap_prefix(cfg: Config, name: str, uuid: str) -> str:
 
 class JobRunner:
     def __init__(self, cfg: Config, settings: AgentSettings, uri: str, sd: StateDir, open_store: OpenStore,
-                 wakeup: threading.Event, stopping: threading.Event, after_commit: AfterCommit):
+                 wakeup: threading.Event, stopping: threading.Event, after_commit: AfterCommit,
+                 on_finished: Optional[OnFinished] = None):
         self.cfg = cfg
         self.settings = settings            # replaced as a whole on SIGHUP (Agent.settings)
         self.uri = uri
@@ -77,6 +85,7 @@ class JobRunner:
         self.wakeup = wakeup                # set by a worker when it ends: the loop reaps it at once
         self.stopping = stopping
         self.after_commit = after_commit
+        self.on_finished = on_finished
         self.workers: Dict[str, Worker] = {}
         self.to_settle: Set[str] = set()
         self.failures: Dict[str, int] = {}
@@ -200,11 +209,34 @@ class JobRunner:
         return self.sd.update_domain(uuid, lambda s: seed_chain(s, *seen))
 
     def _start_worker(self, dec: Decision, name: str) -> None:
-        w = Worker(dec.uuid, name, dec.policy.interval_s)
-        w.thread = threading.Thread(target=self._run_job, args=(w, dec.policy), name=f"ekko-job-{name}", daemon=True)
-        self.workers[dec.uuid] = w
         log.info("%s: scheduled backup starts (%s)", name, dec.why.value)
+        self._launch(Worker(dec.uuid, name, dec.policy.interval_s), dec.policy)
+
+    def _launch(self, w: Worker, policy: Policy) -> None:
+        w.thread = threading.Thread(target=self._run_job, args=(w, policy), name=f"ekko-job-{w.name}", daemon=True)
+        self.workers[w.uuid] = w
         w.thread.start()
+
+    def start_now(self, conn: Any, uuid: str, force_full: bool, bus_job: str) -> Optional[str]:
+        """A backup asked for now (the API's backup-now, agent.bus): the same worker as a scheduled
+        one, outside the schedule and its max_concurrent (someone asked and waits for it).
+        -> None when it started, else why not (the job fails with that)."""
+        import libvirt
+        if self.stopping.is_set():
+            return "the agent is stopping"
+        if conn is None:
+            return f"libvirt at {self.uri} is not reachable from the agent"
+        if uuid in self.workers:
+            return f"a backup of domain {uuid} is already running on this host"
+        try:
+            dom = conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError:
+            return f"no domain {uuid} on this host"
+        name = dom.name()
+        policy = self.settings.schedule.merged(self.settings.overrides([(uuid, name)]).get(uuid))
+        log.info("%s: backup-now %s starts%s", name, bus_job, " (full)" if force_full else "")
+        self._launch(Worker(uuid, name, policy.interval_s, force_full=force_full, bus_job=bus_job), policy)
+        return None
 
     def _run_job(self, w: Worker, policy: Policy) -> None:          # the worker thread
         import libvirt
@@ -213,7 +245,7 @@ class JobRunner:
             conn = libvirt.open(self.uri)
         except libvirt.libvirtError as e:
             log.error("%s: backup not started: libvirt at %s: %s", w.name, self.uri, e.get_error_message())
-            w.outcome = "failed"
+            w.outcome, w.error = "failed", f"libvirt at {self.uri}: {e.get_error_message()}"
             self.wakeup.set()
             return
         try:
@@ -222,23 +254,24 @@ class JobRunner:
             def run(c: Any, req: DomainBackupRequest, progress: Callable[[int, int], None]) -> List[BackupResult]:
                 return run_domain_backup(c, req, self.open_store, base, self.cfg.state_dir, self.cfg.run_dir,
                                          progress=progress, hold_offline_start=self.sd.offline_backup)
-            results = run_recorded_backup(self.sd, conn, DomainBackupRequest(w.uuid, tuple(policy.disks or ())), run,
-                                          cancel=w.cancel)
+            req = DomainBackupRequest(w.uuid, tuple(policy.disks or ()), force_full=w.force_full)
+            results = run_recorded_backup(self.sd, conn, req, run, cancel=w.cancel)
+            w.backup_id = results[0].manifest.backup_id if results else None
             w.outcome = "ok"
             log.info("%s: backup %s committed: %s", w.name, results[0].manifest.backup_id if results else "-",
                      ", ".join(f"{r.manifest.disk.get('node')} {r.manifest.kind}" for r in results))
             self.after_commit(w.uuid, w.name, results)
         except LockBusy as e:        # DomainBusy (the agent's lock) or another ekko's backup lock
-            w.outcome = "busy"
+            w.outcome, w.error = "busy", str(e)
             log.info("%s: %s", w.name, e)
         except JobCancelled as e:
-            w.outcome = "cancelled"
+            w.outcome, w.error = "cancelled", str(e)
             log.warning("%s: %s; nothing was committed", w.name, e)
         except EkkoError as e:
-            w.outcome = "failed"
+            w.outcome, w.error = "failed", str(e)
             log.error("%s: backup failed: %s", w.name, e)
-        except Exception:   # noqa: BLE001 -- one domain's bug must not take the agent down
-            w.outcome = "failed"
+        except Exception as e:   # noqa: BLE001 -- one domain's bug must not take the agent down
+            w.outcome, w.error = "failed", f"internal error: {type(e).__name__}: {e}"
             log.exception("%s: backup failed", w.name)
         finally:
             try:
@@ -263,6 +296,8 @@ class JobRunner:
             elif w.outcome == "ok":
                 self.failures.pop(uuid, None)
                 self.retry_at.pop(uuid, None)
+            if self.on_finished is not None:
+                self.on_finished(w)
 
     def reset_backoff(self) -> None:
         """A new schedule (SIGHUP) applies at once, also to domains that were backing off."""

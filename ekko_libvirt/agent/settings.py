@@ -15,7 +15,8 @@ config.build checks these sections when it loads the file, so a bad key fails at
 the key, whichever command runs.
 """
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, overload
 
 from ..errors import ConfigError
@@ -26,10 +27,12 @@ from .scheduler import Policy, PolicyOverride, override_from_mapping, parse_inte
 from .spool import DEFAULT_HOOK_PATH, DEFAULT_SPOOL_DIR
 
 _AGENT_KEYS = ("spool_dir", "max_concurrent", "poll_interval", "shared_storage", "hook_path", "keep_jobs_days",
-               "prune_after_backup", "gc_interval", "verify", "spool_max_events", "metrics", "sync")
+               "prune_after_backup", "gc_interval", "verify", "spool_max_events", "metrics", "sync", "bus")
 _VERIFY_KEYS = ("interval", "sample", "deep", "since_days")
 _METRICS_KEYS = ("listen", "textfile", "interval")
 _SYNC_KEYS = ("to", "source", "interval", "retention")
+_BUS_KEYS = ("transport_url", "host", "heartbeat_interval")
+BUS_HOST = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,254}$")    # the API checks reports with the same rule
 _DOMAIN_KEYS = ("schedule", "retention", "consistency")     # consistency: typed by config.py
 
 
@@ -68,6 +71,15 @@ class SyncSettings:
 
 
 @dataclass(frozen=True)
+class BusSettings:
+    """agent.bus: the agent on the message bus (api/bus_agent.py, oslo.messaging; imported only when
+    this is given)."""
+    transport_url: str = field(repr=False)      # rabbit://user:password@host:port/vhost: never logged
+    host: str = ""                              # the name the API addresses this agent by ("" -> hostname)
+    heartbeat_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class AgentSettings:
     spool_dir: str = DEFAULT_SPOOL_DIR
     max_concurrent: int = 1          # backups running at once on this host
@@ -83,6 +95,7 @@ class AgentSettings:
     verify: Optional[VerifySettings] = None      # None: the agent runs no verify
     metrics: Optional[MetricsSettings] = None    # None: no metrics
     sync: Optional[SyncSettings] = None          # None: the agent replicates nothing
+    bus: Optional[BusSettings] = None            # None: no message bus (api/bus_agent.py)
     retention: RetentionConfig = RetentionConfig()
     domain_retention: Tuple[Tuple[str, RetentionPolicy], ...] = ()   # (name or UUID, policy)
 
@@ -116,6 +129,7 @@ class AgentSettings:
             verify=_verify(agent.get("verify")),
             metrics=_metrics(agent.get("metrics")),
             sync=_sync(agent.get("sync")),
+            bus=_bus(agent.get("bus")),
             retention=RetentionConfig.from_mapping(raw.get("retention")),
             domain_retention=_domain_retention(raw.get("domains")),
         )
@@ -260,6 +274,30 @@ def _sync(raw: Any) -> Optional[SyncSettings]:
         raise ConfigError("agent.sync.source", f"must be a store name other than the destinations, got {source!r}")
     return SyncSettings(tuple(to), source, _interval(raw, "interval", "agent.sync.interval", 6 * 3600),
                         _sync_retention(raw.get("retention"), to))
+
+
+def _bus(raw: Any) -> Optional[BusSettings]:
+    """agent.bus: {transport_url: rabbit://USER:PASSWORD@HOST:5672/, host: NAME, heartbeat_interval: 10}.
+    The URL is checked for its form only (never echoed back: it holds the password)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("agent.bus", "must be a mapping (keys: " + ", ".join(_BUS_KEYS) + ")")
+    unknown = sorted(set(map(str, raw)) - set(_BUS_KEYS))
+    if unknown:
+        raise ConfigError(f"agent.bus.{unknown[0]}", f"unknown key (known: {', '.join(_BUS_KEYS)})")
+    url = raw.get("transport_url")
+    if not isinstance(url, str) or "://" not in url or not url.isprintable():
+        raise ConfigError("agent.bus.transport_url", "must be an oslo.messaging transport URL such as "
+                          "rabbit://USER:PASSWORD@HOST:5672/ (value not shown: it may hold a password)")
+    host = raw.get("host", "")
+    if not isinstance(host, str) or (host and not BUS_HOST.match(host)):
+        raise ConfigError("agent.bus.host", "must be a host name of letters, digits, '.', '_', ':' or '-' "
+                          f"(default: this host's), got {str(host)[:80]!r}")
+    beat = raw.get("heartbeat_interval", 10)
+    if isinstance(beat, bool) or not isinstance(beat, (int, float)) or not 0.2 <= beat <= 3600:   # NaN fails too
+        raise ConfigError("agent.bus.heartbeat_interval", f"must be a number of seconds from 0.2 to 3600, got {beat!r}")
+    return BusSettings(url, host, float(beat))
 
 
 def _sync_retention(raw: Any, dests: list) -> Tuple[Tuple[str, RetentionPolicy], ...]:
