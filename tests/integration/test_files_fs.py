@@ -29,11 +29,12 @@ import time
 
 import pytest
 
-from conftest import Ekko, make_config
+from conftest import Ekko, make_config, swift_section
 from ekko_libvirt import config
 from ekko_libvirt.cli.serve import locate_namespace
 from harness import guestimg, in_ci
 from harness.qemu import QemuDisk
+from tests.swift_fixtures import swift_server  # noqa: F401
 
 if in_ci():      # CI installs it (scripts/install-deps.sh all): missing there is a failure, never a skip
     import guestfs  # noqa: F401
@@ -232,6 +233,36 @@ def test_extract_from_the_lvm_volume_through_the_cli(guest_disks):
     del got["passwd"]
     assert got == want
     shutil.rmtree(into)
+
+
+def test_files_from_a_swift_replica_alone(guest_disks, request):
+    """Issue 18: `ekko files` works from a replica alone. The MBR chain is synced (`ekko sync`) into
+    a real Swift; with the source store moved out of reach, a host whose only store is the replica
+    extracts the LVM volume's files of the incremental, equal to the source tree (one appliance
+    launch: 30-60 s here under TCG)."""
+    swift = request.getfixturevalue("swift_server")
+    workdir, imgs, chains = guest_disks
+    ekko, backups = chains["mbr"]
+    site = Ekko(ekko.workdir, dict(ekko.cfg, stores={"site2": swift_section(swift, "test")}))
+    done = site.run("sync", "default", "site2", json_out=True).data
+    assert sorted(done["namespaces"][0]["copied"]) == sorted(f"t1/{b['backup_id']}" for b in backups), done
+    d = os.path.join(workdir, "replica-host")
+    os.makedirs(d)
+    only = {k: v for k, v in ekko.cfg.items() if k not in ("stores", "targets")}
+    host = Ekko(d, dict(only, store=site.cfg["stores"]["site2"], state_dir=os.path.join(d, "state"),
+                        run_dir=os.path.join(d, "run")))
+    source = ekko.cfg["store"]["path"]
+    os.rename(source, source + ".away")          # the replica alone answers
+    try:        # the incremental: its unchanged blocks are the full's segments, which the sync had to copy too
+        which, b = 1, backups[1]
+        into = os.path.join(workdir, "replica-out")
+        p = run(host, workdir, "files", b["backup_id"], "/home", "--fs", "/dev/ekkovg/data", "--extract", into)
+        assert "/dev/ekkovg/data" in p.stdout, p.stdout
+        want = {k: v for k, v in expected_tree(imgs.trees[which]).items() if k.startswith("home")}
+        assert "home/ann/new.txt" in want and guestimg.snapshot(into) == want
+        shutil.rmtree(into)
+    finally:
+        os.rename(source + ".away", source)
 
 
 # -- a hostile disk ---------------------------------------------------------------------------------
