@@ -122,7 +122,8 @@ enforce_scope = false
                 [os.path.join(bin_dir, "gunicorn"), "-b", f"{HOST}:{self.port}", "-w", "1", "--timeout", "3600",
                  "--control-socket", os.path.join(self.base_dir, "gunicorn.ctl"),     # not ~/.gunicorn: one per server
                  "glance.wsgi.api:application"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.base_dir, start_new_session=True)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.base_dir,
+                start_new_session=True)
         try:
             self._wait_ready(timeout)
         except BaseException:
@@ -157,27 +158,36 @@ enforce_scope = false
             return ""
 
     def stop(self) -> None:
-        """SIGTERM to the process group started (gunicorn master + worker), SIGKILL after 20 s."""
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the process group started (gunicorn master + worker), SIGKILL after 20 s;
+        returns when no process of the group is left alive (also after a test killed the master
+        itself: its worker is then killed here)."""
+        if self.proc is None:
             return
         pgid = self.proc.pid            # start_new_session: the group is the master's PID
-        os.killpg(pgid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(pgid, signal.SIGKILL)
-            self.proc.wait(10)
+        if self.proc.poll() is None:
+            os.killpg(pgid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(pgid, signal.SIGKILL)
+                self.proc.wait(10)
         try:                            # a worker that outlived its master
             os.killpg(pgid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        deadline = time.monotonic() + 10
+        while self.running_pids() and time.monotonic() < deadline:
+            time.sleep(0.05)            # a killed worker is gone once signalled; only its reaping is left
 
     def running_pids(self) -> List[int]:
-        """The processes of the group started that still run (for teardown checks)."""
+        """The processes of the group started that still run (zombies waiting to be reaped by
+        init are not running: for teardown checks)."""
         if self.proc is None:
             return []
-        out = subprocess.run(["ps", "-o", "pid=", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        out = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(self.proc.pid)], capture_output=True,
+                             text=True).stdout
+        return [int(pid) for pid, stat in (line.split() for line in out.splitlines() if line.strip())
+                if not stat.startswith("Z")]
 
     def session(self):
         """A keystoneauth1 Session whose every request goes to this Glance (no token)."""
