@@ -35,6 +35,22 @@ setup(
         # the samples: oslo-config-generator --namespace ekko.api, oslopolicy-sample-generator --namespace ekko
         "oslo.config.opts": ["ekko.api = ekko_libvirt.api.conf:list_opts"],
         "oslo.policy.policies": ["ekko = ekko_libvirt.api.policy:list_rules"],
+        # the OpenStack CLI plugin: `openstack ekko ...` (python-openstackclient, requirements-api.txt)
+        "openstack.cli.extension": ["ekko = ekko_libvirt.osc.plugin"],
+        "openstack.ekko.v1": [
+            "ekko_instance_list = ekko_libvirt.osc.v1.instance:ListInstance",
+            "ekko_backup_list = ekko_libvirt.osc.v1.backup:ListBackup",
+            "ekko_backup_show = ekko_libvirt.osc.v1.backup:ShowBackup",
+            "ekko_backup_create = ekko_libvirt.osc.v1.backup:CreateBackup",
+            "ekko_backup_delete = ekko_libvirt.osc.v1.backup:DeleteBackup",
+            "ekko_backup_protect = ekko_libvirt.osc.v1.backup:ProtectBackup",
+            "ekko_backup_unprotect = ekko_libvirt.osc.v1.backup:UnprotectBackup",
+            "ekko_backup_restore = ekko_libvirt.osc.v1.backup:RestoreBackup",
+            "ekko_file_list = ekko_libvirt.osc.v1.file:ListFile",
+            "ekko_file_get = ekko_libvirt.osc.v1.file:GetFile",
+            "ekko_usage_show = ekko_libvirt.osc.v1.usage:ShowUsage",
+            "ekko_job_show = ekko_libvirt.osc.v1.job:ShowJob",
+        ],
     },
     data_files=[("share/ekko/hooks", ["hooks/qemu"])],
 )

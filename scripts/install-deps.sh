@@ -82,6 +82,8 @@ if [ "$WHAT" = all ]; then
         echo "install-deps: the venv at $VENV cannot import guestfs (python3-guestfs)" >&2; exit 1; }
     # Glance for the restore-as-image tests: from PyPI into a venv of its own under /var/cache (once, ~30 s)
     (cd "$HERE" && "$VENV/bin/python" -m tests.harness.glance install)
+    # Keystone for the ekko-api tests (auth_token, the openstack CLI plugin): PyPI, its own venv under /var/cache (~30 s)
+    (cd "$HERE" && "$VENV/bin/python" -m tests.harness.keystone install)
 fi
 "$VENV/bin/python" -c 'from ekko_libvirt.format import _segcore' || {
     echo "install-deps: the C extension ekko_libvirt/format/_segcore.c did not build" >&2; exit 1; }

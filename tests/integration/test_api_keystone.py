@@ -89,15 +89,15 @@ class Cloud:
 
 
 def _build_store(root: str, ks: KeystoneServer, rng: random.Random):
-    """p1: instance a (vda+vdb, 3 backups), b (vda, 4); p2: c (vda, 2); in the namespaces of the
-    Keystone projects' ids, as the agents put a Nova instance's backups (labels project_id=...)."""
+    """p1: instance a (vda+vdb, 3 backups), b (vda, 4), d (vda, 3: the CLI tests'); p2: c (vda, 2); in the
+    namespaces of the Keystone projects' ids, as the agents put a Nova instance's backups (labels project_id=...)."""
     from ekko_libvirt import config as ekko_config
     cfg = ekko_config.build({"store": {"type": "local", "path": root}})
     instances: Dict[str, Dict[str, List[str]]] = {"p1": {}, "p2": {}}
     names: Dict[str, str] = {}
     n = 0
     for pname, name, disks, count in (("p1", "a", ("vda", "vdb"), 3), ("p1", "b", ("vda",), 4),
-                                      ("p2", "c", ("vda",), 2)):
+                                      ("p2", "c", ("vda",), 2), ("p1", "d", ("vda",), 3)):
         inst = str(uuid.UUID(int=rng.getrandbits(128)))
         names[name], instances[pname][inst] = inst, []
         for i in range(count):
@@ -213,7 +213,7 @@ def test_reader_and_member_list_and_read_their_project(cloud, user):
     status, body = cloud.call("GET", "/v1/instances", user)
     assert status == 200, body
     got = {i["id"]: i for i in body["instances"]}
-    assert set(got) == {a, b}                                          # never p2's c
+    assert set(got) == {a, b, cloud.names["d"]}                        # never p2's c
     assert got[a]["name"] == "a" and got[a]["backups"] == 3
     assert got[a]["project_id"] == cloud.ks.project_ids["p1"]
     status, body = cloud.call("GET", f"/v1/instances/{a}/backups", user)
@@ -363,3 +363,78 @@ def test_zz_no_token_nor_password_in_the_api_log(cloud):
         assert tok[:40] not in text
     for user in cloud.ks.users.values():
         assert user.password not in text
+
+
+# -- the real `openstack` CLI with the ekko plugin ---------------------------------------------------------
+def osc(cloud: Cloud, user: str, *args: str, ok: bool = True, **env_over: str) -> subprocess.CompletedProcess:
+    """`openstack ARGS` as `user` (OS_* from Keystone, nothing else of this process's OS_*)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    env.update(cloud.ks.openrc(cloud.ks.users[user]), **env_over)
+    r = subprocess.run([os.path.join(VENV_BIN, "openstack"), *args], capture_output=True, text=True, env=env,
+                       timeout=120)
+    if ok:
+        assert r.returncode == 0, (args, r.returncode, r.stderr[-2000:])
+    else:
+        assert r.returncode != 0, (args, r.stdout[-2000:])
+        assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    return r
+
+
+def test_cli_instance_and_backup_lists_equal_the_api(cloud):
+    """The endpoint from the token's catalog (service type ekko-backup): no URL given."""
+    got = json.loads(osc(cloud, "p1-reader", "ekko", "instance", "list", "-f", "json").stdout)
+    _, api = cloud.call("GET", "/v1/instances", "p1-reader")
+    assert sorted((i["ID"], i["Name"], i["Backups"], i["Last Backup"]) for i in got) == sorted(
+        (i["id"], i["name"], i["backups"], i["last_backup"]["id"]) for i in api["instances"])
+    a = cloud.names["a"]
+    got = json.loads(osc(cloud, "p1-reader", "ekko", "backup", "list", a, "-f", "json").stdout)
+    _, api = cloud.call("GET", f"/v1/instances/{a}/backups", "p1-reader")
+    assert [(b["ID"], b["Created"], b["Kind"], b["Result"], b["Consistency"], b["Protected"]) for b in got] == [
+        (b["id"], b["created"], b["kind"], b["result"], b["consistency"]["level"], b["protected"])
+        for b in api["backups"]]
+    assert len(got) == 3
+
+
+def test_cli_backup_show_and_errors_are_clear_messages(cloud):
+    a = cloud.names["a"]
+    newest = cloud.instances["p1"][a][-1]
+    shown = json.loads(osc(cloud, "p1-reader", "ekko", "backup", "show", newest, "-f", "json").stdout)
+    assert shown["ID"] == newest and shown["Instance ID"] == a and shown["Instance Name"] == "a"
+    assert [d["disk"] for d in shown["Disks"]] == ["vda", "vdb"]
+    assert shown["Consistency"]["level"] == "crash"
+    r = osc(cloud, "p2-reader", "ekko", "backup", "show", newest, ok=False)        # p1's id, seen from p2
+    assert f"ekko-api answered 404 to GET /backups/{newest}: no backup '{newest}'" in r.stderr
+    r = osc(cloud, "p1-reader", "ekko", "backup", "delete", newest, ok=False)
+    assert "403" in r.stderr and "policy does not allow ekko:backup:delete" in r.stderr
+    r = osc(cloud, "p1-reader", "ekko", "backup", "list", "not-a-uuid", ok=False)
+    assert "404" in r.stderr and "no instance" in r.stderr
+
+
+def test_cli_url_option_overrides_the_catalog(cloud):
+    got = json.loads(osc(cloud, "p2-reader", "--os-ekko-url", cloud.url + "/v1", "ekko", "usage", "show",
+                         "-f", "json").stdout)
+    _, api = cloud.call("GET", "/v1/usage", "p2-reader")
+    assert got == {"Logical Bytes": api["usage"]["logical_bytes"], "Stored Bytes": api["usage"]["stored_bytes"],
+                   "Objects": api["usage"]["objects"]}
+    r = osc(cloud, "p2-reader", "ekko", "usage", "show", ok=False, OS_EKKO_URL=f"http://{HOST}:{_free_port()}")
+    assert "cannot reach" in r.stderr
+
+
+def test_cli_protect_delete_and_usage_changes(cloud):
+    d = cloud.names["d"]
+    first, second, newest = cloud.instances["p1"][d]
+    before = json.loads(osc(cloud, "p1-member", "ekko", "usage", "show", "-f", "json").stdout)
+    osc(cloud, "p1-member", "ekko", "backup", "protect", first)
+    assert json.loads(osc(cloud, "p1-member", "ekko", "backup", "show", first, "-f", "json").stdout)["Protected"]
+    r = osc(cloud, "p1-member", "ekko", "backup", "delete", first, ok=False)
+    assert "409" in r.stderr and "is protected" in r.stderr and "1 of 1 backups not deleted" in r.stderr
+    r = osc(cloud, "p1-member", "ekko", "backup", "delete", newest, ok=False)
+    assert "409" in r.stderr and "newest" in r.stderr
+    osc(cloud, "p1-member", "ekko", "backup", "delete", second)
+    after = json.loads(osc(cloud, "p1-member", "ekko", "usage", "show", "-f", "json").stdout)
+    assert after["Logical Bytes"] == before["Logical Bytes"] - (4 << 20)          # one 4 MiB disk's backup
+    assert after["Stored Bytes"] < before["Stored Bytes"]
+    osc(cloud, "p1-member", "ekko", "backup", "unprotect", first)
+    listed = json.loads(osc(cloud, "p1-member", "ekko", "backup", "list", d, "-f", "json").stdout)
+    assert [(b["ID"], b["Protected"]) for b in listed] == [(newest, False), (first, False)]
+    cloud.instances["p1"][d] = [first, newest]

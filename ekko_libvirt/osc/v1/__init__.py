@@ -1,0 +1,1 @@
+"""`openstack ekko ...` commands, version 1 of ekko-api (entry point group openstack.ekko.v1)."""
