@@ -15,7 +15,7 @@ session against a Glance without Keystone in the tests), its endpoint from the c
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, Union
 
 from ..errors import EkkoError
 from ..restore import stream
@@ -25,6 +25,10 @@ from ..store.factory import open_store
 log = logging.getLogger(__name__)
 
 UPLOAD_TIMEOUT = 3600.0         # one PUT carries the whole disk; Glance answers only at its end
+# The HTTP chunk of the upload. Measured against Glance 33 under gunicorn (192 MiB, NoAuth, file
+# store): 64-256 KiB chunks cost its worker ~0.9 s of CPU, 1-4 MiB chunks (a segment, the zero
+# pieces) or a Content-Length body ~1.5 s; its worker is the bottleneck of the whole restore.
+PIECE = 256 * 1024
 
 
 class GlanceError(EkkoError):
@@ -117,7 +121,7 @@ class _Glance:
 
     def put_file(self, image_id: str, body) -> None:
         # A generator body goes out chunked (Transfer-Encoding: chunked): nothing is buffered.
-        self._call("upload", "PUT", f"/v2/images/{image_id}/file", image_id, data=body,
+        self._call("upload", "PUT", f"/v2/images/{image_id}/file", image_id, data=_pieces(body),
                    headers={"Content-Type": "application/octet-stream"}, timeout=UPLOAD_TIMEOUT)
 
     def show(self, image_id: str) -> dict:
@@ -132,6 +136,20 @@ class _Glance:
         except Exception as e:
             log.warning("image %s could not be deleted after its upload failed; delete it by hand: %s",
                         image_id, e)
+
+
+def _pieces(body: Iterable[bytes], size: int = PIECE) -> Iterator[Union[bytes, memoryview]]:
+    """`body` re-cut into HTTP chunks of at most `size` bytes (views: nothing is copied). An empty
+    piece is dropped: sent as a chunk of length 0 it would end the upload there (the last-chunk)."""
+    for chunk in body:
+        if not len(chunk):
+            continue
+        if len(chunk) <= size:
+            yield chunk
+            continue
+        view = memoryview(chunk)
+        for o in range(0, len(view), size):
+            yield view[o:o + size]
 
 
 def _detail(r) -> str:

@@ -290,3 +290,20 @@ def test_bad_requests_are_refused_before_any_fetch():
     with pytest.raises(UsageError, match=r"disk format must be one of raw, qcow2, not 'vmdk'"):
         disk_stream(store, m, "vmdk")
     assert store.gets == 0
+
+
+def test_the_upload_recuts_the_stream_into_small_http_chunks():
+    """api/glance.py sends the stream in chunks of at most PIECE bytes (Glance's worker spends
+    less on them), the same bytes in the same order, without copying a segment, and never an
+    empty chunk (HTTP's last-chunk: Glance would store a truncated image)."""
+    from ekko_libvirt.api.glance import PIECE, _pieces
+    seed = random.randrange(1 << 32)
+    print(f"seed {seed}")
+    rnd = random.Random(seed)
+    body = [b""] + [rnd.randbytes(rnd.choice([0, 1, PIECE - 1, PIECE, PIECE + 1, 4 * PIECE, rnd.randrange(10 * PIECE)]))
+            for _ in range(30)]
+    pieces = list(_pieces(iter(body)))
+    assert b"".join(bytes(p) for p in pieces) == b"".join(body), seed
+    assert all(0 < len(p) <= PIECE for p in pieces), seed
+    assert all(any(p is b for b in body) or isinstance(p, memoryview) for p in pieces), seed
+    assert len(pieces) == sum(-(-len(b) // PIECE) for b in body), seed
