@@ -32,7 +32,7 @@ from conftest import Ekko, make_config
 from ekko_libvirt import config
 from ekko_libvirt.api import conf as api_conf
 from ekko_libvirt.api import glance
-from ekko_libvirt.errors import IntegrityError, ObjectNotFound
+from ekko_libvirt.errors import IntegrityError, ManifestError, ObjectNotFound
 from ekko_libvirt.format import manifest as mf
 from ekko_libvirt.format import segment
 from ekko_libvirt.store import catalog
@@ -178,16 +178,16 @@ def test_an_uploaded_image_is_the_disk_at_the_backups_instant(backups, glance_se
     assert not any(i["name"].startswith("restore-") for i in images(glance_server).values())
 
 
-def _damaged_copy(b: Backups, root: str, bid: str, how: str):
-    """A copy of the store with one data segment of `bid` (the middle one: earlier segments are
-    sent before it) flipped or removed -> (config of the copy, segment index, its key)."""
+def _damaged_copy(b: Backups, root: str, bid: str, how: str, rnd: random.Random):
+    """A copy of the store with one data segment of `bid` (a random one: those before it are
+    sent first) flipped or removed -> (config of the copy, segment index, its key, segment size)."""
     dst = os.path.join(root, "store")
     shutil.copytree(b.store_root, dst)
     cfg = config.build({"store": {"type": "local", "path": dst}, "workers": 2})
     st = open_store(cfg, PROJECT)
     m = catalog.load(st, b.key(bid))
     data = list(m.table.data_entries())
-    index, d = data[len(data) // 2]
+    index, d = rnd.choice(data)
     first = next(i for i, x in data if x == d)      # a repeated segment fails where it first occurs
     key = segment.segment_key(d)
     if how == "missing":
@@ -203,15 +203,17 @@ def _damaged_copy(b: Backups, root: str, bid: str, how: str):
 @pytest.mark.parametrize("how", ["flipped bit", "missing"])
 def test_a_damaged_segment_fails_the_upload_and_leaves_no_image(backups, glance_server, fmt, how,  # noqa: F811
                                                                 tmp_path, caplog):
+    seed = random.randrange(1 << 32)
+    print(f"seed {seed}")
     bid = backups.ids[-1]
-    cfg, index, key, seg = _damaged_copy(backups, str(tmp_path), bid, how)
+    cfg, index, key, seg = _damaged_copy(backups, str(tmp_path), bid, how, random.Random(seed))
     name = f"damaged-{uuid.uuid4().hex[:8]}"
     before = glance_server.image_files()
     with caplog.at_level(logging.INFO, logger="ekko_libvirt.api.glance"):
         with pytest.raises(IntegrityError) as e:
             upload(backups, glance_server, bid, fmt, name, cfg)
     msg = str(e.value)
-    assert f"backup {bid}: segment {index} at disk offset {index * seg} ({key})" in msg, msg
+    assert f"backup {bid}: segment {index} at disk offset {index * seg} ({key})" in msg, (seed, msg)
     assert_nothing_of(glance_server, name, before)
     deleted = [r.getMessage() for r in caplog.records if "deleted: its upload failed" in r.getMessage()]
     assert len(deleted) == 1 and f"segment {index}" in deleted[0], [r.getMessage() for r in caplog.records]
@@ -264,16 +266,28 @@ def test_a_stopped_glance_is_a_clear_error_and_nothing_is_left(backups, tmp_path
         assert g.running_pids() == []
 
 
-def test_refused_before_glance_is_asked(backups, glance_server):  # noqa: F811
-    """A bad format or a backup that is not there: nothing is sent to Glance."""
+def test_refused_before_glance_is_asked(backups, glance_server, tmp_path):  # noqa: F811
+    """A bad format, a backup that is not there, a damaged manifest: nothing is sent to Glance."""
     before = set(images(glance_server))
+    files_before = glance_server.image_files()
     with pytest.raises(glance.GlanceError, match=r"disk_format must be one of raw, qcow2, not 'vmdk'"):
         upload(backups, glance_server, backups.ids[0], "vmdk", "bad-format")
     missing = catalog.manifest_key(TARGET, "20990101T000000000Z-000000")
     with pytest.raises(ObjectNotFound, match=missing):
         glance.upload_backup_as_image(backups.cfg, "default", PROJECT, missing, "no-backup", "raw",
                                       glance_server.session(), endpoint=glance_server.url)
-    assert set(images(glance_server)) == before
+    dst = str(tmp_path / "store")
+    shutil.copytree(backups.store_root, dst)
+    cfg = config.build({"store": {"type": "local", "path": dst}, "workers": 2})
+    st = open_store(cfg, PROJECT)
+    key = backups.key(backups.ids[0])
+    blob = bytearray(st.get(key))
+    blob[len(blob) // 2] ^= 0x01
+    st.put(key, bytes(blob))
+    with pytest.raises(ManifestError, match=key):
+        glance.upload_backup_as_image(cfg, "default", PROJECT, key, "bad-manifest", "qcow2",
+                                      glance_server.session(), endpoint=glance_server.url)
+    assert set(images(glance_server)) == before and glance_server.image_files() == files_before
 
 
 # -- through ekko-api ---------------------------------------------------------------------------
