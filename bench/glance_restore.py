@@ -8,10 +8,12 @@ backup of W (issue 19: target >= 0.7x the throughput).
 In one run: W (bench/workload.py: random, log text, one repeated block, the rest never written)
 in a QEMU, `ekko backup w --full` into a local store (1 MiB segments), QEMU stopped; then a real
 Glance (tests/harness/glance.py: Glance 33, NoAuth, file store on this machine's disk) and, per
-repetition, in alternating order:
+repetition, in rotating order:
   restore     `ekko restore BACKUP --to r.qcow2` (the CLI process, imports included)
   image       the same backup uploaded as a qcow2 image (a process that imports api/glance.py and
               calls upload_backup_as_image, as ekko-api's restore job does), then deleted
+  floor       Glance alone: the same qcow2's bytes from memory, in the same HTTP chunks
+then the backup as a raw image (every zero byte of the disk sent).
 Ratio: restore_s / image_s (the same disk either way). The image also carries the zero clusters
 of the data segments (a stream cannot leave holes) and Glance checksums what it stores (md5 and
 sha512) on the same two cores. Glance's CPU (its gunicorn processes) is measured around each
