@@ -65,6 +65,14 @@ class Client:
             raise ApiError(resp.status_code, "the answer is not a JSON object", method, path)
         return data
 
+    def _object(self, method: str, path: str, key: str, params: Optional[Dict[str, Any]] = None,
+                body: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """The answer's `key`, which must be a JSON object (an answer of another shape: ApiError)."""
+        value = self._json(method, path, params, body).get(key)
+        if not isinstance(value, dict):
+            raise ApiError(None, f"the answer has no object {key!r}", method, path)
+        return value
+
     def _pages(self, path: str, key: str, limit: Optional[int] = None,
                params: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
         """Every item of a paginated list (following `next`), or the first `limit`."""
@@ -73,11 +81,17 @@ class Client:
         while limit is None or len(out) < limit:
             page = min(PAGE, limit - len(out)) if limit is not None else PAGE
             data = self._json("GET", path, dict(params or {}, limit=page, marker=marker))
-            out.extend(data.get(key) or [])
-            marker = data.get("next")
-            if not marker:
+            items = data.get(key)
+            if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+                raise ApiError(None, f"the answer has no list of objects {key!r}", "GET", path)
+            out.extend(items)
+            nxt = data.get("next")
+            if nxt is not None and (not isinstance(nxt, str) or nxt == marker):
+                raise ApiError(None, f"the answer's 'next' is not a new marker: {str(nxt)[:64]!r}", "GET", path)
+            if not nxt or len(items) < page:      # ekko-api gives `next` only with a full page
                 break
-        return out
+            marker = nxt
+        return out if limit is None else out[:limit]
 
     # -- the API -----------------------------------------------------------------------------------
     def instances(self, all_projects: bool = False, limit: Optional[int] = None) -> List[Dict[str, Any]]:
@@ -89,11 +103,12 @@ class Client:
                            {"all_projects": 1 if all_projects else None})
 
     def backup(self, backup_id: str, all_projects: bool = False) -> Dict[str, Any]:
-        return self._json("GET", f"/backups/{_seg(backup_id)}",
-                          {"all_projects": 1 if all_projects else None})["backup"]
+        return self._object("GET", f"/backups/{_seg(backup_id)}", "backup",
+                            {"all_projects": 1 if all_projects else None})
 
     def create_backup(self, instance_id: str, force_full: bool = False) -> Dict[str, Any]:
-        return self._json("POST", f"/instances/{_seg(instance_id)}/backups", body={"force_full": force_full})["job"]
+        return self._object("POST", f"/instances/{_seg(instance_id)}/backups", "job",
+                            body={"force_full": force_full})
 
     def delete_backup(self, backup_id: str) -> None:
         self._json("DELETE", f"/backups/{_seg(backup_id)}")
@@ -108,13 +123,20 @@ class Client:
             body["disk"] = disk
         if disk_format is not None:
             body["disk_format"] = disk_format
-        return self._json("POST", f"/backups/{_seg(backup_id)}/restore", body=body)["job"]
+        return self._object("POST", f"/backups/{_seg(backup_id)}/restore", "job", body=body)
 
     def job(self, job_id: str) -> Dict[str, Any]:
-        return self._json("GET", f"/jobs/{_seg(job_id)}")["job"]
+        return self._object("GET", f"/jobs/{_seg(job_id)}", "job")
 
     def files(self, backup_id: str, path: str = "/", disk: Optional[str] = None) -> Dict[str, Any]:
-        return self._json("GET", f"/backups/{_seg(backup_id)}/files", {"disk": disk, "path": path})
+        """{"path", "entries": [objects], "refused": [texts]} of one directory."""
+        where = f"/backups/{_seg(backup_id)}/files"
+        data = self._json("GET", where, {"disk": disk, "path": path})
+        entries, refused = data.get("entries"), data.get("refused", [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries) \
+                or not isinstance(refused, list):
+            raise ApiError(None, "the answer has no list of objects 'entries'", "GET", where)
+        return data
 
     def file_content(self, backup_id: str, path: str, disk: Optional[str] = None,
                      chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -125,7 +147,7 @@ class Client:
         return _stream(resp, chunk, path, where)
 
     def usage(self) -> Dict[str, Any]:
-        return self._json("GET", "/usage")["usage"]
+        return self._object("GET", "/usage", "usage")
 
 
 def _stream(resp: Any, chunk: int, path: str, where: str) -> Iterator[bytes]:

@@ -353,3 +353,98 @@ def test_entry_points_name_every_command():
                           "ekko_job_show"}
     from cliff.command import Command
     assert all(issubclass(c, Command) and c.__doc__ for c in names.values())
+
+
+# -- a hostile or broken API: random answers --------------------------------------------------------------
+def _random_json(rng: random.Random, depth: int = 0) -> Any:
+    kinds = ["null", "bool", "int", "str", "list", "dict"] if depth < 3 else ["null", "bool", "int", "str"]
+    kind = rng.choice(kinds)
+    if kind == "null":
+        return None
+    if kind == "bool":
+        return rng.random() < 0.5
+    if kind == "int":
+        return rng.choice([0, -1, 7, 2 ** 70])
+    if kind == "str":
+        return rng.choice(["", "x", "next", "\u202e\x1b[31m", "b1"])
+    if kind == "list":
+        return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    keys = ["instances", "backups", "backup", "job", "usage", "entries", "refused", "next", "id", "state",
+            "last_backup", "consistency", "disks", "error", "message", "junk"]
+    return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 5))}
+
+
+def _shaped(rng: random.Random) -> Any:
+    """Mostly near-right answers (the right top key, a wrong shape below), some anything at all."""
+    if rng.random() < 0.3:
+        return _random_json(rng)
+    top = rng.choice(["instances", "backups", "backup", "job", "usage", "entries"])
+    inner = _random_json(rng, 1)
+    if rng.random() < 0.5:
+        inner = [x if rng.random() < 0.5 else {"id": "b1", "last_backup": _random_json(rng, 2),
+                                                "consistency": _random_json(rng, 2), "disks": _random_json(rng, 2)}
+                 for x in (inner if isinstance(inner, list) else [inner])]
+    return {top: inner, "next": _random_json(rng, 2), "refused": _random_json(rng, 2)}
+
+
+COMMANDS = [(instance.ListInstance, []), (instance.ListInstance, ["--all-projects", "--limit", "3"]),
+            (backup.ListBackup, ["i"]), (backup.ShowBackup, ["b"]), (backup.CreateBackup, ["i", "--wait"]),
+            (backup.DeleteBackup, ["b"]), (backup.ProtectBackup, ["b"]), (backup.RestoreBackup, ["b", "--image-name",
+                                                                                               "x", "--wait"]),
+            (file.ListFile, ["b"]), (usage.ShowUsage, []), (job.ShowJob, ["j"])]
+
+
+class KeepsAsking(BaseException):
+    pass
+
+
+def test_random_answers_give_a_result_or_a_command_error_never_a_crash(monkeypatch):
+    """Seeded (EKKO_TEST_SEED): every command over 2xx answers of random JSON: it returns, or it
+    raises CommandError (exit 1 with a message); never KeyError/TypeError/AttributeError, never a loop."""
+    monkeypatch.setattr("ekko_libvirt.osc.v1.common.time.sleep", lambda s: None)
+    rng = random.Random(SEED)
+    print(f"EKKO_TEST_SEED={SEED}")
+    outcomes = {"ok": 0, "refused": 0}
+    for n in range(1500):
+        cls, argv = COMMANDS[n % len(COMMANDS)]
+        calls = [0]
+
+        def route(method, path, query, body, calls=calls, name=cls.__name__):
+            calls[0] += 1
+            if calls[0] >= 50:          # a BaseException: the client's own `except Exception` must not eat it
+                raise KeepsAsking(f"{name} keeps asking ({path})")
+            return FakeResponse(rng.choice([200, 202]), _shaped(rng))
+        try:
+            result, _, _ = make(route, cls, list(argv))
+        except exceptions.CommandError as e:
+            assert str(e) and "Traceback" not in str(e)
+            outcomes["refused"] += 1
+            continue
+        outcomes["ok"] += 1
+        if result is not None:          # what cliff then formats: rows of the right width
+            cols, data = result
+            for row in (data if isinstance(data, list) else [data]):
+                assert len(row) == len(cols)
+    assert outcomes["ok"] > 100 and outcomes["refused"] > 100, outcomes
+
+
+def test_pagination_stops_on_a_repeated_or_odd_marker():
+    calls = []
+
+    def same(method, path, query, body):
+        calls.append(path)
+        if len(calls) > 50:
+            raise KeepsAsking("the client keeps following the same marker")
+        return FakeResponse(200, {"instances": [{"id": "x"}], "next": "m"})
+    c = Client(FakeSession(same), BASE)
+    import ekko_libvirt.osc.client as client_mod
+    old = client_mod.PAGE
+    client_mod.PAGE = 1
+    try:
+        with pytest.raises(ApiError, match="not a new marker: 'm'"):
+            c.instances()
+        c = Client(FakeSession(lambda *a: FakeResponse(200, {"instances": [{"id": "x"}], "next": 5})), BASE)
+        with pytest.raises(ApiError, match="not a new marker: '5'"):
+            c.instances()
+    finally:
+        client_mod.PAGE = old

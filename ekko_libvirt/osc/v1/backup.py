@@ -41,7 +41,7 @@ class ListBackup(command.Lister):
     def take_action(self, parsed_args):
         items = common.client(self.app).backups(parsed_args.instance, parsed_args.all_projects, parsed_args.limit)
         for b in items:
-            b["consistency_level"] = (b.get("consistency") or {}).get("level")
+            b["consistency_level"] = common.sub(b, "consistency").get("level")
         return (("ID", "Created", "Kind", "Result", "Consistency", "Protected"),
                 common.rows(items, ("id", "created", "kind", "result", "consistency_level", "protected")))
 
@@ -57,8 +57,10 @@ class ShowBackup(command.ShowOne):
 
     def take_action(self, parsed_args):
         b = common.client(self.app).backup(parsed_args.backup, parsed_args.all_projects)
-        b["consistency"] = format_columns.DictColumn(b.get("consistency") or {})
-        b["disks"] = format_columns.ListDictColumn(b.get("disks") or [])
+        b["consistency"] = format_columns.DictColumn(common.sub(b, "consistency"))
+        disks = b.get("disks")
+        b["disks"] = format_columns.ListDictColumn([d for d in disks if isinstance(d, dict)]
+                                                   if isinstance(disks, list) else [])
         return common.show(b, SHOW_KEYS, SHOW_LABELS)
 
 

@@ -21,11 +21,19 @@ def wait_job(c: Client, job: Dict[str, Any], timeout: float, interval: float = 2
         if time.monotonic() > deadline:
             raise exceptions.CommandError(f"job {job.get('id')} is still {job.get('state')} after {timeout:.0f} s "
                                           f"(see: openstack ekko job show {job.get('id')})")
+        if not isinstance(job.get("id"), str):
+            raise exceptions.CommandError(f"the API's job has no id to wait on: {str(job)[:200]}")
         time.sleep(interval)
-        job = c.job(str(job["id"]))
+        job = c.job(job["id"])
     if job["state"] != "done":
         raise exceptions.CommandError(f"job {job.get('id')} {job['state']}: {job.get('error') or 'no reason given'}")
     return job
+
+
+def sub(item: Dict[str, Any], key: str) -> Dict[str, Any]:
+    """item[key] when it is an object, else {} (a field the API left out or gave another shape)."""
+    value = item.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def rows(items: Iterable[Dict[str, Any]], keys: Sequence[str]) -> List[Tuple[Any, ...]]:

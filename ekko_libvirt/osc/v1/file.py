@@ -26,10 +26,10 @@ class ListFile(command.Lister):
 
     def take_action(self, parsed_args):
         data = common.client(self.app).files(parsed_args.backup, parsed_args.path, parsed_args.disk)
-        for r in data.get("refused") or []:
+        for r in data.get("refused", []):
             self.app.stderr.write(f"refused: {r}\n")
         return (("Name", "Type", "Size", "Mode", "Path"),
-                common.rows(data.get("entries") or [], ("name", "type", "size", "mode", "path")))
+                common.rows(data["entries"], ("name", "type", "size", "mode", "path")))
 
 
 class GetFile(command.Command):

@@ -17,7 +17,7 @@ class ListInstance(command.Lister):
     def take_action(self, parsed_args):
         items = common.client(self.app).instances(parsed_args.all_projects, parsed_args.limit)
         for i in items:
-            last = i.get("last_backup") or {}
+            last = common.sub(i, "last_backup")
             i["last_backup_id"], i["last_backup_created"] = last.get("id"), last.get("created")
             i["last_result"] = last.get("result")
         keys = ["id", "name", "last_backup_id", "last_backup_created", "last_result", "backups", "protected"]
