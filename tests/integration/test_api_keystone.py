@@ -408,6 +408,11 @@ def test_cli_backup_show_and_errors_are_clear_messages(cloud):
     assert "403" in r.stderr and "policy does not allow ekko:backup:delete" in r.stderr
     r = osc(cloud, "p1-reader", "ekko", "backup", "list", "not-a-uuid", ok=False)
     assert "404" in r.stderr and "no instance" in r.stderr
+    # the commands that need member, as a reader (403 before anything starts), and as the other project's member
+    r = osc(cloud, "p1-reader", "ekko", "backup", "restore", newest, "--image-name", "r", "--disk", "vda", ok=False)
+    assert "ekko-api answered 403" in r.stderr and "ekko:backup:restore" in r.stderr
+    r = osc(cloud, "p2-member", "ekko", "file", "list", newest, "--disk", "vda", ok=False)
+    assert f"ekko-api answered 404 to GET /backups/{newest}/files: no backup" in r.stderr
 
 
 def test_cli_url_option_overrides_the_catalog(cloud):
