@@ -15,6 +15,8 @@
                                 ones settled, due backups started (JobRunner)
                   maintenance   gc and verify when due; retention runs after each committed backup
                                 in its worker (MaintenanceRunner)
+                  bus           backup-now requests from the API (agent.bus: bus_link.BusLink)
+                                started as workers; their results go back when reaped
     stop        SIGTERM/SIGINT: running jobs are cancelled at their next segment and end through
                 their normal failure path (new checkpoint deleted / bitmap generation merged back);
                 after STOP_GRACE_S the agent exits anyway and its next start settles the rest
@@ -46,6 +48,7 @@ from ..store.base import Store
 from . import intake
 from .connection import LibvirtConnection
 from .events import Action, HookEvent
+from .bus_link import BusLink
 from .job_runner import JobRunner
 from .maintenance_runner import MaintenanceRunner
 from .metrics_runner import MetricsRunner
@@ -88,8 +91,10 @@ class Agent:
         self._lock_fd = -1
         self.connection = LibvirtConnection(uri, self.wakeup)
         self.maintenance = MaintenanceRunner(cfg, settings, self.sd, self.open_store, self.wakeup, self.stopping)
+        self.bus = BusLink(settings.bus, self.sd, self.wakeup) if settings.bus is not None else None
         self.jobs = JobRunner(cfg, settings, uri, self.sd, self.open_store, self.wakeup, self.stopping,
-                              after_commit=self.maintenance.prune_after)
+                              after_commit=self.maintenance.prune_after,
+                              on_finished=self.bus.finished if self.bus is not None else None)
         self.metrics = MetricsRunner(settings, self.sd, self.open_store, lambda: self.connection.conn,
                                      lambda: self.jobs.workers, self.stopping)
         self._settings = settings
@@ -119,6 +124,8 @@ class Agent:
         for name in instant.resume_supervisors(self.cfg):    # instant restores whose supervisor died
             log.info("instant restore of %s: its supervisor was gone, a new one took over", name)
         self.metrics.start()
+        if self.bus is not None:
+            self.bus.start()
         log.info("agent ready: libvirt %s (%s), spool %s, state %s, at most %d backup(s) at once",
                  self.uri, "connected" if self.connection.conn is not None else "not reachable yet",
                  self.settings.spool_dir, self.cfg.state_dir, self.settings.max_concurrent)
@@ -162,6 +169,8 @@ class Agent:
         self.jobs.reap()
         self.jobs.check_stale()
         self.jobs.settle(self.connection.conn)
+        if self.bus is not None:
+            self.bus.take(lambda uuid, full, job: self.jobs.start_now(self.connection.conn, uuid, full, job))
         return min(self.jobs.start_due(self.connection.conn), self.maintenance.start_due())
 
     def request_stop(self, why: str) -> None:
@@ -181,6 +190,9 @@ class Agent:
         for name in self.jobs.wait(deadline):
             log.error("%s: backup still running after %d s: exiting anyway; the next agent start "
                       "settles it", name, STOP_GRACE_S)
+        self.jobs.reap()                 # the cancelled ones' results go out on the bus
+        if self.bus is not None:
+            self.bus.stop()
         if self.maintenance.wait(deadline):
             log.error("gc/verify still running after %d s: exiting anyway", STOP_GRACE_S)
         self.metrics.stop()
@@ -206,7 +218,10 @@ class Agent:
             log.warning("SIGHUP: agent.spool_dir / agent.hook_path changes need a restart")
         if new.metrics != self.settings.metrics:
             log.warning("SIGHUP: agent.metrics changes need a restart")
-        self.settings = dataclasses.replace(new, spool_dir=self.settings.spool_dir, metrics=self.settings.metrics)
+        if new.bus != self.settings.bus:
+            log.warning("SIGHUP: agent.bus changes need a restart")
+        self.settings = dataclasses.replace(new, spool_dir=self.settings.spool_dir, metrics=self.settings.metrics,
+                                            bus=self.settings.bus)
         self.jobs.reset_backoff()
         log.info("SIGHUP: schedule, domain overrides, retention, gc/verify intervals and agent limits reloaded")
 
