@@ -14,6 +14,7 @@ import importlib
 import logging
 import re
 import threading
+import time
 import uuid
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
@@ -36,6 +37,8 @@ _BACKUP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PROJECT = re.compile(r"^[A-Za-z0-9._-]{1,128}$")   # store/factory.py's namespace rule
 _DISK = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 FORMATS = ("qcow2", "raw")
+FIRST_BUILD_WAIT = 30.0                          # s a request waits for another's first refresh of its project
+BUILD_POLL = 0.05
 
 GuestOpener = Callable[[ekko_config.Config, str, str], ContextManager[Any]]
 
@@ -114,18 +117,33 @@ class Api:
             raise ApiError(503, f"the store of project {project} cannot be opened: {e}") from e
 
     def fresh(self, project: str, force: bool = False) -> None:
-        """The project's index refreshed from the store when it is older than index_max_age."""
+        """The project's index refreshed from the store when it is older than index_max_age.
+
+        One request refreshes (claim_refresh); the others answer from the index as it is, except
+        while the project's first refresh runs: the index would say its instances do not exist
+        (404s, empty lists: seen by bench/api_list.py under load), so they wait for it. Another
+        worker process may be the one building, and SQLite tells no one when a row changes:
+        they poll, with a deadline; a failed build is released and claimed again by a waiter."""
         idx = self.index()
-        if not (idx.claim_refresh(project, 0 if force else self.conf.api.index_max_age)):
-            return
-        store = self.store(project)
+        deadline = time.monotonic() + FIRST_BUILD_WAIT
+        while not idx.claim_refresh(project, 0 if force else self.conf.api.index_max_age):
+            if idx.built(project):
+                return
+            if time.monotonic() > deadline:
+                raise ApiError(503, f"the index of project {project} is still being built from the store: "
+                                    "try again")
+            time.sleep(BUILD_POLL)
         try:
-            idx.refresh(project, store)
-        except StoreError as e:
-            idx.db.execute("UPDATE scans SET scanned = 0 WHERE project = ?", (project,))
-            raise ApiError(503, f"the store does not answer: {e}") from e
-        finally:
-            store.close()
+            store = self.store(project)
+            try:
+                idx.refresh(project, store)
+            finally:
+                store.close()
+        except BaseException as e:
+            idx.release_claim(project)
+            if isinstance(e, StoreError):
+                raise ApiError(503, f"the store does not answer: {e}") from e
+            raise
 
     def fresh_scope(self, scope: Optional[str]) -> None:
         """fresh() of the project, or of every project namespace of the store (scope None)."""
@@ -290,7 +308,7 @@ def _routes(app: flask.Flask, api: Api) -> None:
         api.fresh_scope(scope)
         idx = api.index()
         rows = idx.instances(scope, limit, marker)
-        out = [render.instance(r, idx.backup(r["project"], r["last"])) for r in rows]
+        out = [render.instance(r, r) for r in rows]        # a row carries its newest backup (Index.instances)
         nxt = rows[-1]["instance_id"] if len(rows) == limit else None
         return {"instances": out, "next": nxt}
 

@@ -44,6 +44,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 """
 
 
+# scans.objects of a project claimed for its first refresh, until that refresh commits (rows
+# written before this marker existed hold a count: they are built)
+UNBUILT = -1
+
+
 @dataclass(frozen=True)
 class DiskRow:
     manifest_key: str
@@ -111,10 +116,27 @@ class Index:
         """Whether this caller should refresh `project` now (its index is older than max_age), and
         if so, marks it refreshed so concurrent requests do not all do the same work."""
         now = time.time() if now is None else now
-        self.db.execute("INSERT OR IGNORE INTO scans (project, scanned) VALUES (?, 0)", (project,))
+        # Read first: a fresh project costs no write. Every request wrote here before (an INSERT
+        # OR IGNORE and an UPDATE matching nothing still take SQLite's one write lock), so the
+        # workers' requests queued on it, and a busy one sleeps in SQLite's busy handler.
+        row = self.db.execute("SELECT scanned FROM scans WHERE project = ?", (project,)).fetchone()
+        if row is not None and row[0] > now - max_age:
+            return False
+        self.db.execute("INSERT OR IGNORE INTO scans (project, scanned, objects) VALUES (?, 0, ?)",
+                        (project, UNBUILT))
         cur = self.db.execute("UPDATE scans SET scanned = ? WHERE project = ? AND scanned <= ?",
                               (now, project, now - max_age))
         return cur.rowcount == 1
+
+    def release_claim(self, project: str) -> None:
+        """A claimed refresh that failed: the next request claims it again."""
+        self.db.execute("UPDATE scans SET scanned = 0 WHERE project = ?", (project,))
+
+    def built(self, project: str) -> bool:
+        """Whether a refresh of `project` has ever finished (before that, its index is empty or
+        partial: it would answer 404 for instances the store holds)."""
+        row = self.db.execute("SELECT objects FROM scans WHERE project = ?", (project,)).fetchone()
+        return row is not None and row[0] != UNBUILT
 
     def refresh(self, project: str, store: Store) -> Tuple[int, int]:
         """Bring `project`'s rows in line with its store: (manifests added, removed). Object count
@@ -184,14 +206,26 @@ class Index:
 
     # -- queries -----------------------------------------------------------------------------------
     def instances(self, project: Optional[str], limit: int, marker: Optional[str]) -> List[sqlite3.Row]:
-        """Instances with backups, by id, after `marker`; project None: every project."""
+        """Instances with backups, by id, after `marker`; project None: every project. Each row
+        carries the aggregate (backups, protected, last) and the newest backup's own columns.
+
+        Within one project the order is written as the GROUP BY's (project, instance_id): SQLite
+        then walks backups_by_instance and stops after `limit` groups. Written (instance_id,
+        project), it grouped all the project's rows and sorted them in a temporary B-tree first:
+        14 ms of a first page's 17 at 1,000 instances x 30 backups (bench/api_list.py)."""
         where, args = self._scope(project)
         if marker:
             where += " AND instance_id > ?"
             args.append(marker)
+        order = "project, instance_id" if project is not None else "instance_id, project"
+        outer = "g.project, g.instance_id" if project is not None else "g.instance_id, g.project"
+        # The newest backup's row joined in (one query, not one more per instance): each row is
+        # also what render.last_backup reads (backup_id is `last`).
         return self.db.execute(
+            f"SELECT g.*, b.backup_id, b.instance_name, b.created, b.kind, b.consistency, b.result FROM ("
             f"SELECT project, instance_id, count(*) AS backups, sum(protected) AS protected, max(backup_id) AS last "
-            f"FROM backups WHERE {where} GROUP BY project, instance_id ORDER BY instance_id, project LIMIT ?",
+            f"FROM backups WHERE {where} GROUP BY project, instance_id ORDER BY {order} LIMIT ?) g "
+            f"JOIN backups b ON b.project = g.project AND b.backup_id = g.last ORDER BY {outer}",
             (*args, limit)).fetchall()
 
     def backups(self, project: Optional[str], instance_id: str, limit: int, marker: Optional[str]) -> List[sqlite3.Row]:
