@@ -14,7 +14,9 @@ production ([DEFAULT] transport_url, [bus]).
 
 import logging
 import os
+import threading
 import time
+import uuid
 
 import pytest
 
@@ -228,6 +230,86 @@ def test_rabbitmq_restart_both_sides_recover(api_bus, agent_buses, rabbit, all_l
     assert all(a["state"] == "failed" and a["error"] for a in attempts[:-1])
     agent.bus.job_state(attempts[-1]["id"], "done", {"backup_id": "b-after"})
     wait_for(lambda: bus.job(attempts[-1]["id"])["state"] == "done", 10, "the update after the restart")
+
+
+# -- the API end to end on the real bus --------------------------------------------------------------
+class RunningAgent(FakeHost):
+    """An agent without libvirt that does what `ekko agent` does with a request: reports it running,
+    commits a backup of the instance to the real store, reports it done with the backup id."""
+
+    def __init__(self, url, host, cfg, project):
+        super().__init__(url, host)
+        self.bus = AgentBus(BusSettings(url, host, BEAT), "9.9", self.report, self.run)
+        self.cfg, self.project, self.n = cfg, project, 100
+
+    def run(self, req):
+        from tests.unit.api_world import backup_id, commit
+
+        def work():
+            self.bus.job_state(req.job_id, "running")
+            self.n += 1
+            bid = backup_id(self.n)
+            commit(self.cfg, self.project, req.domain_uuid, "web-1", "vda", bid, kind="incremental")
+            self.bus.job_state(req.job_id, "done", {"backup_id": bid})
+        self.requests.append(req)
+        threading.Thread(target=work, daemon=True).start()
+
+
+def test_api_backup_now_and_job_on_the_real_bus(rabbit, tmp_path, all_logs):
+    from keystonemiddleware import fixture as ks_fixture
+
+    from ekko_libvirt import config as ekko_config
+    from ekko_libvirt.api.app import create_app
+    from tests.unit.api_world import backup_id, commit
+
+    project, inst = "p-5678", U1
+    cfg = ekko_config.build({"store": {"type": "local", "path": str(tmp_path / "store")}})
+    commit(cfg, project, inst, "web-1", "vda", backup_id(1))             # the instance has a backup
+    path = tmp_path / "ekko-api.conf"
+    path.write_text(f"[DEFAULT]\ntransport_url = {rabbit.transport_url}\n"
+                    f"[bus]\nstate_path = {tmp_path}/bus.sqlite\ncall_timeout = {CALL_TIMEOUT}\n"
+                    f"[api]\nindex_path = {tmp_path}/index.sqlite\nindex_max_age = 0\n"
+                    "[keystone_authtoken]\nwww_authenticate_uri = http://127.0.0.1:5000/v3\n")
+    auth = ks_fixture.AuthTokenFixture()
+    auth.setUp()
+    bus = Bus(api_conf.load(files=[str(path)]))
+    agent = RunningAgent(rabbit.transport_url, "cmp4", cfg, project)
+    try:
+        assert bus.wait_listening(60)
+        client = create_app(bus.conf, bus=bus, ekko=cfg).test_client()
+        token = uuid.uuid4().hex
+        auth.add_token_data(token_id=token, project_id=project, role_list=["member"], user_id=uuid.uuid4().hex)
+        hdr = {"X-Auth-Token": token}
+
+        r = client.post(f"/v1/instances/{inst}/backups", json={}, headers=hdr)     # no agent ever heartbeated
+        assert r.status_code == 409 and "runs on no host whose agent is up" in r.get_json()["error"]["message"]
+
+        agent.bus.start()
+        wait_for(lambda: bus.db.host("cmp4"), 30, "registration")
+        r = client.post(f"/v1/instances/{inst}/backups", json={"force_full": True}, headers=hdr)
+        assert r.status_code == 202, r.get_json()
+        job = r.get_json()["job"]
+        assert job["host"] == "cmp4" and job["state"] == "queued"
+        j = wait_for(lambda: (x := client.get(f"/v1/jobs/{job['id']}", headers=hdr).get_json()["job"])["state"]
+                     in busrules.FINAL and x, 30, "the job's end through the API")
+        assert j["state"] == "done", j
+        bid = j["result"]["backup_id"]
+        assert [(q.domain_uuid, q.force_full) for q in agent.requests] == [(inst, True)]
+        shown = client.get(f"/v1/backups/{bid}", headers=hdr)
+        assert shown.status_code == 200 and shown.get_json()["backup"]["instance_id"] == inst
+
+        # the agent stops: once it counts as down, a request is a clear 409 at once, not a hang
+        agent.bus.stop()
+        wait_for(lambda: not bus.hosts()[0]["alive"], 15, "the host counted down")
+        t = time.monotonic()
+        r = client.post(f"/v1/instances/{inst}/backups", json={}, headers=hdr)
+        assert time.monotonic() - t < 1
+        assert r.status_code == 409 and "runs on no host whose agent is up" in r.get_json()["error"]["message"]
+        assert len(agent.requests) == 1
+    finally:
+        bus.stop()
+        auth.cleanUp()
+    assert not [line for line in all_logs.lines if token in line or rabbit.password in line]
 
 
 def test_no_transport_password_in_any_log_line(rabbit, all_logs):
