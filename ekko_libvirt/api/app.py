@@ -16,6 +16,7 @@ import re
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any, Callable, ContextManager, Dict, Iterator, List, Optional, Tuple
 
 import flask
@@ -244,8 +245,68 @@ def create_app(conf: cfg.ConfigOpts, bus: Any = None, glance: Any = None,
     if not conf.api.auth:
         return app
     from keystonemiddleware import auth_token
-    app.wsgi_app = auth_token.AuthProtocol(app.wsgi_app, {"oslo_config_config": conf})   # type: ignore[method-assign]
+    shared = _share_token_cache(conf)
+    protected = auth_token.AuthProtocol(app.wsgi_app, {"oslo_config_config": conf})
+    app.wsgi_app = protected if shared is None else _in_environ(shared, protected)   # type: ignore[method-assign]
     return app
+
+
+class TokenCache:
+    """auth_token's in-process token cache, one per process instead of one per concurrent request.
+
+    Without memcached, keystonemiddleware keeps a pool of dict caches and makes a new, empty one
+    whenever every cache of the pool is in use: under concurrent requests a worker holds up to
+    one per thread, each learning each token for itself, so Keystone validates the same token
+    again per cache (bench/api_list.py, 50 clients: Keystone busy during steady load, requests
+    held up to seconds), and each get scans its whole dict for expired entries. This one is
+    shared by a worker's threads, locked, expires an entry when it is read, and keeps at most
+    `max_entries` (the oldest go first). The memcache client's get/set is what auth_token calls."""
+
+    def __init__(self, max_entries: int = 4096, clock: Callable[[], float] = time.monotonic):
+        self.max_entries, self._clock = max_entries, clock
+        self._items: "OrderedDict[str, Tuple[float, Any]]" = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Any:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            if item[0] and self._clock() >= item[0]:
+                del self._items[key]
+                return None
+            return item[1]
+
+    def set(self, key: str, value: Any, time: float = 0, min_compress_len: int = 0) -> bool:
+        with self._lock:
+            self._items.pop(key, None)
+            self._items[key] = (self._clock() + time if time else 0.0, value)
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+        return True
+    # No __len__: auth_token takes the environ's cache only when it is truthy (`if cache:`), and
+    # an empty one would be refused for its pool of dicts (seen: the shared cache stayed unused).
+
+
+TOKEN_CACHE_ENV = "ekko.token_cache"
+
+
+def _share_token_cache(conf: cfg.ConfigOpts) -> Optional[TokenCache]:
+    """A TokenCache handed to auth_token through its `cache` option (the environ key under which
+    it looks for a cache object, as Swift hands it one), unless the operator configured a cache
+    (memcached_servers, or a `cache` of their own): theirs is used as it is."""
+    ka = conf.keystone_authtoken
+    if ka.memcached_servers or ka.cache not in (None, TOKEN_CACHE_ENV):      # (ours: an app built before)
+        return None
+    conf.set_default("cache", TOKEN_CACHE_ENV, group="keystone_authtoken")
+    return TokenCache()
+
+
+def _in_environ(cache: TokenCache, wsgi_app: Callable) -> Callable:
+    def with_cache(environ: Dict[str, Any], start_response: Callable) -> Any:
+        environ[TOKEN_CACHE_ENV] = cache
+        return wsgi_app(environ, start_response)
+    return with_cache
 
 
 def _errors(app: flask.Flask) -> None:
