@@ -204,12 +204,22 @@ key_repository = {b}/credential-keys
                 ks.roles.grant(roles[role].id, user=user.id, project=project.id)
                 self.users[name] = User(name, password, pname, role, user.id, project.id)
 
-    def register_service(self, service_type: str, name: str, url: str) -> str:
-        """A service and its public endpoint in the catalog (RegionOne); its id."""
+    def register_service(self, service_type: str, name: str, url: str, region: str = "RegionOne") -> str:
+        """A service and its public endpoint in the catalog, in `region` (made when it is not
+        RegionOne: modules sharing this Keystone keep their endpoints apart by region); its id."""
         ks = self.admin_client()
+        if region != "RegionOne" and region not in {r.id for r in ks.regions.list()}:
+            ks.regions.create(id=region, description="ekko test region")
         service = ks.services.create(name, service_type, description=f"{name} (test)")
-        ks.endpoints.create(service.id, url, interface="public", region="RegionOne")
+        ks.endpoints.create(service.id, url, interface="public", region=region)
         return service.id
+
+    def unregister_service(self, service_id: str) -> None:
+        """The service and its endpoints out of the catalog (what register_service added)."""
+        ks = self.admin_client()
+        for e in ks.endpoints.list(service=service_id):
+            ks.endpoints.delete(e.id)
+        ks.services.delete(service_id)
 
     def auth(self, user: User):
         from keystoneauth1.identity import v3

@@ -149,10 +149,13 @@ class ApiProcess:
         self.proc: Optional[subprocess.Popen] = None
 
     def start(self, timeout: float = 60.0) -> None:
+        # PYTHONFAULTHANDLER: a process that does not stop gets SIGSEGV before SIGKILL (stop()), and
+        # its log then holds every thread's stack: what kept it (gunicorn's workers catch SIGABRT)
+        env = dict(os.environ, PYTHONFAULTHANDLER="1")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([os.path.join(VENV_BIN, "ekko-api"), "--config-file", self.conf_path,
                                           "serve"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, env=env)
         deadline = time.monotonic() + timeout
         while True:            # up: it answers (401: auth_token is in front, no token given)
             if self.proc.poll() is not None:
@@ -172,21 +175,37 @@ class ApiProcess:
         with open(self.log_path, errors="replace") as f:
             return f.read()[-n:]
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 20.0) -> bool:
+        """SIGTERM to the group; what is left after `grace` s gets SIGSEGV (a stack dump in the
+        log: faulthandler), then SIGKILL. True when the group ended on SIGTERM alone (or was not running)."""
         if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            return True
+        pgid = self.proc.pid
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.running_pids() and time.monotonic() < deadline:
+            self.proc.poll()                 # reap the master when it is done
+            time.sleep(0.1)
+        if not self.running_pids():
             self.proc.wait(10)
+            return True
+        for sig in (signal.SIGSEGV, signal.SIGKILL):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            time.sleep(1)
+        self.proc.wait(10)
+        return False
 
     def running_pids(self) -> List[int]:
+        """The group's processes that still run (a zombie init has yet to reap is not one)."""
         if self.proc is None:
             return []
-        out = subprocess.run(["ps", "-o", "pid=", "-g", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        out = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(self.proc.pid)], capture_output=True,
+                             text=True).stdout
+        return [int(pid) for pid, stat in (line.split() for line in out.splitlines() if line.strip())
+                if not stat.startswith("Z")]
 
 
 @pytest.fixture(scope="module")
