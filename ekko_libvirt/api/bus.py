@@ -50,6 +50,11 @@ BUS_OPTS = [
 ]
 
 Clock = Callable[[], float]
+CALL_GRACE_S = 2.0          # beyond call_timeout, before a call stuck in the driver counts as failed
+
+
+class BusUnreachable(Exception):
+    """A call the messaging driver did not finish in time (it is still reconnecting)."""
 
 
 def list_opts():
@@ -114,6 +119,7 @@ class Bus:
                                                     oslo_messaging.Target(exchange=EXCHANGE, topic=AGENT_TOPIC))
         self.server: Any = None
         self._server_thread: Optional[threading.Thread] = None
+        self._stuck_calls = False        # a call left in the driver holds its reply-queue lock
         if listen:
             # one server name per host: the API's workers share its queue (one per process would
             # leave a queue behind on the broker for every worker that ever ran)
@@ -144,6 +150,9 @@ class Bus:
         elif self.server is not None:
             log.warning("message bus: the API's RPC server never connected: not waiting for it")
         self.server = None
+        if self._stuck_calls:            # cleanup() would wait for their lock as long as they wait
+            log.warning("message bus: calls still wait for the broker: connections left to the process's end")
+            return
         self.transport.cleanup()
 
     # -- for the app --------------------------------------------------------------------------------
@@ -158,12 +167,11 @@ class Bus:
             return job_id
         self.db.add_job(job_id, host, domain_uuid, "queued", None, self.clock())
         timeout = self.conf.bus.call_timeout
+        if self.server is not None and not self.wait_listening(0):
+            self._fail(job_id, "the API has not reached the message bus yet (RabbitMQ unreachable since it started)")
+            return job_id
         try:
-            # retry=0: a broker that is down fails this request now, not after reconnecting for ever;
-            # the timeout is also the message's expiration on the broker: an agent that comes back
-            # later does not run a request its caller gave up on
-            reply = self.client.prepare(server=host, timeout=timeout, retry=0).call(
-                {}, "backup_now", job_id=job_id, domain_uuid=domain_uuid, force_full=bool(force_full))
+            reply = self._call(host, timeout, job_id=job_id, domain_uuid=domain_uuid, force_full=bool(force_full))
         except oslo_messaging.MessagingTimeout:
             self._fail(job_id, f"agent on {host} is not answering (it did not take the request within "
                                f"{timeout:g} s; {self._last_heartbeat(host)})")
@@ -179,6 +187,32 @@ class Bus:
                 err = reply.get("error") if isinstance(reply, Mapping) else None
                 self._fail(job_id, f"agent on {host} refused the request: {str(err or reply)[:500]}")
         return job_id
+
+    def _call(self, host: str, timeout: float, **kwargs: Any) -> Any:
+        """The backup_now call, never longer than timeout + CALL_GRACE_S. retry=0: a broker that is
+        down fails it now; the timeout is also the message's expiration on the broker (an agent
+        that comes back later does not run a request its caller gave up on). The hard bound is for
+        what retry=0 does not cover: the first call of a process creates its reply queue on a
+        connection that retries for ever while the broker is away. Such a call goes on in its
+        thread and may still be delivered when the broker returns: its job has failed by then and
+        stays failed (a final state never changes); a backup it makes is in the store all the same."""
+        box: Dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                box["reply"] = self.client.prepare(server=host, timeout=timeout, retry=0).call(
+                    {}, "backup_now", **kwargs)
+            except Exception as e:   # noqa: BLE001 -- handed to the caller's thread as it is
+                box["error"] = e
+        t = threading.Thread(target=call, name="ekko-api-bus-call", daemon=True)
+        t.start()
+        t.join(timeout + CALL_GRACE_S)
+        if t.is_alive():
+            self._stuck_calls = True
+            raise BusUnreachable(f"no answer from the message bus within {timeout + CALL_GRACE_S:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("reply")
 
     def job(self, job_id: str) -> Optional[Dict[str, Any]]:
         j = self.db.job(job_id)

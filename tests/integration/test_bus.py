@@ -23,7 +23,7 @@ import pytest
 from ekko_libvirt.agent.settings import BusSettings
 from ekko_libvirt.api import busrules
 from ekko_libvirt.api import conf as api_conf
-from ekko_libvirt.api.bus import Bus
+from ekko_libvirt.api.bus import CALL_GRACE_S, Bus
 from ekko_libvirt.api.bus_agent import AgentBus
 from rabbit_fixtures import rabbit  # noqa: F401
 
@@ -310,6 +310,44 @@ def test_api_backup_now_and_job_on_the_real_bus(rabbit, tmp_path, all_logs):
         bus.stop()
         auth.cleanUp()
     assert not [line for line in all_logs.lines if token in line or rabbit.password in line]
+
+
+def test_broker_unreachable_neither_side_blocks(tmp_path, all_logs):
+    """A broker that is not there (a closed port): the agent's bus and the API's Bus start and stop
+    at once (their RPC servers keep connecting in their own threads), a request fails at once."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]                       # closed again: nothing listens there
+    url = f"rabbit://ekko:unreachable-pw@127.0.0.1:{port}/"
+    t = time.monotonic()
+    agent = FakeHost(url, "cmp5")
+    agent.bus.start()
+    path = tmp_path / "ekko-api.conf"
+    path.write_text(f"[DEFAULT]\ntransport_url = {url}\n[bus]\nstate_path = {tmp_path}/bus.sqlite\n"
+                    "call_timeout = 1\n")
+    bus = Bus(api_conf.load(files=[str(path)]))
+    assert time.monotonic() - t < 3
+    assert not bus.wait_listening(1)
+    bus.db.save_host("cmp5", "a1", "9.9", BEAT, [], [], time.time())     # as if it had heartbeated
+    t = time.monotonic()
+    j = bus.job(bus.backup_now("cmp5", U1))
+    assert time.monotonic() - t < 0.5                     # its own server never connected: no call at all
+    assert j["state"] == "failed" and "the API has not reached the message bus yet" in j["error"], j
+    # a process that only sends (no server): the call's reply queue waits on a connection that
+    # retries for ever, whatever retry=0 says; the call is cut at call_timeout + CALL_GRACE_S
+    sender = Bus(api_conf.load(files=[str(path)]), listen=False)
+    t = time.monotonic()
+    j = sender.job(sender.backup_now("cmp5", U1))
+    assert time.monotonic() - t < 1 + CALL_GRACE_S + 1
+    assert j["state"] == "failed" and "did not carry the request to the agent on cmp5: BusUnreachable" in j["error"]
+    t = time.monotonic()
+    agent.bus.stop(flush_s=1)
+    bus.stop()
+    sender.stop()
+    assert time.monotonic() - t < 10
+    assert any("never connected" in line for line in all_logs.lines)
+    assert not [line for line in all_logs.lines if "unreachable-pw" in line]
 
 
 def test_no_transport_password_in_any_log_line(rabbit, all_logs):
