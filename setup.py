@@ -33,7 +33,7 @@ setup(
     entry_points={
         "console_scripts": ["ekko = ekko_libvirt.cli:main", "ekko-api = ekko_libvirt.api.cmd:main"],
         # the samples: oslo-config-generator --namespace ekko.api, oslopolicy-sample-generator --namespace ekko
-        "oslo.config.opts": ["ekko.api = ekko_libvirt.api.conf:list_opts"],
+        "oslo.config.opts": ["ekko.api = ekko_libvirt.api.conf:list_opts", "ekko.api.bus = ekko_libvirt.api.bus:list_opts"],
         "oslo.policy.policies": ["ekko = ekko_libvirt.api.policy:list_rules"],
         # the OpenStack CLI plugin: `openstack ekko ...` (python-openstackclient, requirements-api.txt)
         "openstack.cli.extension": ["ekko = ekko_libvirt.osc.plugin"],
