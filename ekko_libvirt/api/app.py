@@ -354,13 +354,20 @@ def _bus_call(what: str, fn: Callable[[], Any]) -> Any:
 
 def host_of(hosts: List[Dict[str, Any]], domain_uuid: str) -> Optional[str]:
     """The host whose agent reports the domain (its `domains`: UUIDs, or dicts with a `uuid`); a
-    failing host (no recent heartbeat) is not chosen."""
+    host counted down (no recent heartbeat) is never chosen. During and after a live migration two
+    hosts may report it: the one that says it runs there wins (the newest heartbeat among those),
+    else the newest heartbeat of any (a shut-off domain is backed up by the host that holds it)."""
+    found = []
     for h in hosts:
+        if h.get("down"):
+            continue
         for d in h.get("domains") or ():
             u = d.get("uuid") if isinstance(d, dict) else d
-            if str(u).lower() == domain_uuid and not h.get("down"):
-                return str(h.get("host"))
-    return None
+            if str(u).lower() == domain_uuid:
+                running = bool(d.get("running")) if isinstance(d, dict) else False
+                # last_heartbeat is UTC "YYYY-MM-DDTHH:MM:SSZ" (busrules.when): it orders as text
+                found.append((running, str(h.get("last_heartbeat") or ""), str(h.get("host"))))
+    return max(found)[2] if found else None
 
 
 def _routes(app: flask.Flask, api: Api) -> None:
@@ -413,8 +420,14 @@ def _routes(app: flask.Flask, api: Api) -> None:
         if host is None:
             raise ApiError(409, f"instance {iid} runs on no host whose agent is up: no backup started")
         job_id = str(_bus_call("backup_now", lambda: bus.backup_now(host, iid, bool(data.get("force_full")))))
+        # The bus may have failed it already (the agent went silent since hosts()): say so at once.
+        known = _bus_call("job", lambda: bus.job(job_id)) or {}
+        state = "failed" if known.get("state") == "failed" else "queued"
         api.index().add_job(job_id, c.project, "backup", host, "queued")
-        return {"job": {"id": job_id, "state": "queued", "host": host}}, 202
+        job = {"id": job_id, "state": state, "host": host}
+        if state == "failed":
+            job["error"] = str(known.get("error") or "the agent did not take the request")
+        return {"job": job}, 202
 
     @app.get("/v1/jobs/<job_id>")
     def job(job_id: str):
