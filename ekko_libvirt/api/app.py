@@ -253,8 +253,36 @@ def create_app(conf: cfg.ConfigOpts, bus: Any = None, glance: Any = None,
     from keystonemiddleware import auth_token
     shared = _share_token_cache(conf)
     protected = auth_token.AuthProtocol(app.wsgi_app, {"oslo_config_config": conf})
-    app.wsgi_app = protected if shared is None else _in_environ(shared, protected)   # type: ignore[method-assign]
+    checked = protected if shared is None else _in_environ(shared, protected)
+    app.wsgi_app = json_auth_errors(checked)   # type: ignore[method-assign]
     return app
+
+
+KEYSTONE_DOWN = "the identity service (Keystone) cannot check the token now; try again later"
+
+
+def json_auth_errors(inner: Callable) -> Callable:
+    """auth_token answers 401 in JSON but 503 (Keystone unreachable) as webob's text or HTML page:
+    that one becomes the API's JSON error like every other answer. Everything else passes as is."""
+    def wsgi(environ: Dict[str, Any], start_response: Callable) -> Any:
+        replaced: List[bytes] = []
+
+        def start(status: str, headers: List[Tuple[str, str]], exc_info: Any = None) -> Any:
+            ctype = next((v for k, v in headers if k.lower() == "content-type"), "")
+            if status.startswith("503") and not ctype.startswith("application/json"):
+                body = flask.json.dumps(render.error(503, KEYSTONE_DOWN)).encode()
+                replaced.append(body)
+                return start_response(status, [("Content-Type", "application/json"),
+                                               ("Content-Length", str(len(body)))], exc_info)
+            return start_response(status, headers, exc_info)
+
+        result = inner(environ, start)
+        if not replaced:
+            return result
+        if hasattr(result, "close"):
+            result.close()
+        return [replaced[0]]
+    return wsgi
 
 
 class TokenCache:

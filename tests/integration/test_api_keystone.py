@@ -363,6 +363,8 @@ def test_keystone_down_is_503_with_a_message_and_no_stack_trace(cloud):
         cloud.ks.restart()
     assert status == 503, answer
     print("503 answer:", answer)
+    from ekko_libvirt.api.app import KEYSTONE_DOWN
+    assert answer == {"error": {"code": 503, "message": KEYSTONE_DOWN}}, answer     # the API's JSON error
     text = answer if isinstance(answer, bytes) else json.dumps(answer).encode()
     assert b"Traceback" not in text and b'File "' not in text
     assert text.strip(), "a 503 without a message"

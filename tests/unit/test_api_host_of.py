@@ -61,3 +61,47 @@ def test_backup_now_answers_failed_when_the_bus_already_failed_it(tmp_path):
     assert r.status_code == 202, r.get_json()
     job = r.get_json()["job"]
     assert (job["state"], job["host"], job["error"]) == ("failed", "cmp1", "agent on cmp1 is not answering")
+
+
+def test_keystone_unreachable_is_the_apis_json_503(tmp_path, caplog):
+    """Real auth_token, no fixture, Keystone on a port where nothing listens: the token cannot be
+    checked -> 503 in the API's JSON error format (auth_token's own is a text/HTML page), no
+    traceback, and the token in no log line."""
+    import socket
+
+    from ekko_libvirt.api.app import KEYSTONE_DOWN, create_app
+
+    from ekko_libvirt.api import conf as api_conf
+
+    from .api_world import FakeBus, FakeGlance, GuestOpener, make_world
+
+    with socket.socket() as s:          # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    w = make_world(str(tmp_path / "store"), random.Random(5))
+    ini = tmp_path / "ekko-api.conf"
+    ini.write_text(f"""[keystone_authtoken]
+auth_type = password
+auth_url = http://127.0.0.1:{port}/v3
+www_authenticate_uri = http://127.0.0.1:{port}/v3
+username = ekko
+password = not-a-real-password
+project_name = service
+user_domain_name = Default
+project_domain_name = Default
+http_connect_timeout = 2
+http_request_max_retries = 0
+""")
+    conf = api_conf.load([], files=[str(ini)])
+    conf.set_override("index_path", str(tmp_path / "index.sqlite"), group="api")
+    app = create_app(conf, bus=FakeBus([]), glance=FakeGlance(), open_guest=GuestOpener(), ekko=w.cfg)
+    token = "gAAAAAB" + "x" * 180
+    r = app.test_client().get("/v1/instances", headers={"X-Auth-Token": token})
+    assert r.status_code == 503, r.data
+    assert r.headers["Content-Type"] == "application/json"
+    assert r.get_json() == {"error": {"code": 503, "message": KEYSTONE_DOWN}}
+    assert b"Traceback" not in r.data
+    assert all(token not in rec.getMessage() and "not-a-real-password" not in rec.getMessage()
+               for rec in caplog.records)
+    r = app.test_client().get("/v1/instances")                        # no token: auth_token's own JSON 401
+    assert r.status_code == 401 and r.get_json()["error"]["code"] == 401
