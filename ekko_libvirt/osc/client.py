@@ -42,6 +42,12 @@ class Client:
             kwargs["json"] = body
         if stream:
             kwargs["stream"] = True
+        if method == "GET":
+            # ekko-api's gunicorn closes a keep-alive connection idle for 2 s, the interval --wait polls
+            # at: a GET sent on the pooled connection as it closes is reset (seen in test_tenant_e2e).
+            # A GET asks again once on a new connection; a POST, PUT or DELETE never: the API may have
+            # acted on it.
+            kwargs["connect_retries"] = 1
         try:
             resp = self.session.request(url, method, **kwargs)
         except Exception as e:      # keystoneauth's ConnectFailure, SSLError, ...: the message, not a traceback

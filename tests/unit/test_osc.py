@@ -8,9 +8,12 @@ import io
 import json
 import os
 import random
+import socket
+import struct
+import threading
 import urllib.parse
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import pytest
 from osc_lib import exceptions
@@ -51,9 +54,11 @@ class FakeSession:
 
     def __init__(self, route: Callable[..., Any]):
         self.route, self.calls = route, []
+        self.retries: List[Tuple[str, int]] = []
 
-    def request(self, url, method, raise_exc=True, headers=None, json=None, stream=False):
+    def request(self, url, method, raise_exc=True, headers=None, json=None, stream=False, connect_retries=0):
         assert raise_exc is False                    # the client reads every status itself
+        self.retries.append((method, connect_retries))
         u = urllib.parse.urlsplit(url)
         query = dict(urllib.parse.parse_qsl(u.query))
         self.calls.append((method, u.path, query, json))
@@ -224,6 +229,61 @@ def test_a_failed_job_or_a_wait_that_times_out_exits_non_zero(monkeypatch):
     c = Client(FakeSession(ok({"job": {"id": "j1", "state": "running"}})), BASE)
     with pytest.raises(exceptions.CommandError, match="still running after 120 s"):
         common.wait_job(c, {"id": "j1", "state": "queued"}, 120)
+
+
+class ResetFirst:
+    """An HTTP server on 127.0.0.1 that resets (RST) the first connection after reading its request,
+    as gunicorn's keep-alive close racing a reused connection does, then answers 200 {"usage": {}}."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.requests: List[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+
+    def _serve(self) -> None:
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                with conn:
+                    self.requests.append(conn.recv(65536).split(b"\r\n", 1)[0])
+                    if len(self.requests) == 1:
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        continue                      # closed with linger 0: a reset
+                    body = b'{"usage": {"logical_bytes": 1}}'
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        except OSError:
+            return                                    # the socket closed: the test is over
+
+
+def test_a_get_reset_by_the_api_asks_again_once_a_post_never():
+    """With a real keystoneauth1 Session: a GET whose connection is reset is sent again (the
+    keep-alive race of --wait's polling); a POST is not (the API may have acted on it)."""
+    from keystoneauth1 import session
+    srv = ResetFirst()
+    try:
+        c = Client(session.Session(), srv.url)
+        assert c.usage() == {"logical_bytes": 1}
+        assert srv.requests == [b"GET /v1/usage HTTP/1.1"] * 2
+    finally:
+        srv.sock.close()
+    srv = ResetFirst()
+    try:
+        with pytest.raises(ApiError, match=r"POST /instances/i1/backups: cannot reach"):
+            Client(session.Session(), srv.url).create_backup("i1")
+        assert srv.requests == [b"POST /v1/instances/i1/backups HTTP/1.1"]
+    finally:
+        srv.sock.close()
+    s = FakeSession(ok({"usage": {}}))
+    Client(s, BASE).usage()
+    assert s.retries == [("GET", 1)]
 
 
 def test_delete_goes_on_after_a_refusal_and_exits_non_zero():
