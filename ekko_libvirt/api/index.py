@@ -7,7 +7,9 @@ only the headers of new ones are read (removed ones are dropped), so a backup ma
 was down, or pruned by an agent, shows up. Only backups that carry Nova's `instance_uuid` label
 are indexed: the API speaks of instances.
 
-    backups  one row per backup id of an instance (a domain backup: one manifest per disk)
+    backups  one row per backup id of an instance (a domain backup: one manifest per disk); its
+             index by instance carries `protected` too, so a page of instances (count, sum of
+             protected, newest) is read from the index alone (it replaces backups_by_instance)
     disks    one row per manifest: the disk, its sizes, its manifest key
     scans    when each project was last refreshed
     jobs     jobs this API started (backup now, restore), and whose project they belong to
@@ -30,7 +32,8 @@ CREATE TABLE IF NOT EXISTS backups (
     project TEXT NOT NULL, backup_id TEXT NOT NULL, instance_id TEXT NOT NULL, instance_name TEXT,
     created TEXT, kind TEXT, reason TEXT, consistency TEXT, result TEXT, protected INTEGER NOT NULL,
     PRIMARY KEY (project, backup_id));
-CREATE INDEX IF NOT EXISTS backups_by_instance ON backups (project, instance_id, backup_id);
+DROP INDEX IF EXISTS backups_by_instance;
+CREATE INDEX IF NOT EXISTS backups_by_instance_p ON backups (project, instance_id, backup_id, protected);
 CREATE TABLE IF NOT EXISTS disks (
     project TEXT NOT NULL, manifest_key TEXT NOT NULL, backup_id TEXT NOT NULL, disk TEXT NOT NULL,
     target TEXT NOT NULL, virtual_size INTEGER, stored_bytes INTEGER, segments INTEGER,
