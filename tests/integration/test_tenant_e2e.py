@@ -296,7 +296,8 @@ def test_tenant_end_to_end_with_the_openstack_cli(world, rabbit, ekko_hook, test
     image_id = job["Result"]["image_id"]
     try:
         img = member.json("image", "show", image_id)
-        assert img["name"] == name and img["disk_format"] == "qcow2", img
+        assert img["name"] == name and img["disk_format"] == "qcow2" and img["status"] == "active", img
+        assert img["properties"]["ekko_backup_id"] == b1 and img["properties"]["ekko_instance_uuid"] == uuid, img
         saved = str(tmp_path / "image.qcow2")
         member.run("image", "save", "--file", saved, image_id)
         cmp = qemu_compare(saved, "qcow2", at_b1, "raw")
