@@ -15,10 +15,11 @@ In one run:
   agents    --agents AgentBus instances (api/bus_agent.py, each its own transport and connections,
             its own RPC server on topic ekko-agent, server = its host), distinct hosts with
             --domains domains each, spread over --procs processes. A real agent is one process per
-            compute host; 200 Python processes with oslo.messaging loaded (~60 MB each) on a
-            2-core machine would measure the machine's scheduler, not the bus: the broker still
-            sees 200 agents' connections and queues. Starts are spread over one interval, as
-            agents that started at different times beat at different phases.
+            compute host; 200 Python processes with oslo.messaging loaded (~65 MB RSS each with no
+            agent in it, measured here; a process of 50 agents: its RSS is printed) on a
+            2-core machine would measure the machine's scheduler and memory, not the bus: the
+            broker still sees 200 agents' connections, channels and queues. Starts are spread
+            over one interval, as agents that started at different times beat at different phases.
             The agents' endpoint answers a backup_now like the real agent (job_state "queued",
             then handed to `submit`), and `submit` reports the job "done" at once (a job_update).
   window    once every agent registered and its RPC server is up: --duration seconds (default 6
@@ -262,6 +263,14 @@ class LoadSampler(threading.Thread):
                 self.samples.append(float(f.read().split()[0]))
 
 
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def cpu_of(pids: List[int]) -> float:
     return sum(procs.cpu_seconds(p) for p in pids)
 
@@ -326,6 +335,7 @@ def run(args: argparse.Namespace, work: str, children: Children, rabbit: RabbitS
     after = {"api": cpu_of(api_pids), "agents": cpu_of(agent_pids), "rabbit": procs.cpu_seconds(beam),
              "bench": _own_cpu()}
     load.halt.set()
+    rss = {"api": [rss_mib(p) for p in api_pids], "agents": [rss_mib(p) for p in agent_pids], "rabbit": rss_mib(beam)}
     end = ask(sampler, "hosts")
     calls = ask(apis[0][1], "calls_result", timeout=args.calls * (args.call_timeout + 3) + 60)
 
@@ -337,7 +347,8 @@ def run(args: argparse.Namespace, work: str, children: Children, rabbit: RabbitS
     for _, c in apis:
         ask(c, "stop", timeout=60)
     return {"start_s": start_s, "wall_s": wall, "cpu": {k: after[k] - before[k] for k in before},
-            "load": load.samples, "samples": samples, "end": end, "calls": calls, "sent": sent, "stored": stored,
+            "load": load.samples, "rss": rss, "samples": samples, "end": end, "calls": calls, "sent": sent,
+            "stored": stored,
             "refused": sum(n for s in stopped for n in s["refused"].values()),
             "job_updates": sum(s["job_updates"] for s in stopped), "received": received, "states": states}
 
@@ -407,6 +418,7 @@ def report(args: argparse.Namespace, r: Dict[str, Any]) -> Dict[str, Any]:
         "job_updates": r["job_updates"],
         "backup_now_ms": {"n": len(lat), "p50": round(statistics.median(lat), 1), "p95": round(pct(lat, 0.95), 1),
                           "max": round(max(lat), 1)} if lat else None,
+        "rss_mib": {k: [round(x) for x in v] if isinstance(v, list) else round(v) for k, v in r["rss"].items()},
         "hosts_call_ms_max": round(1000 * max(s["hosts_call_s"] for s in [*r["samples"], r["end"]]), 1),
         "load_1min": {"min": min(r["load"]), "mean": round(statistics.mean(r["load"]), 2),
                       "max": max(r["load"])} if r["load"] else None,
@@ -426,6 +438,8 @@ def report(args: argparse.Namespace, r: Dict[str, Any]) -> Dict[str, Any]:
     if lat:
         b = out["backup_now_ms"]
         print(f"backup_now to a random agent: n={b['n']} p50 {b['p50']} ms, p95 {b['p95']} ms, max {b['max']} ms")
+    print(f"RSS MiB: API {out['rss_mib']['api']}, agents' processes {out['rss_mib']['agents']}, "
+          f"beam.smp {out['rss_mib']['rabbit']}")
     if out["load_1min"]:
         ld = out["load_1min"]
         print(f"load average (1 min) during the window: {ld['min']:.2f}-{ld['max']:.2f}, mean {ld['mean']:.2f}")
