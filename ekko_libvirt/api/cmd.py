@@ -61,6 +61,59 @@ def _reindex(conf: cfg.ConfigOpts) -> int:
     return 0
 
 
+def bus_configured(conf: cfg.ConfigOpts) -> bool:
+    """Whether [DEFAULT] transport_url is set (oslo.messaging's own option, registered here only to
+    read it: it may not be registered yet)."""
+    try:
+        from oslo_messaging import opts as messaging_opts
+    except ImportError:
+        return False
+    default = None
+    for group, opts in messaging_opts.list_opts():
+        if group is None:
+            conf.register_opts(opts)
+            default = next((o.default for o in opts if o.name == "transport_url"), None)
+    return conf.transport_url not in (None, "", default)      # its default, 'rabbit://', means "not set"
+
+
+def bus_starter_for(application):
+    """gunicorn's post_worker_init hook: each worker joins the bus when it starts, not at its first
+    request that needs the bus; until then it took no heartbeats, and right after a start no
+    worker might (found by bench/bus_agents.py)."""
+    def hook(worker) -> None:
+        from .app import ApiError, _bus
+        try:
+            _bus(application.extensions["ekko"])
+        except ApiError as e:
+            log.error("worker %s: not on the message bus: %s", worker.pid, e.message)
+    return hook
+
+
+def worker_exit_for(application):
+    """gunicorn's worker_exit hook: a worker that started the bus stops it, then ends at once.
+
+    Measured (tests/integration/test_tenant_e2e.py): once oslo.messaging is in a worker, its exit
+    after SIGTERM hung in the interpreter's shutdown (concurrent.futures joining a thread that no
+    longer runs: oslo's eventlet backend is loaded with the bus) until gunicorn's graceful_timeout
+    killed it, 30 s later. Everything the worker owns is done when gunicorn calls this hook
+    (requests answered, the index's transactions committed), so after the bus is stopped and the
+    logs are flushed it leaves with os._exit. A worker that never used the bus exits normally."""
+    def hook(_arbiter, worker) -> None:
+        api = application.extensions.get("ekko")
+        bus = getattr(api, "bus", None)
+        if bus is None:
+            return
+        stop = getattr(bus, "stop", None)
+        if stop is not None:
+            try:
+                stop()
+            except Exception as e:  # noqa: BLE001 - leaving anyway; the broker drops our queues' consumers
+                log.warning("worker %s: the bus did not stop cleanly: %s", worker.pid, e)
+        logging.shutdown()
+        os._exit(0)
+    return hook
+
+
 def _serve(conf: cfg.ConfigOpts) -> int:
     from gunicorn.app.base import BaseApplication
 
@@ -79,6 +132,11 @@ def _serve(conf: cfg.ConfigOpts) -> int:
             self.cfg.set("accesslog", "-")
             # The access log line: method, path and query, status. No headers: X-Auth-Token stays out.
             self.cfg.set("access_log_format", '%(h)s "%(r)s" %(s)s %(B)s %(M)sms')
+            self.cfg.set("worker_exit", worker_exit_for(application))
+            if bus_configured(conf):
+                self.cfg.set("post_worker_init", bus_starter_for(application))
+            # idle keep-alive connections outlive a client's 2 s poll (`openstack ekko ... --wait`)
+            self.cfg.set("keepalive", 5)
 
         def load(self):
             return application

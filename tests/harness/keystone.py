@@ -137,7 +137,7 @@ key_repository = {b}/credential-keys
         self._manage("db_sync")
         self._manage("fernet_setup", "--keystone-user", str(os.getuid()), "--keystone-group", str(os.getgid()))
         self._manage("credential_setup", "--keystone-user", str(os.getuid()), "--keystone-group", str(os.getgid()))
-        self._manage("bootstrap", "--bootstrap-password", admin_password,
+        self._manage("bootstrap", f"--bootstrap-password={admin_password}",
                      "--bootstrap-admin-url", self.url, "--bootstrap-public-url", self.url,
                      "--bootstrap-region-id", "RegionOne")
         self.users["admin"] = User("admin", admin_password, "admin", "admin")

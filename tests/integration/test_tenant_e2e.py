@@ -343,13 +343,10 @@ def secrets_absent(w: World, agent_log: str) -> None:
     assert not passwords, f"the password(s) of {passwords} are in a log"
 
 
-@pytest.mark.xfail(strict=True, reason="ekko-api's worker does not exit on SIGTERM once its bus started: after "
-                   "'Worker exiting', interpreter shutdown (concurrent.futures' _python_exit) waits on a thread "
-                   "until gunicorn's graceful_timeout (30 s) kills it; without the bus it stops in <1 s")
 def test_zz_ekko_api_stops_on_sigterm(world):
     """Last: the served ekko-api (its bus started, files browsed, an image uploaded) ends on SIGTERM
-    within 20 s; what kept it, if anything, is in the log (stack dump). Strict xfail: once fixed, this
-    passes, the mark fails the run, and the mark goes."""
+    within 20 s; what kept it, if anything, is in the log (stack dump). It hung 30 s (until
+    gunicorn's graceful_timeout) before ekko-api's worker_exit hook (api/cmd.py)."""
     t0 = time.monotonic()
     stopped = world.api.stop(grace=20)
     print(f"ekko-api stop: {'SIGTERM' if stopped else 'killed'} after {time.monotonic() - t0:.1f} s")

@@ -1,5 +1,7 @@
-"""ekko-api's choice of the host that takes a backup-now (app.host_of), and what POST answers
-when the bus has already failed the job."""
+"""ekko-api as served: the host that takes a backup-now (app.host_of), what POST answers when the
+bus has already failed the job, auth_token's 503 as the API's JSON, and gunicorn's hooks (cmd.py:
+the bus joined at worker start only when transport_url is set; a worker that used the bus stops it
+and leaves)."""
 
 import random
 
@@ -105,3 +107,58 @@ http_request_max_retries = 0
                for rec in caplog.records)
     r = app.test_client().get("/v1/instances")                        # no token: auth_token's own JSON 401
     assert r.status_code == 401 and r.get_json()["error"]["code"] == 401
+
+
+def test_bus_is_joined_at_worker_start_only_when_transport_url_is_set(tmp_path):
+    from ekko_libvirt.api import cmd
+    from ekko_libvirt.api import conf as api_conf
+    assert cmd.bus_configured(api_conf.load([], files=[])) is False        # oslo's default 'rabbit://'
+    ini = tmp_path / "api.conf"
+    ini.write_text("[DEFAULT]\ntransport_url = rabbit://ekko:secret@127.0.0.1:5672/\n")
+    assert cmd.bus_configured(api_conf.load([], files=[str(ini)])) is True
+
+
+def test_worker_exit_stops_the_bus_then_leaves_and_leaves_alone_a_worker_without_one(monkeypatch):
+    from ekko_libvirt.api import cmd
+
+    class App:
+        def __init__(self, bus):
+            self.extensions = {"ekko": type("Api", (), {"bus": bus})()}
+
+    class Bus:
+        stopped = 0
+
+        def stop(self):
+            Bus.stopped += 1
+
+    exits = []
+    monkeypatch.setattr(cmd.os, "_exit", exits.append)
+    monkeypatch.setattr(cmd.logging, "shutdown", lambda: exits.append("logs flushed"))   # not pytest's handlers
+    worker = type("W", (), {"pid": 1})()
+    cmd.worker_exit_for(App(None))(None, worker)
+    assert (Bus.stopped, exits) == (0, [])
+    cmd.worker_exit_for(App(Bus()))(None, worker)
+    assert (Bus.stopped, exits) == (1, ["logs flushed", 0])
+
+
+def test_an_agent_that_cannot_queue_a_request_fails_the_job_itself():
+    """The agent's submit raising (a bug, a full queue): the job fails saying the agent could not
+    queue it, and the call answers not accepted, instead of the exception travelling back through
+    oslo.messaging as if the bus had failed."""
+    from ekko_libvirt.api.bus_agent import AgentEndpoint
+
+    class Bus:
+        agent_id = "a1"
+        states = []
+
+        def job_state(self, job_id, state, error=None, result=None):
+            self.states.append((job_id, state, error))
+
+    def submit(req):
+        raise RuntimeError("queue closed")
+
+    bus = Bus()
+    out = AgentEndpoint(bus, submit).backup_now({}, job_id="j1", domain_uuid=U, force_full=False)
+    why = "the agent could not queue the request: RuntimeError"
+    assert out == {"accepted": False, "error": why, "agent_id": "a1"}
+    assert bus.states == [("j1", "queued", None), ("j1", "failed", why)]
