@@ -192,3 +192,19 @@ def release_pauses(fifo: str, proc) -> None:
                 continue
             os.close(fd)
     threading.Thread(target=run, daemon=True).start()
+
+
+# -- the host's own ekko directories stay untouched ------------------------------------------------------
+# Every test gives ekko its own state_dir/run_dir/store. A config that forgets one falls back on
+# /var/lib/ekko (config.py's defaults), the directory of a real installation: test_deb_package
+# refuses to install where it exists. Checked over the whole session, whatever the test order.
+_HOST_DIR = "/var/lib/ekko"
+_host_dir_before = os.path.exists(_HOST_DIR)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not _host_dir_before and os.path.exists(_HOST_DIR):
+        found = sorted(os.listdir(_HOST_DIR))
+        print(f"\nFAILED: a test created {_HOST_DIR} (holding {found}): a config without its own "
+              "state_dir/run_dir/store path")
+        session.exitstatus = 1

@@ -114,7 +114,8 @@ def _build_store(root: str, ks: KeystoneServer, rng: random.Random):
 def _write_conf(d: str, ks: KeystoneServer, port: int, store_root: str) -> str:
     ekko_yaml = os.path.join(d, "ekko.yaml")
     with open(ekko_yaml, "w") as f:
-        yaml.safe_dump({"store": {"type": "local", "path": store_root}}, f)
+        yaml.safe_dump({"store": {"type": "local", "path": store_root}, "state_dir": os.path.join(d, "api-state"),
+                        "run_dir": os.path.join(d, "api-run")}, f)      # never the host's /var/lib/ekko
     admin = ks.users["admin"]
     path = os.path.join(d, "ekko-api.conf")
     with open(path, "w") as f:

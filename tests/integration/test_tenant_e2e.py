@@ -112,7 +112,11 @@ class World:
 def write_api_conf(d: str, ks: KeystoneServer, port: int, store_root: str, transport_url: str) -> str:
     ekko_yaml = os.path.join(d, "ekko.yaml")
     with open(ekko_yaml, "w") as f:
-        json.dump({"store": {"type": "local", "path": store_root}}, f)     # JSON is YAML
+        # its own state and run directories: `ekko files` through the API serves the disk on a
+        # socket under run_dir, which must not be the host's /var/lib/ekko (test_deb_package refuses
+        # to install where that exists)
+        json.dump({"store": {"type": "local", "path": store_root}, "state_dir": os.path.join(d, "api-state"),
+                   "run_dir": os.path.join(d, "api-run")}, f)     # JSON is YAML
     admin = ks.users["admin"]
     path = os.path.join(d, "ekko-api.conf")
     with open(path, "w") as f:
