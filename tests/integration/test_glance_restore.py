@@ -364,7 +364,9 @@ def test_restore_through_the_api_lands_in_glance(backups, glance_server, api_cli
     finally:
         delete_image(glance_server, image_id)
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "X-Auth-Token: {SHA256}" in logged, "no request logged: the check below would prove nothing"
+    # keystoneauth logs the header hashed ({SHA256}...), or masked (***) when ekko's own redaction
+    # filter (cli/logs.py) sits on the root handlers, as an in-process CLI test earlier leaves it
+    assert "X-Auth-Token: " in logged, "no request logged: the check below would prove nothing"
     assert token not in logged and service_token not in logged
 
 

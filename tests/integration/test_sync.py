@@ -69,7 +69,8 @@ def test_local_to_swift_to_swift_restores_every_backup_with_the_source_gone(swif
 
     def backup_after_writes(n):
         for _ in range(n):
-            disk.write(rnd.randrange(0, 12 * MiB) // 512 * 512, rnd.randbytes(rnd.choice((4 * KiB, 300 * KiB))))
+            length = rnd.choice((4 * KiB, 300 * KiB))       # inside the disk (12 MiB + 64 KiB): a write past
+            disk.write(rnd.randrange(0, 12 * MiB - length) // 512 * 512, rnd.randbytes(length))   # its end is EIO
         expected = disk.snapshot()
         snaps[ekko.backup()["backup_id"]] = expected
 
