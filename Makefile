@@ -17,8 +17,8 @@ CUTS ?= 100
 
 .PHONY: demo test unit bench torture deps deps-core lint clean
 
-# Both build the C extension ekko_libvirt/format/_segcore.c in place (pip install -e: setup.py ext_modules),
-# again whenever the .c is newer than the .so; so every target below runs the code of the checkout.
+# Both build the C extensions (ekko_libvirt/format/_segcore.c, ekko_libvirt/_directio.c) in place
+# (pip install -e: setup.py ext_modules), again whenever the .c is newer than the .so; so every target below runs the code of the checkout.
 deps-core:
 	bash scripts/install-deps.sh core
 
@@ -59,4 +59,4 @@ mutate: deps-core
 	nice -n 19 $(PY) scripts/mutate.py $(MODULE) $(MUTATE_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-work ekko_libvirt/format/_segcore*.so
+	rm -rf $(VENV) build *.egg-info demo-work ekko_libvirt/format/_segcore*.so ekko_libvirt/_directio*.so

@@ -5,13 +5,16 @@ setup(
     version="0.1.0",
     description="Incremental-forever block backups of libvirt/QEMU disks to local storage or OpenStack Swift",
     packages=find_packages(include=["ekko_libvirt", "ekko_libvirt.*"]),
-    package_data={"ekko_libvirt.format": ["_segcore.pyi"]},
+    package_data={"ekko_libvirt.format": ["_segcore.pyi"], "ekko_libvirt": ["_directio.pyi"]},
     # The per-segment data path in C with the GIL released (format/segment.py, issue 15): links
     # Debian's libzstd (libzstd-dev), the library Debian's python3-zstandard links too, so both
     # paths write the same bytes; xxhash.h (libxxhash-dev) is inlined, nothing more to link. libcrypto
     # (libssl-dev): AES-256-GCM of encrypted stores (format/crypto.py), GIL released as well.
     ext_modules=[Extension("ekko_libvirt.format._segcore", sources=["ekko_libvirt/format/_segcore.c"],
                            libraries=["zstd", "crypto"],
+                           extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"]),
+                 # directio.py's object writes and reads (O_DIRECT through an aligned buffer), GIL released
+                 Extension("ekko_libvirt._directio", sources=["ekko_libvirt/_directio.c"],
                            extra_compile_args=["-O3", "-Wall", "-Wextra", "-Wno-unused-parameter"])],
     python_requires=">=3.11",
     # libnbd's binding (`import nbd`) is Debian's python3-libnbd: not on PyPI, so not listed here.

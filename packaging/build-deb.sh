@@ -23,6 +23,8 @@ mkdir -p "$R/DEBIAN" "$R/$PYDIST" "$R/usr/bin" "$R/usr/lib/ekko/vendor/qemu" "$R
 ext=$($PY -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
 gcc -shared -fPIC -O3 -Wall $($PY -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') \
     "$HERE/ekko_libvirt/format/_segcore.c" -lzstd -lcrypto -o "$R/$PYDIST/ekko_libvirt/format/_segcore$ext"
+gcc -shared -fPIC -O3 -Wall $($PY -c 'import sysconfig; print("-I" + sysconfig.get_paths()["include"])') \
+    "$HERE/ekko_libvirt/_directio.c" -o "$R/$PYDIST/ekko_libvirt/_directio$ext"
 
 qmp=$("$VENV/bin/python" -c 'import os, qemu.qmp; print(os.path.dirname(qemu.qmp.__file__))')
 cp -r "$qmp" "$R/usr/lib/ekko/vendor/qemu/qmp"

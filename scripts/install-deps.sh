@@ -85,6 +85,6 @@ if [ "$WHAT" = all ]; then
     # Keystone for the ekko-api tests (auth_token, the openstack CLI plugin): PyPI, its own venv under /var/cache (~30 s)
     (cd "$HERE" && "$VENV/bin/python" -m tests.harness.keystone install)
 fi
-"$VENV/bin/python" -c 'from ekko_libvirt.format import _segcore' || {
-    echo "install-deps: the C extension ekko_libvirt/format/_segcore.c did not build" >&2; exit 1; }
+"$VENV/bin/python" -c 'from ekko_libvirt.format import _segcore; from ekko_libvirt import _directio' || {
+    echo "install-deps: the C extensions ekko_libvirt/format/_segcore.c, ekko_libvirt/_directio.c did not build" >&2; exit 1; }
 echo "install-deps: ok ($WHAT) venv=$VENV" >&2

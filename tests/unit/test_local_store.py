@@ -36,32 +36,38 @@ def test_roundtrip_at_block_and_chunk_edges(tmp_path, n):
 
 
 def test_direct_io_is_used_for_large_objects(tmp_path, monkeypatch):
-    flags = []
-    real_open = os.open
-    monkeypatch.setattr(local.os, "open", lambda p, f, *a: flags.append((os.path.basename(p), f)) or real_open(p, f, *a))
+    """Which objects go around the page cache is the store's decision (directio's two
+    implementations then keep it: tests/unit/test_directio_native.py checks the page cache)."""
+    writes, reads = [], []
+    real_write, real_read = local.write_new_file, local.read_direct
+
+    def write(path, data, direct=False, sync=True):
+        writes.append((os.path.basename(path).split(TMP_MARK)[0], direct))
+        return real_write(path, data, direct=direct, sync=sync)
+
+    monkeypatch.setattr(local, "write_new_file", write)
+    monkeypatch.setattr(local, "read_direct", lambda p, n: reads.append(os.path.basename(p)) or real_read(p, n))
     store = LocalStore(str(tmp_path))
     store.put("big", _data(DIRECT_MIN))
     store.put("small", _data(DIRECT_MIN - 1))
     store.put("huge", _data(CHUNK + 1))
-    direct = {name.split(TMP_MARK)[0] for name, f in flags if f & os.O_DIRECT}
-    assert direct == {"big", "huge"}, flags
-    flags.clear()
+    assert {name for name, direct in writes if direct} == {"big", "huge"}, writes
     assert store.get("big") == _data(DIRECT_MIN)
     assert store.get("small") == _data(DIRECT_MIN - 1)
     assert store.get("huge") == _data(CHUNK + 1)     # a segment bigger than the bounce buffer: direct too
-    assert [name for name, f in flags if f & os.O_DIRECT] == ["big", "huge"], flags
+    assert reads == ["big", "huge"], reads
 
 
 def test_a_file_system_without_direct_io_gets_buffered_writes(tmp_path, monkeypatch):
     """tmpfs before Linux 6.6 and some FUSE file systems refuse O_DIRECT with EINVAL."""
-    real_open = os.open
+    real_write = local.write_new_file
 
-    def refusing_open(path, flags, *a):
-        if flags & os.O_DIRECT:
+    def refusing(path, data, direct=False, sync=True):
+        if direct:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *a)
+        return real_write(path, data, direct=direct, sync=sync)
 
-    monkeypatch.setattr(local.os, "open", refusing_open)
+    monkeypatch.setattr(local, "write_new_file", refusing)
     store = LocalStore(str(tmp_path))
     data = _data(CHUNK + 5)
     store.put("segments/abc/x", data)
@@ -80,16 +86,31 @@ def test_real_tmpfs_roundtrip():
         assert store.get("segments/abc/x") == data
 
 
-def test_other_write_errors_are_store_errors_and_leave_no_temp_file(tmp_path, monkeypatch):
-    from ekko_libvirt.errors import StoreError
-    monkeypatch.setattr(local.os, "ftruncate", lambda fd, n: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
-    store = LocalStore(str(tmp_path))
-    with pytest.raises(StoreError, match="No space left"):
-        store.put("segments/abc/x", _data(DIRECT_MIN + 1))
-    assert store.direct is True          # not a refusal of direct I/O: no silent fallback
+def test_other_write_errors_are_store_errors_and_leave_no_temp_file(tmp_path):
+    """A real write failure half-way (EFBIG: the file size limit is below the object, so the
+    first blocks are written and the next write fails), in a child process that set the limit:
+    whichever directio implementation runs, no temp file stays and no silent fallback follows."""
+    import subprocess
+    import sys
+    code = f"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({DIRECT_MIN}, {DIRECT_MIN}))
+from ekko_libvirt.errors import StoreError
+from ekko_libvirt.store.local import LocalStore
+store = LocalStore(sys.argv[1])
+try:
+    store.put("segments/abc/x", bytes(range(1, 256)) * 1000)
+except StoreError as e:
+    print("refused:", e, "direct:", store.direct)
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "refused: cannot write segments/abc/x" in r.stdout and "File too large" in r.stdout, r.stdout
+    assert r.stdout.strip().endswith("direct: True")         # not a refusal of direct I/O: no silent fallback
     assert os.listdir(tmp_path / "segments" / "abc") == []
     with pytest.raises(ObjectNotFound, match="object not found in store: segments/abc/x"):
-        store.get("segments/abc/x")
+        LocalStore(str(tmp_path)).get("segments/abc/x")
 
 
 # -- batches: the segments of one backup, durable together -----------------------------------------

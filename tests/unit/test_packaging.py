@@ -16,14 +16,22 @@ def test_every_folder_of_modules_is_installed():
     assert folders and folders <= found, sorted(folders - found)
 
 
-def test_the_c_extension_and_its_stub_are_part_of_the_install():
-    """setup.py builds format/_segcore.c (the native segment path) into every install, editable or
-    not, and ships the stub mypy reads."""
+def test_the_c_extensions_and_their_stubs_are_part_of_the_install():
+    """setup.py builds format/_segcore.c (the native segment path) and _directio.c (the store's
+    and the restore's direct I/O) into every install, editable or not, and ships the stubs mypy
+    reads; the Debian package builds both too."""
     from distutils.core import run_setup
 
     dist = run_setup(os.path.join(ROOT, "setup.py"), stop_after="init")
-    [ext] = dist.ext_modules
-    assert ext.name == "ekko_libvirt.format._segcore" and ext.libraries == ["zstd", "crypto"]
-    assert all(os.path.exists(os.path.join(ROOT, s)) for s in ext.sources)
+    exts = {e.name: e for e in dist.ext_modules}
+    assert sorted(exts) == ["ekko_libvirt._directio", "ekko_libvirt.format._segcore"]
+    assert exts["ekko_libvirt.format._segcore"].libraries == ["zstd", "crypto"]
+    for e in exts.values():
+        assert all(os.path.exists(os.path.join(ROOT, s)) for s in e.sources)
     assert "_segcore.pyi" in dist.package_data["ekko_libvirt.format"]
-    assert os.path.exists(os.path.join(ROOT, "ekko_libvirt", "format", "_segcore.pyi"))
+    assert "_directio.pyi" in dist.package_data["ekko_libvirt"]
+    for stub in ("format/_segcore.pyi", "_directio.pyi"):
+        assert os.path.exists(os.path.join(ROOT, "ekko_libvirt", stub))
+    with open(os.path.join(ROOT, "packaging", "build-deb.sh")) as f:
+        script = f.read()
+    assert "ekko_libvirt/format/_segcore.c" in script and "ekko_libvirt/_directio.c" in script
