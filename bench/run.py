@@ -25,6 +25,7 @@ Nothing here is part of `make test`.
 
 import argparse
 import datetime
+import contextlib
 import json
 import os
 import platform
@@ -81,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--no-encryption", action="store_true", help="skip the full backup with encryption on")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
     p.add_argument("--w-cache", metavar="PATH", help="reuse W from PATH (built there if missing; not removed)")
+    p.add_argument("--fs", choices=["tmp", "ext4"], default="tmp",
+                   help="where every tool writes: /tmp, or a fresh journaled ext4 made for the run (loop device); "
+                        "see procs.work_directory")
     p.add_argument("--out", help="JSON output path (default bench/out/bench-<time>.json)")
     a = p.parse_args(argv)
     if a.quick:
@@ -482,25 +486,26 @@ def main(argv=None) -> int:
         return store_scale.main([x for x in argv if x != "--store-scale"])
     a = parse_args(argv)
     started = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix="ekko-bench-", dir="/tmp")
-    os.chmod(workdir, 0o755)    # QEMU run by libvirt (libvirt-qemu) must reach the images
     report = {"machine": machine(), "args": {k: v for k, v in vars(a).items() if k != "ekko"}}
-    log(f"work directory {workdir}")
-    os.environ["EKKO_BENCH_PYCACHE"] = os.path.join(workdir, "pycache")
     rc = 0
-    try:
-        run_all(a, workdir, report)
-    except KeyboardInterrupt:
-        log("interrupted")
-        rc = 130
-    except Exception:   # noqa: BLE001 - still write what was measured
-        traceback.print_exc()
-        rc = 1
-    finally:
+    with contextlib.ExitStack() as stack:
+        if a.keep:
+            workdir = tempfile.mkdtemp(prefix="ekko-bench-", dir="/tmp")
+        else:
+            workdir = stack.enter_context(procs.work_directory("ekko-bench-", a.fs))
+        os.chmod(workdir, 0o755)    # QEMU run by libvirt (libvirt-qemu) must reach the images
+        log(f"work directory {workdir}" + (f" (a fresh {a.fs})" if a.fs != "tmp" else ""))
+        os.environ["EKKO_BENCH_PYCACHE"] = os.path.join(workdir, "pycache")
+        try:
+            run_all(a, workdir, report)
+        except KeyboardInterrupt:
+            log("interrupted")
+            rc = 130
+        except Exception:   # noqa: BLE001 - still write what was measured
+            traceback.print_exc()
+            rc = 1
         if a.keep:
             log(f"kept {workdir}")
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
     report["encryption"] = encryption_result(report)
     report["targets"] = targets(report)
     report["machine"]["loadavg_end"] = os.getloadavg()
