@@ -488,6 +488,8 @@ def main(argv=None) -> int:
     started = time.monotonic()
     report = {"machine": machine(), "args": {k: v for k, v in vars(a).items() if k != "ekko"}}
     rc = 0
+    if a.keep and a.fs != "tmp":
+        raise SystemExit("bench: --keep keeps a directory under /tmp: use it with --fs tmp (the ext4 is removed)")
     with contextlib.ExitStack() as stack:
         if a.keep:
             workdir = tempfile.mkdtemp(prefix="ekko-bench-", dir="/tmp")
