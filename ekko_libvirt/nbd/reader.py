@@ -39,8 +39,9 @@ def _connect(export: Export, contexts=()) -> "nbd.NBD":
     structured replies). Without: a read connection, on simple replies and with libnbd's
     zeroing of every read buffer off. Why both: a simple reply to a read is its header and
     then exactly the requested bytes, which libnbd receives into the buffer or fails the
-    connection (libnbd 1.14, states-reply-simple.c), so a successful read has written every
-    byte and zeroing it first protects nothing. Under structured replies it would: a server
+    connection (libnbd 1.14, states-reply-simple.c; a structured reply the client did not
+    negotiate kills the connection too, states-reply-structured.c), so a successful read has
+    written every byte and zeroing it first protects nothing. Under structured replies it would: a server
     could send one data chunk twice and omit another (the byte count still adds up; libnbd's
     own check cannot tell), leaving the previous segment's bytes in a reused buffer. Profiled:
     the zeroing cost 3.6-9% of a full's CPU (0.2-0.55 s: on 2 cores it pulls the buffer's lines
