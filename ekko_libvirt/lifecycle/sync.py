@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from ..errors import EkkoError, IntegrityError, KeyMismatch, ManifestError, ObjectNotFound
+from ..faults import pause_point
 from ..format import manifest as mf
 from ..format import segment
 from ..format.codec import Codec
@@ -294,4 +295,5 @@ class Syncer:
         except IntegrityError as e:
             return d, 0, str(e)
         batch.put(key, blob)
+        pause_point("sync-segment")
         return d, len(blob), None

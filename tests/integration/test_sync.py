@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 from conftest import ROOT, Ekko, make_config, read_raw, swift_section
 from ekko_libvirt.format import segment
@@ -178,20 +179,33 @@ def test_a_sync_killed_half_way_resumes_without_copying_twice(swift_server, qdis
     site2 = open_swift_store(ekko.cfg["stores"]["site2"])
     log = swift_server.log_path("proxy")
     since = log.stat().st_size
-    kill_at = rnd.randint(1, 100)                   # segments at the destination when the sync is killed
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    kill_at = rnd.randint(1, 100)                   # the segment the sync is copying when it is killed
+    # Killed while a copying thread waits at its kill_at-th segment (EKKO_TEST_PAUSE point@N): the
+    # sync cannot have finished, however fast it copies (polling the destination's listing and
+    # killing from outside let a fast sync finish first: seen in a clean-clone CI run).
+    fifo = os.path.join(workdir, "sync.fifo")
+    os.mkfifo(fifo)
+    env = dict(os.environ, PYTHONPATH=ROOT, EKKO_TEST_PAUSE=f"sync-segment@{kill_at}:{fifo}")
     proc = subprocess.Popen([sys.executable, "-m", "ekko_libvirt.cli", "-c", ekko.path, "sync", "default",
                              "site2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    held = None
     try:
-        while sum(1 for _ in site2.list("segments/")) < kill_at:
+        deadline = time.monotonic() + 120
+        while held is None:
             try:
-                proc.wait(0.02)                      # it must not end before it is killed
-                raise AssertionError(f"seed {seed}: the sync ended before {kill_at} segments were copied")
-            except subprocess.TimeoutExpired:
-                pass
+                held = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)     # a copying thread waits there
+            except OSError:
+                if proc.poll() is not None:
+                    raise AssertionError(f"seed {seed}: the sync ended before its segment {kill_at}: "
+                                         f"{proc.stderr.read().decode()[-2000:]}") from None
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"seed {seed}: the sync never reached its segment {kill_at}") from None
+                time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
+        if held is not None:
+            os.close(held)
     assert not site2.exists(catalog.manifest_key("t1", b1)), f"seed {seed}: finished before the kill"
     copied_before = sum(1 for _ in site2.list("segments/"))
     rep = sync(ekko, "default", "site2")["namespaces"][0]
