@@ -18,6 +18,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from conftest import ROOT, Ekko, read_raw
+from tests.harness.pause import open_fifo_when_waited_on
 from ekko_libvirt.agent.state import ChainStatus, StateDir
 from ekko_libvirt.engine.domain_xml import NOVA_NS
 from harness.libvirtd import make_workdir, qemu_pid, quiet_libvirt_errors
@@ -127,18 +128,6 @@ def backups_of(ekko, name):
 
 def domain_state(hook, uuid):
     return StateDir(hook.state_dir).load_domain(uuid)
-
-
-def open_fifo_when_waited_on(fifo, timeout=60):
-    """The write end of the pause FIFO, as soon as the paused process has opened its read end."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"nothing reached the pause point ({fifo}) within {timeout} s")
-            time.sleep(0.05)
 
 
 # --- events ----------------------------------------------------------------------------------------

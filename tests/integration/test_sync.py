@@ -13,9 +13,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 from conftest import ROOT, Ekko, make_config, read_raw, swift_section
+from tests.harness.pause import open_fifo_when_waited_on
 from ekko_libvirt.format import segment
 from ekko_libvirt.store import catalog
 from ekko_libvirt.store.swift import open_swift_store
@@ -190,17 +190,7 @@ def test_a_sync_killed_half_way_resumes_without_copying_twice(swift_server, qdis
                              "site2"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     held = None
     try:
-        deadline = time.monotonic() + 120
-        while held is None:
-            try:
-                held = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)     # a copying thread waits there
-            except OSError:
-                if proc.poll() is not None:
-                    raise AssertionError(f"seed {seed}: the sync ended before its segment {kill_at}: "
-                                         f"{proc.stderr.read().decode()[-2000:]}") from None
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"seed {seed}: the sync never reached its segment {kill_at}") from None
-                time.sleep(0.02)
+        held = open_fifo_when_waited_on(fifo, timeout=120, proc=proc)    # a copying thread waits there
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)

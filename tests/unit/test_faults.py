@@ -3,9 +3,9 @@ on it to stop a copy half-way whatever its speed)."""
 
 import os
 import threading
-import time
 
 from ekko_libvirt import faults
+from tests.harness.pause import open_fifo_when_waited_on
 
 
 def test_a_counted_pause_point_waits_from_its_nth_pass(tmp_path, monkeypatch):
@@ -34,14 +34,7 @@ def test_a_counted_pause_point_waits_from_its_nth_pass(tmp_path, monkeypatch):
 
     t = threading.Thread(target=third, daemon=True)
     t.start()
-    deadline = time.monotonic() + 10
-    while True:                                  # the FIFO opens for writing once the 3rd pass waits
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "the third pass never waited"
-            time.sleep(0.01)
+    fd = open_fifo_when_waited_on(fifo, timeout=10)     # opens once the 3rd pass waits
     assert not reached.wait(0.2)                # held while the test keeps its end open
     os.close(fd)
     assert reached.wait(10)
@@ -55,13 +48,6 @@ def test_an_uncounted_pause_point_waits_at_once(tmp_path, monkeypatch):
     done = threading.Event()
     t = threading.Thread(target=lambda: (faults.pause_point("after-segments"), done.set()), daemon=True)
     t.start()
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "the first pass did not wait"
-            time.sleep(0.01)
+    fd = open_fifo_when_waited_on(fifo, timeout=10)     # the first pass waits
     os.close(fd)
     assert done.wait(10)
